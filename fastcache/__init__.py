@@ -1,0 +1,39 @@
+"""fastcache: a torch.compile-friendly functional cache engine for diffusion transformers.
+
+    method = fastcache.make(fastcache.FirstBlockCacheConfig(threshold=0.1))
+    state = method.init(model, inputs)
+    plan = method.plan(timesteps)
+    for i, t in enumerate(timesteps):
+        out, state = method.step(model, state, inputs_at(t), plan[i])
+"""
+
+from fastcache.control import branch
+from fastcache.engine import CacheMethod, Plan, make, trace
+from fastcache.methods.faster_cache import FasterCacheConfig, FasterCacheDecision, FasterCacheState
+from fastcache.methods.first_block_cache import FirstBlockCacheConfig, FirstBlockCacheState
+from fastcache.methods.pyramid_attention_broadcast import (
+    PABDecision,
+    PABState,
+    PyramidAttentionBroadcastConfig,
+)
+from fastcache.protocol import AttentionSite, CacheableModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionSite",
+    "CacheMethod",
+    "CacheableModel",
+    "FasterCacheConfig",
+    "FasterCacheDecision",
+    "FasterCacheState",
+    "FirstBlockCacheConfig",
+    "FirstBlockCacheState",
+    "PABDecision",
+    "PABState",
+    "Plan",
+    "PyramidAttentionBroadcastConfig",
+    "branch",
+    "make",
+    "trace",
+]

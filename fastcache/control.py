@@ -1,0 +1,68 @@
+"""Graph-safe control flow: one helper that is a plain `if` for planned decisions and `torch.cond` otherwise.
+
+A decision planned ahead is a Python bool: the compiled step specialises on it (one graph per distinct step
+variant) and the branch not taken is never traced. A decision that depends on data (or that the caller
+leaves to the device) is a 0-dim bool tensor: under torch.compile, `torch.cond` runs only the branch taken,
+with no host sync and no graph break; in eager mode it is read on the host (eager code syncs anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_leaves, tree_map
+
+Flag = bool | Tensor
+T = TypeVar("T")
+
+
+def _without_aliases(fn: Callable[..., T]) -> Callable[..., T]:
+    # torch.cond refuses branch outputs that alias its operands (a reused cache entry is exactly that):
+    # copy those outputs, and only those.
+    def wrapped(*operands: Any) -> T:
+        leaves = tree_leaves(operands)
+        out = fn(*operands)
+        # identity, not id(): id() would make dynamo guard on the objects and recompile every call
+        return tree_map(lambda x: x.clone() if any(x is leaf for leaf in leaves) else x, out)
+
+    return wrapped
+
+
+def branch(pred: Flag, true_fn: Callable[..., T], false_fn: Callable[..., T], operands: tuple) -> T:
+    """`true_fn(*operands) if pred else false_fn(*operands)`, on the host or on the device.
+
+    Args:
+        pred: a Python bool (planned decision) or a 0-dim bool tensor (decided on the device).
+        true_fn, false_fn: pure functions of the operands returning pytrees of tensors of the same structure,
+            shapes and dtypes (required by `torch.cond` when `pred` is a tensor).
+        operands: a tuple of tensors (pytrees of tensors are allowed).
+    """
+    if isinstance(pred, bool):
+        return true_fn(*operands) if pred else false_fn(*operands)
+    if not isinstance(pred, Tensor) or pred.dim() != 0 or pred.dtype != torch.bool:
+        raise TypeError(f"pred: must be a bool or a 0-dim bool tensor, got {pred!r}")
+    if not torch.compiler.is_compiling():
+        # Eager: torch.cond would re-trace its branches with dynamo at every call (new closures each
+        # step); one host read is far cheaper there. Compiled code never takes this path.
+        return true_fn(*operands) if bool(pred) else false_fn(*operands)
+    return torch.cond(pred, _without_aliases(true_fn), _without_aliases(false_fn), operands)
+
+
+def select(pred: Flag, a: Tensor, b: Tensor) -> Tensor:
+    """`a if pred else b` for cheap elementwise choices: a plain `if` when planned, `torch.where` otherwise."""
+    if isinstance(pred, bool):
+        return a if pred else b
+    return torch.where(pred, a, b)
+
+
+def in_open_range(t: Tensor, bounds: tuple[float, float]) -> Tensor:
+    """`lo < t < hi`, strict on both ends as in diffusers."""
+    return (t > bounds[0]) & (t < bounds[1])
+
+
+def as_flag(value: Tensor) -> Flag:
+    """A 0-dim bool tensor as it travels in a planned decision: a Python bool."""
+    return bool(value)

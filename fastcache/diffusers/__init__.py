@@ -1,0 +1,43 @@
+"""fastcache as a drop-in for diffusers' cache hooks (PAB, FasterCache, FirstBlockCache), torch.compile-safe.
+
+    from fastcache.diffusers import enable_cache, FirstBlockCacheConfig   # was: from diffusers import ...
+    enable_cache(pipe, FirstBlockCacheConfig(threshold=0.1))            # or pipe.transformer
+    pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
+    image = pipe(...)                                                    # the pipeline, unmodified
+
+diffusers is imported lazily (only when a diffusers model is cached), so `import fastcache` never needs it.
+"""
+
+from fastcache.diffusers._api import (
+    apply_faster_cache,
+    apply_first_block_cache,
+    apply_pyramid_attention_broadcast,
+    cache_context,
+    cache_state,
+    disable_cache,
+    enable_cache,
+    reset_cache,
+    to_fastcache_config,
+)
+from fastcache.diffusers._families import FAMILIES
+from fastcache.methods.faster_cache import FasterCacheConfig
+from fastcache.methods.first_block_cache import FirstBlockCacheConfig
+from fastcache.methods.pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
+
+SUPPORTED_MODELS: tuple[str, ...] = tuple(sorted(FAMILIES))
+
+__all__ = [
+    "FasterCacheConfig",
+    "FirstBlockCacheConfig",
+    "PyramidAttentionBroadcastConfig",
+    "SUPPORTED_MODELS",
+    "apply_faster_cache",
+    "apply_first_block_cache",
+    "apply_pyramid_attention_broadcast",
+    "cache_context",
+    "cache_state",
+    "disable_cache",
+    "enable_cache",
+    "reset_cache",
+    "to_fastcache_config",
+]

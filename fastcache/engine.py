@@ -1,0 +1,178 @@
+"""What every cache method shares: the method record, plans, and a shape/FLOP trace of a model.
+
+A method is built from its config (optax style): `method = fastcache.make(config)` returns pure functions
+
+    state = method.init(model, inputs)                  # a pytree of tensors, shapes fixed by `inputs`
+    plan = method.plan(timesteps)                       # per-step decisions, printable
+    out, state = method.step(model, state, inputs, plan[i])   # or decision=None: decided on the device
+    method.computed_fraction(model, inputs, plan, state)      # share of the model's FLOPs actually run
+
+Nothing is kept anywhere but in the returned state, so two generations can interleave on one model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastcache.protocol import CacheableModel, Inputs, check_model
+
+
+@dataclass(frozen=True)
+class Plan(Sequence):
+    """Per-step decisions planned from the timesteps, and one printable row per decision kind.
+
+    Rows use diffusers' letters: C computed, R reused, A approximated, F full CFG batch, S unconditional
+    half skipped, ? decided on the device from data (FirstBlockCache).
+    """
+
+    decisions: tuple[Any, ...]
+    rows: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
+        return self.decisions[index]
+
+    def __len__(self) -> int:
+        return len(self.decisions)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.decisions)
+
+    def __str__(self) -> str:
+        return "\n".join(f"{label}: {row}" for label, row in self.rows.items())
+
+    def variants(self) -> int:
+        """How many distinct step variants a compiled step specialises on (one graph each)."""
+        return len({_hashable(d) for d in self.decisions})
+
+
+def _hashable(decision: Any) -> Any:
+    # Tensors in a planned decision (weights) do not change the graph: only the Python values do.
+    if isinstance(decision, tuple):
+        return tuple(_hashable(x) for x in decision)
+    return None if isinstance(decision, Tensor) else decision
+
+
+class CacheMethod(NamedTuple):
+    config: Any
+    init: Callable[[CacheableModel, Inputs], Any]
+    plan: Callable[[Tensor | Sequence[float]], Plan]
+    step: Callable[..., tuple[Tensor, Any]]
+    computed_fraction: Callable[[CacheableModel, Inputs, Plan, Any], float]
+
+
+def make(config: Any) -> CacheMethod:
+    """Build the cache method described by `config` (one of fastcache's config classes)."""
+    from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
+
+    modules = {
+        pyramid_attention_broadcast.PyramidAttentionBroadcastConfig: pyramid_attention_broadcast,
+        faster_cache.FasterCacheConfig: faster_cache,
+        first_block_cache.FirstBlockCacheConfig: first_block_cache,
+    }
+    module = modules.get(type(config))
+    if module is None:
+        names = ", ".join(cls.__name__ for cls in modules)
+        raise TypeError(f"config: expected one of {names}, got {type(config).__name__}")
+    return CacheMethod(config, *(partial(getattr(module, name), config)
+                                 for name in ("init", "plan", "step", "computed_fraction")))
+
+
+def as_timesteps(timesteps: Tensor | Sequence[float]) -> Tensor:
+    t = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().reshape(-1)
+    if t.numel() == 0:
+        raise ValueError("timesteps: must hold at least one timestep")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"timesteps: must be finite, got {t.tolist()}")
+    return t
+
+
+def letters(flags: Tensor, true: str, false: str) -> str:
+    return "".join(true if f else false for f in flags.tolist())
+
+
+# -- shapes and FLOPs of one forward, without running it ------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def zeros(self) -> Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+
+@dataclass(frozen=True)
+class ModelTrace:
+    """What one forward produces and costs, read from a shape-only (fake tensor) run."""
+
+    site_outputs: dict[str, Any]  # site name -> TensorMeta, or a tuple of them for tuple-valued attention
+    site_flops: dict[str, int]
+    head_streams: tuple[TensorMeta, ...]  # the streams after the first block
+    output: TensorMeta
+    embed_flops: int
+    block_flops: tuple[int, ...]
+    head_flops: int
+
+    @property
+    def total_flops(self) -> int:
+        return self.embed_flops + sum(self.block_flops) + self.head_flops
+
+
+def _meta(x: Tensor, device: torch.device) -> TensorMeta:
+    return TensorMeta(tuple(x.shape), x.dtype, device)
+
+
+def trace(model: CacheableModel, inputs: Inputs) -> ModelTrace:
+    """Run the protocol forward on fake tensors: output shapes and FLOPs, no compute, no memory."""
+    check_model(model)
+    device = next(iter(inputs.values())).device
+    site_outputs: dict[str, Any] = {}
+    site_flops: dict[str, int] = {}
+
+    def attend(site: str, fn: Callable[..., Any], *args: Any) -> Any:
+        with FlopCounterMode(display=False) as counter:
+            out = fn(*args)
+        site_outputs[site] = tree_map(lambda x: _meta(x, device), out)
+        site_flops[site] = site_flops.get(site, 0) + counter.get_total_flops()
+        return out
+
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = {name: mode.from_tensor(value) for name, value in inputs.items()}
+        with FlopCounterMode(display=False) as counter:
+            streams, aux = model.embed(fake)
+        embed_flops = counter.get_total_flops()
+        block_flops, head_streams = [], ()
+        for index in range(model.num_blocks):
+            with FlopCounterMode(display=False) as counter:
+                streams = model.block(index, streams, aux, attend)
+            block_flops.append(counter.get_total_flops())
+            if index == 0:
+                head_streams = tuple(_meta(s, device) for s in streams)
+        with FlopCounterMode(display=False) as counter:
+            out = model.head(streams, aux)
+        head_flops = counter.get_total_flops()
+    return ModelTrace(site_outputs, site_flops, head_streams, _meta(out, device), embed_flops,
+                      tuple(block_flops), head_flops)
+
+
+def zeros_like_meta(meta: Any) -> Any:
+    return tree_map(lambda m: m.zeros(), meta, is_leaf=lambda m: isinstance(m, TensorMeta))
+
+
+def batch_halves(inputs: Inputs) -> tuple[int, dict[str, Tensor]]:
+    """The conditional half of a batched [uncond; cond] input dict (every tensor with the batch dim)."""
+    batch = next(iter(inputs.values())).shape[0]
+    if batch % 2:
+        raise ValueError(f"inputs: a batched [uncond; cond] input needs an even batch, got {batch}")
+    return batch, {name: value[batch // 2:] if value.dim() and value.shape[0] == batch else value
+                   for name, value in inputs.items()}

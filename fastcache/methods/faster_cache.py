@@ -1,0 +1,282 @@
+"""FasterCache: skip the unconditional CFG half and extrapolate attention, with diffusers semantics.
+
+Denoiser level (batched CFG, inputs [uncond; cond]): the unconditional half is skipped iff `count > 0`, the
+timestep is in the open range and `count % N_uncond != 0` (never for guidance-distilled models). On a full
+step the difference `u - c` of the two output halves is split into its low- and high-frequency parts
+(`dL = lowpass(u - c)`, `dH = (u - c) - dL`) and kept. On a skip step only the conditional half runs;
+the deltas are first scaled by the frequency weights (which therefore compound over consecutive skips) and
+stored back, and `uncond = c + dL + dH`. This is diffusers' FFT formula in real space: the low-pass is
+linear, so `ifft(LF(c) + dLF + HF(c) + dHF) = c + dL + dH`, and a skip step needs no FFT at all.
+
+Attention level (spatial and temporal sites): inside the timestep range a site computes iff
+`count > 0 and count % N == 0`; otherwise it approximates `F_k + w * (F_k - F_{k-1})` from the last two
+outputs it saw (conditional halves). As in diffusers an approximation needs the halved batch of a skip step
+(or a guidance-distilled model). Fixed on purpose: the first call always computes (diffusers reads an empty
+cache and crashes for guidance-distilled models); state is per CFG branch, not shared between passes.
+
+Every decision depends only on the call count and the timestep: planned ahead, or evaluated on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from fastcache import _validate, kernels
+from fastcache.control import Flag, branch, in_open_range, select
+from fastcache.engine import (
+    Plan,
+    TensorMeta,
+    as_timesteps,
+    batch_halves,
+    letters,
+    trace,
+    zeros_like_meta,
+)
+from fastcache.protocol import CacheableModel, Inputs, check_inputs, check_model, forward, input_spec
+
+TENSOR_FORMATS = ("BCFHW", "BFCHW", "BCHW")
+CACHED_KINDS = ("spatial", "temporal")
+SPATIAL_IDENTIFIERS = ("^blocks.*attn", "^transformer_blocks.*attn", "^single_transformer_blocks.*attn")
+TEMPORAL_IDENTIFIERS = ("^temporal_transformer_blocks.*attn",)
+
+WeightCallback = Callable[[Tensor], Tensor | float]
+
+
+@dataclass(frozen=True)
+class FasterCacheConfig:
+    """diffusers' field names and defaults.
+
+    The weight callbacks take the current timestep (a tensor, 0..1000 convention) and return a weight; they
+    are evaluated for a whole schedule at once when planning, so write them with tensor ops
+    (`torch.where`), not Python `if`. Defaults as in diffusers: attention weight 0.5; frequency weights
+    `alpha if lo < t < hi else 1`. `tensor_format` names the layout of the model output; the frequency split
+    acts on its last two dims (H, W), which all three layouts share.
+    """
+
+    spatial_attention_block_skip_range: int | None = 2
+    temporal_attention_block_skip_range: int | None = None
+    spatial_attention_timestep_skip_range: tuple[float, float] = (-1, 681)
+    temporal_attention_timestep_skip_range: tuple[float, float] = (-1, 681)
+    low_frequency_weight_update_timestep_range: tuple[float, float] = (99, 901)
+    high_frequency_weight_update_timestep_range: tuple[float, float] = (-1, 301)
+    alpha_low_frequency: float = 1.1
+    alpha_high_frequency: float = 1.1
+    unconditional_batch_skip_range: int = 5
+    unconditional_batch_timestep_skip_range: tuple[float, float] = (-1, 641)
+    spatial_attention_block_identifiers: tuple[str, ...] = SPATIAL_IDENTIFIERS
+    temporal_attention_block_identifiers: tuple[str, ...] = TEMPORAL_IDENTIFIERS
+    attention_weight_callback: WeightCallback | None = None
+    low_frequency_weight_callback: WeightCallback | None = None
+    high_frequency_weight_callback: WeightCallback | None = None
+    tensor_format: str = "BCFHW"
+    is_guidance_distilled: bool = False
+    current_timestep_callback: Callable[[], Any] | None = None
+
+    def __post_init__(self) -> None:
+        for kind in CACHED_KINDS:
+            _validate.skip_range(f"{kind}_attention_block_skip_range", self.skip_range(kind), allow_none=True)
+        _validate.skip_range("unconditional_batch_skip_range", self.unconditional_batch_skip_range,
+                             allow_none=False)
+        for field in ("spatial_attention_timestep_skip_range", "temporal_attention_timestep_skip_range",
+                      "low_frequency_weight_update_timestep_range", "high_frequency_weight_update_timestep_range",
+                      "unconditional_batch_timestep_skip_range"):
+            object.__setattr__(self, field, _validate.timestep_range(field, getattr(self, field)))
+        for field in ("spatial_attention_block_identifiers", "temporal_attention_block_identifiers"):
+            object.__setattr__(self, field, _validate.identifiers(field, getattr(self, field)))
+        for field in ("alpha_low_frequency", "alpha_high_frequency"):
+            _validate.positive_number(field, getattr(self, field))
+        for field in ("attention_weight_callback", "low_frequency_weight_callback",
+                      "high_frequency_weight_callback", "current_timestep_callback"):
+            _validate.callback(field, getattr(self, field))
+        _validate.choice("tensor_format", self.tensor_format, TENSOR_FORMATS)
+        _validate.boolean("is_guidance_distilled", self.is_guidance_distilled)
+
+    def skip_range(self, kind: str) -> int | None:
+        return getattr(self, f"{kind}_attention_block_skip_range")
+
+    def timestep_range(self, kind: str) -> tuple[float, float]:
+        return getattr(self, f"{kind}_attention_timestep_skip_range")
+
+    def enabled_kinds(self) -> tuple[str, ...]:
+        return tuple(kind for kind in CACHED_KINDS if self.skip_range(kind) is not None)
+
+
+class FasterCacheDecision(NamedTuple):
+    first: Flag  # the first call: seeds both slots of every attention window
+    skip_uncond: Flag  # run the conditional half only and reconstruct the unconditional one
+    approx_spatial: Flag  # approximate spatial attention (only where the batch is halved, or distilled)
+    approx_temporal: Flag
+    w_low: Tensor  # 0-dim fp32 weights; tensors so that new values never recompile
+    w_high: Tensor
+    w_attention: Tensor
+
+
+class FasterCacheState(NamedTuple):
+    count: Tensor  # int64, calls made with this state
+    windows: dict[str, tuple[Any, Any]]  # site -> (F_{k-1}, F_k), conditional halves
+    d_low: Tensor  # fp32 low-frequency part of (uncond - cond) output; empty for distilled models
+    d_high: Tensor
+    spec: dict[str, Tensor]
+
+
+def _weight(callback: WeightCallback | None, default: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
+    value = default(t) if callback is None else callback(t)
+    return torch.as_tensor(value, dtype=torch.float32, device=t.device).expand(t.shape).clone()
+
+
+def decide(config: FasterCacheConfig, count: Tensor, t: Tensor) -> FasterCacheDecision:
+    """diffusers' rules, vectorised: one step (0-dim count and t) or a whole schedule at once."""
+    distilled = config.is_guidance_distilled
+    skip_uncond = ((count > 0) & in_open_range(t, config.unconditional_batch_timestep_skip_range)
+                   & (count % config.unconditional_batch_skip_range != 0) & (not distilled))
+    approx = []
+    for kind in CACHED_KINDS:
+        n = config.skip_range(kind)
+        if n is None:
+            approx.append(torch.zeros_like(skip_uncond))
+            continue
+        rule = in_open_range(t, config.timestep_range(kind)) & (count > 0) & (count % n != 0)
+        approx.append(rule if distilled else rule & skip_uncond)
+
+    def alpha(bounds: tuple[float, float], value: float) -> Callable[[Tensor], Tensor]:
+        return lambda t: torch.where(in_open_range(t, bounds), value, 1.0)
+
+    return FasterCacheDecision(
+        first=count == 0,
+        skip_uncond=skip_uncond,
+        approx_spatial=approx[0],
+        approx_temporal=approx[1],
+        w_low=_weight(config.low_frequency_weight_callback,
+                      alpha(config.low_frequency_weight_update_timestep_range, config.alpha_low_frequency), t),
+        w_high=_weight(config.high_frequency_weight_callback,
+                       alpha(config.high_frequency_weight_update_timestep_range, config.alpha_high_frequency), t),
+        w_attention=_weight(config.attention_weight_callback, lambda t: torch.full_like(t, 0.5), t),
+    )
+
+
+def plan(config: FasterCacheConfig, timesteps: Tensor | Sequence[float]) -> Plan:
+    t = as_timesteps(timesteps).float()
+    d = decide(config, torch.arange(len(t)), t)
+    decisions = tuple(
+        FasterCacheDecision(bool(d.first[i]), bool(d.skip_uncond[i]), bool(d.approx_spatial[i]),
+                            bool(d.approx_temporal[i]), d.w_low[i], d.w_high[i], d.w_attention[i])
+        for i in range(len(t)))
+    rows = {} if config.is_guidance_distilled else {"uncond": letters(d.skip_uncond, "S", "F")}
+    for kind, flags in zip(CACHED_KINDS, (d.approx_spatial, d.approx_temporal)):
+        if config.skip_range(kind) is not None:
+            rows[kind] = letters(flags, "A", "C")
+    return Plan(decisions, rows)
+
+
+def hooked_sites(config: FasterCacheConfig, model: CacheableModel) -> dict[str, str]:
+    enabled = config.enabled_kinds()
+    return {site.name: site.kind for site in model.cache_sites() if site.kind in enabled}
+
+
+def init(config: FasterCacheConfig, model: CacheableModel, inputs: Inputs) -> FasterCacheState:
+    check_model(model)
+    if config.is_guidance_distilled:
+        cond_inputs = dict(inputs)
+    else:
+        _, cond_inputs = batch_halves(inputs)
+    tr = trace(model, cond_inputs)
+    fmt_dims = {"BCFHW": 5, "BFCHW": 5, "BCHW": 4}[config.tensor_format]
+    if not config.is_guidance_distilled and len(tr.output.shape) != fmt_dims:
+        raise ValueError(f"tensor_format: {config.tensor_format!r} needs a {fmt_dims}-D model output, "
+                         f"got shape {tr.output.shape}; allowed formats: {', '.join(TENSOR_FORMATS)}")
+    device = tr.output.device
+    delta = TensorMeta(tr.output.shape if not config.is_guidance_distilled else (0,), torch.float32, device)
+    windows = {}
+    for name in hooked_sites(config, model):
+        window = zeros_like_meta(tr.site_outputs[name])
+        windows[name] = (window, tree_map(torch.clone, window))
+    return FasterCacheState(torch.zeros((), dtype=torch.int64, device=device), windows, delta.zeros(),
+                            delta.zeros(), input_spec(inputs))
+
+
+def _attend(sites: dict[str, str], decision: FasterCacheDecision, windows: dict[str, tuple[Any, Any]],
+            new_windows: dict[str, tuple[Any, Any]], full_batch: int | None) -> Callable[..., Any]:
+    """An `attend` that computes or extrapolates each hooked site and slides its two-slot window.
+
+    `full_batch`: the [uncond; cond] batch size when attention sees the full batch (its conditional half
+    is what the window keeps), None when it sees the conditional half only.
+    """
+
+    def attend(site: str, fn: Callable[..., Any], *args: Any) -> Any:
+        kind = sites.get(site)
+        if kind is None:
+            return fn(*args)
+        prev, last = windows[site]
+        if full_batch is None:
+            out = branch(getattr(decision, f"approx_{kind}"),
+                         lambda p, l, *a: tree_map(lambda x, y: kernels.extrapolate(x, y, decision.w_attention),
+                                                   l, p),
+                         lambda p, l, *a: fn(*a), (prev, last, *args))
+            kept = out
+        else:
+            out = fn(*args)
+            # a copy, not a view: the window must not keep the whole batch alive (and torch.cond needs
+            # both branches to return tensors with the same storage offset)
+            kept = tree_map(lambda x: x[full_batch // 2:].clone(), out)
+        # the first call fills both slots, as diffusers does: F_{k-1} = F_k until a second output exists
+        seeded = tree_map(lambda k, l: select(decision.first, k, l), kept, last)
+        new_windows[site] = (seeded, kept)
+        return out
+
+    return attend
+
+
+def step(config: FasterCacheConfig, model: CacheableModel, state: FasterCacheState, inputs: Inputs,
+         decision: FasterCacheDecision | None = None) -> tuple[Tensor, FasterCacheState]:
+    """One model call on [uncond; cond] inputs. `decision`: the plan's entry, or None to decide on device."""
+    check_inputs(state.spec, inputs)
+    if decision is None:
+        decision = decide(config, state.count, model.cache_timestep(inputs))
+    sites = hooked_sites(config, model)
+
+    if config.is_guidance_distilled:
+        new_windows = dict(state.windows)
+        out = forward(model, inputs, _attend(sites, decision, state.windows, new_windows, None))
+        return out, FasterCacheState(state.count + 1, new_windows, state.d_low, state.d_high, state.spec)
+
+    batch, cond_inputs = batch_halves(inputs)
+
+    def full(windows: dict, d_low: Tensor, d_high: Tensor) -> tuple:
+        new_windows = dict(windows)
+        out = forward(model, inputs, _attend(sites, decision, windows, new_windows, batch))
+        uncond, cond = out.chunk(2)
+        new_low, new_high = kernels.frequency_split((uncond - cond).float())
+        return out, new_windows, new_low, new_high
+
+    def skip(windows: dict, d_low: Tensor, d_high: Tensor) -> tuple:
+        new_windows = dict(windows)
+        cond = forward(model, cond_inputs, _attend(sites, decision, windows, new_windows, None))
+        uncond, new_low, new_high = kernels.fastercache_uncond(cond, d_low, d_high, decision.w_low,
+                                                               decision.w_high)
+        return torch.cat([uncond, cond]), new_windows, new_low, new_high
+
+    out, windows, d_low, d_high = branch(decision.skip_uncond, skip, full,
+                                         (state.windows, state.d_low, state.d_high))
+    return out, FasterCacheState(state.count + 1, windows, d_low, d_high, state.spec)
+
+
+def computed_fraction(config: FasterCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan,
+                      state: FasterCacheState | None = None) -> float:
+    """Share of the model's FLOPs run over the planned steps."""
+    del state
+    full = trace(model, inputs)
+    half = full if config.is_guidance_distilled else trace(model, batch_halves(inputs)[1])
+    sites = hooked_sites(config, model)
+    spent = 0
+    for d in plan:
+        tr = half if (d.skip_uncond or config.is_guidance_distilled) else full
+        approx = sum(tr.site_flops[n] for n, kind in sites.items() if getattr(d, f"approx_{kind}"))
+        spent += tr.total_flops - approx
+    return spent / (full.total_flops * len(plan))
+

@@ -1,0 +1,120 @@
+"""FirstBlockCache (FBC): run the first block, skip the rest when its residual barely moved.
+
+Every call runs the embedding and the first block (the head). Its residual `r = head_out - head_in`
+(hidden stream) is compared with the residual of the last computed call:
+`ratio = mean|r - r_ref| / mean|r_ref|`. The remaining blocks are skipped iff a reference exists and
+`ratio <= threshold`; a skipped call adds the residuals the remaining blocks produced at the last computed
+call (`tail_out - head_out`, one per stream). The reference and those residuals change only on computed
+calls, as in diffusers.
+
+The decision depends on data, so it stays on the device: `ratio` is a 0-dim tensor from one fused pass
+(`fastcache.kernels.absmean_rel_diff`), and the skip is a `torch.cond`, so skipped blocks really do not run,
+with no `.item()`, no host sync and no graph break. A NaN ratio never counts as small: the call computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastcache import _validate, kernels
+from fastcache.control import branch
+from fastcache.engine import Plan, as_timesteps, trace
+from fastcache.protocol import (
+    CacheableModel,
+    Inputs,
+    Streams,
+    call_attention,
+    check_inputs,
+    check_model,
+    input_spec,
+    run_blocks,
+)
+
+
+@dataclass(frozen=True)
+class FirstBlockCacheConfig:
+    """`threshold`: skip the remaining blocks while the first block's relative residual change is at most
+    this (diffusers' default 0.05)."""
+
+    threshold: float = 0.05
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", _validate.threshold("threshold", self.threshold))
+
+
+class FirstBlockCacheState(NamedTuple):
+    count: Tensor  # int64, calls made with this state
+    num_computed: Tensor  # int64, calls that ran the remaining blocks
+    skipped: Tensor  # bool, whether the last call skipped them
+    ratio: Tensor  # fp32, the last call's relative residual change (inf when there was no reference)
+    ref_residual: Tensor  # head residual of the last computed call
+    tail_residuals: tuple[Tensor, ...]  # per stream: tail_out - head_out of the last computed call
+    spec: dict[str, Tensor]
+
+
+def plan(config: FirstBlockCacheConfig, timesteps: Tensor | Sequence[float]) -> Plan:
+    """FBC decides from data on the device: every entry is None and the row shows '?'."""
+    del config
+    n = len(as_timesteps(timesteps))
+    return Plan((None,) * n, {"blocks": "?" * n})
+
+
+def init(config: FirstBlockCacheConfig, model: CacheableModel, inputs: Inputs) -> FirstBlockCacheState:
+    del config
+    check_model(model)
+    if model.num_blocks < 2:
+        raise ValueError(f"model: FirstBlockCache needs at least 2 blocks, got num_blocks={model.num_blocks}")
+    tr = trace(model, inputs)
+    device = tr.output.device
+    return FirstBlockCacheState(
+        count=torch.zeros((), dtype=torch.int64, device=device),
+        num_computed=torch.zeros((), dtype=torch.int64, device=device),
+        skipped=torch.zeros((), dtype=torch.bool, device=device),
+        ratio=torch.full((), float("inf"), device=device),
+        ref_residual=tr.head_streams[0].zeros(),
+        tail_residuals=tuple(meta.zeros() for meta in tr.head_streams),
+        spec=input_spec(inputs),
+    )
+
+
+def step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState, inputs: Inputs,
+         decision: None = None) -> tuple[Tensor, FirstBlockCacheState]:
+    """One model call; the skip is decided on the device (`decision` must be None, as in FBC's plan)."""
+    if decision is not None:
+        raise TypeError(f"decision: FirstBlockCache decides on the device; pass None, got {decision!r}")
+    check_inputs(state.spec, inputs)
+    streams, aux = model.embed(inputs)
+    head = model.block(0, streams, aux, call_attention)
+    residual = head[0] - streams[0]
+    ratio = kernels.absmean_rel_diff(residual, state.ref_residual)
+    skip = (state.count > 0) & (ratio <= config.threshold)
+
+    def compute(head: Streams, residual: Tensor, ref: Tensor, tails: Streams, n: Tensor) -> tuple:
+        tail = run_blocks(model, 1, head, aux, call_attention)
+        return tail, residual, tuple(t - h for t, h in zip(tail, head)), n + 1
+
+    def reuse(head: Streams, residual: Tensor, ref: Tensor, tails: Streams, n: Tensor) -> tuple:
+        return tuple(h + r for h, r in zip(head, tails)), ref, tails, n
+
+    out_streams, ref, tails, num_computed = branch(
+        skip, reuse, compute, (head, residual, state.ref_residual, state.tail_residuals, state.num_computed))
+    out = model.head(out_streams, aux)
+    return out, FirstBlockCacheState(state.count + 1, num_computed, skip, ratio, ref, tails, state.spec)
+
+
+def computed_fraction(config: FirstBlockCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan,
+                      state: FirstBlockCacheState) -> float:
+    """Share of the model's FLOPs run, from the state's counters (one host read, after the loop)."""
+    del config, plan
+    tr = trace(model, inputs)
+    calls, computed = int(state.count), int(state.num_computed)
+    if calls == 0:
+        return 1.0
+    skipped_flops = (calls - computed) * sum(tr.block_flops[1:])
+    return 1.0 - skipped_flops / (calls * tr.total_flops)
+

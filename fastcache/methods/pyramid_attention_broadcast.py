@@ -1,0 +1,184 @@
+"""Pyramid Attention Broadcast (PAB): reuse attention outputs on a schedule.
+
+Rule per attention site of an enabled kind (diffusers semantics): compute iff it is the first call, or the
+timestep is outside the open range (lo, hi), or `count % N == 0`; otherwise return the output cached at
+the last call. The phase is anchored to the absolute call count. The rule depends only on the call count
+and the timestep, so it is planned ahead (`plan`); it can also be evaluated on the device
+(`step(..., decision=None)`), then reuse is a `torch.cond` per site.
+
+Fixed on purpose: diffusers shares one counter between separate cond/uncond passes; here each pass keeps
+its own state.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastcache import _validate
+from fastcache.control import Flag, branch, in_open_range
+from fastcache.engine import (
+    Plan,
+    as_timesteps,
+    letters,
+    trace,
+    zeros_like_meta,
+)
+from fastcache.protocol import (
+    ATTENTION_KINDS,
+    AttentionKind,
+    CacheableModel,
+    Inputs,
+    check_inputs,
+    check_model,
+    forward,
+    input_spec,
+)
+
+SPATIAL_IDENTIFIERS = ("blocks", "transformer_blocks", "single_transformer_blocks", "layers", "visual_transformer_blocks")
+TEMPORAL_IDENTIFIERS = ("temporal_transformer_blocks",)
+CROSS_IDENTIFIERS = ("blocks", "transformer_blocks", "layers")
+
+
+@dataclass(frozen=True)
+class PyramidAttentionBroadcastConfig:
+    """diffusers' field names and defaults.
+
+    `*_block_skip_range` N: reuse for N-1 calls out of N inside the timestep range (None: kind disabled; if
+    all three are None, spatial N becomes 2, as in diffusers). `*_timestep_skip_range` (lo, hi): the open
+    range of timesteps (0..1000 convention) where reuse is allowed. `*_block_identifiers`: regexes matched
+    against module names by the diffusers front door; models that meet fastcache's protocol declare each
+    attention site's kind instead. `current_timestep_callback`: optional here (the engine reads the
+    timestep from the model's inputs); kept for the diffusers front door.
+    """
+
+    spatial_attention_block_skip_range: int | None = None
+    temporal_attention_block_skip_range: int | None = None
+    cross_attention_block_skip_range: int | None = None
+    spatial_attention_timestep_skip_range: tuple[float, float] = (100, 800)
+    temporal_attention_timestep_skip_range: tuple[float, float] = (100, 800)
+    cross_attention_timestep_skip_range: tuple[float, float] = (100, 800)
+    spatial_attention_block_identifiers: tuple[str, ...] = SPATIAL_IDENTIFIERS
+    temporal_attention_block_identifiers: tuple[str, ...] = TEMPORAL_IDENTIFIERS
+    cross_attention_block_identifiers: tuple[str, ...] = CROSS_IDENTIFIERS
+    current_timestep_callback: Callable[[], Any] | None = None
+
+    def __post_init__(self) -> None:
+        ranges = [self.skip_range(kind) for kind in ATTENTION_KINDS]
+        for kind, value in zip(ATTENTION_KINDS, ranges):
+            _validate.skip_range(f"{kind}_attention_block_skip_range", value, allow_none=True)
+            field = f"{kind}_attention_timestep_skip_range"
+            object.__setattr__(self, field, _validate.timestep_range(field, getattr(self, field)))
+            field = f"{kind}_attention_block_identifiers"
+            object.__setattr__(self, field, _validate.identifiers(field, getattr(self, field)))
+        _validate.callback("current_timestep_callback", self.current_timestep_callback)
+        if all(r is None for r in ranges):
+            warnings.warn("PyramidAttentionBroadcastConfig: no block skip range given; "
+                          "using spatial_attention_block_skip_range=2 as diffusers does", stacklevel=3)
+            object.__setattr__(self, "spatial_attention_block_skip_range", 2)
+
+    def skip_range(self, kind: AttentionKind) -> int | None:
+        return getattr(self, f"{kind}_attention_block_skip_range")
+
+    def timestep_range(self, kind: AttentionKind) -> tuple[float, float]:
+        return getattr(self, f"{kind}_attention_timestep_skip_range")
+
+    def enabled_kinds(self) -> tuple[AttentionKind, ...]:
+        return tuple(kind for kind in ATTENTION_KINDS if self.skip_range(kind) is not None)
+
+
+class PABDecision(NamedTuple):
+    """Per kind: True computes the attention, False reuses the cached output (bools or 0-dim bool tensors)."""
+
+    spatial: Flag
+    temporal: Flag
+    cross: Flag
+
+
+class PABState(NamedTuple):
+    count: Tensor  # int64, calls made with this state
+    cache: dict[str, Any]  # site name -> last attention output
+    spec: dict[str, Tensor]  # zero-byte record of the inputs' shapes, dtypes and devices
+
+
+def should_compute(config: PyramidAttentionBroadcastConfig, kind: AttentionKind, count: Tensor,
+                   t: Tensor) -> Tensor:
+    """diffusers' rule, vectorised: works on one step (0-dim) or on a whole schedule at once."""
+    n = config.skip_range(kind)
+    if n is None:
+        return torch.ones_like(count, dtype=torch.bool)
+    return (count == 0) | ~in_open_range(t, config.timestep_range(kind)) | (count % n == 0)
+
+
+def decide(config: PyramidAttentionBroadcastConfig, count: Tensor, t: Tensor) -> PABDecision:
+    return PABDecision(*(should_compute(config, kind, count, t) for kind in ATTENTION_KINDS))
+
+
+def plan(config: PyramidAttentionBroadcastConfig, timesteps: Tensor | Sequence[float]) -> Plan:
+    t = as_timesteps(timesteps)
+    count = torch.arange(len(t))
+    flags = {kind: should_compute(config, kind, count, t) for kind in ATTENTION_KINDS}
+    decisions = tuple(PABDecision(*(bool(flags[k][i]) for k in ATTENTION_KINDS)) for i in range(len(t)))
+    rows = {kind: letters(flags[kind], "C", "R") for kind in config.enabled_kinds()}
+    return Plan(decisions, rows)
+
+
+def hooked_sites(config: PyramidAttentionBroadcastConfig, model: CacheableModel) -> dict[str, AttentionKind]:
+    enabled = config.enabled_kinds()
+    return {site.name: site.kind for site in model.cache_sites() if site.kind in enabled}
+
+
+def init(config: PyramidAttentionBroadcastConfig, model: CacheableModel, inputs: Inputs) -> PABState:
+    check_model(model)
+    sites = hooked_sites(config, model)
+    outputs = trace(model, inputs).site_outputs
+    device = next(iter(inputs.values())).device
+    return PABState(
+        count=torch.zeros((), dtype=torch.int64, device=device),
+        cache={name: zeros_like_meta(outputs[name]) for name in sites},
+        spec=input_spec(inputs),
+    )
+
+
+def attend_with_cache(
+    sites: dict[str, AttentionKind], decision: PABDecision, cache: dict[str, Any], new_cache: dict[str, Any]
+) -> Callable[..., Any]:
+    """An `attend` that computes or reuses each hooked site and records its output in `new_cache`."""
+
+    def attend(site: str, fn: Callable[..., Any], *args: Any) -> Any:
+        kind = sites.get(site)
+        if kind is None:
+            return fn(*args)
+        out = branch(getattr(decision, kind), lambda cached, *a: fn(*a), lambda cached, *a: cached,
+                     (cache[site], *args))
+        new_cache[site] = out
+        return out
+
+    return attend
+
+
+def step(config: PyramidAttentionBroadcastConfig, model: CacheableModel, state: PABState, inputs: Inputs,
+         decision: PABDecision | None = None) -> tuple[Tensor, PABState]:
+    """One model call. `decision`: the plan's entry for this call, or None to decide on the device."""
+    check_inputs(state.spec, inputs)
+    if decision is None:
+        decision = decide(config, state.count, model.cache_timestep(inputs))
+    new_cache = dict(state.cache)
+    out = forward(model, inputs, attend_with_cache(hooked_sites(config, model), decision, state.cache, new_cache))
+    return out, PABState(state.count + 1, new_cache, state.spec)
+
+
+def computed_fraction(config: PyramidAttentionBroadcastConfig, model: CacheableModel, inputs: Inputs,
+                      plan: Plan, state: PABState | None = None) -> float:
+    """Share of the model's FLOPs run over the planned steps (reused attention costs nothing)."""
+    del state
+    tr = trace(model, inputs)
+    sites = hooked_sites(config, model)
+    saved = sum(tr.site_flops[name] for d in plan for name, kind in sites.items() if not getattr(d, kind))
+    return 1.0 - saved / (tr.total_flops * len(plan))
+

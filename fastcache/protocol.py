@@ -1,0 +1,111 @@
+"""The small protocol a model meets so that the engine can cache it.
+
+A diffusion transformer, seen by the engine, is three stages and a set of attention call sites:
+
+    streams, aux = model.embed(inputs)          # patchify, embed timestep and condition
+    for i in range(model.num_blocks):
+        streams = model.block(i, streams, aux, attend)
+    output = model.head(streams, aux)           # final norm, projection, unpatchify
+
+`streams` is a tuple of tensors that blocks transform, the image/video tokens first (a joint-attention
+model such as Flux adds its text stream second). `aux` is a dict of tensors the blocks read but never
+change (timestep modulation, condition tokens, rotary tables). Every attention call inside a block goes
+through `attend(site_name, fn, *args)`, where `site_name` is one of `model.cache_sites()`: that is the only
+hook the attention-level methods (PAB, FasterCache) need. Nothing in the engine knows more than this about
+a model, so any transformer that can be cut this way plugs in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+AttentionKind = Literal["spatial", "temporal", "cross"]
+ATTENTION_KINDS: tuple[AttentionKind, ...] = ("spatial", "temporal", "cross")
+
+Streams = tuple[Tensor, ...]
+Aux = dict[str, Any]
+Inputs = Mapping[str, Tensor]
+
+
+class Attend(Protocol):
+    def __call__(self, site: str, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention call site: a stable name and its kind."""
+
+    name: str
+    kind: AttentionKind
+
+
+@runtime_checkable
+class CacheableModel(Protocol):
+    num_blocks: int
+
+    def cache_sites(self) -> Sequence[AttentionSite]: ...
+
+    def cache_timestep(self, inputs: Inputs) -> Tensor:
+        """The current timestep as a 0-dim tensor in the 0..1000 convention of the timestep ranges."""
+        ...
+
+    def embed(self, inputs: Inputs) -> tuple[Streams, Aux]: ...
+
+    def block(self, index: int, streams: Streams, aux: Aux, attend: Attend) -> Streams: ...
+
+    def head(self, streams: Streams, aux: Aux) -> Tensor: ...
+
+
+def call_attention(site: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """The `attend` of an uncached forward: just call the attention."""
+    del site
+    return fn(*args)
+
+
+def run_blocks(model: CacheableModel, start: int, streams: Streams, aux: Aux, attend: Attend) -> Streams:
+    for index in range(start, model.num_blocks):
+        streams = model.block(index, streams, aux, attend)
+    return streams
+
+
+def forward(model: CacheableModel, inputs: Inputs, attend: Attend = call_attention) -> Tensor:
+    """One uncached (or attention-hooked) forward through the protocol."""
+    streams, aux = model.embed(inputs)
+    streams = run_blocks(model, 0, streams, aux, attend)
+    return model.head(streams, aux)
+
+
+def check_model(model: object) -> CacheableModel:
+    if not isinstance(model, CacheableModel):
+        raise TypeError(
+            f"model: {type(model).__name__} does not meet fastcache's CacheableModel protocol "
+            "(num_blocks, cache_sites, cache_timestep, embed, block, head); for diffusers transformers "
+            "use fastcache.enable_cache"
+        )
+    return model
+
+
+def input_spec(inputs: Inputs) -> dict[str, Tensor]:
+    """Zero-byte tensors that remember each input's shape, dtype and device inside a state."""
+    return {name: torch.empty((*value.shape, 0), dtype=value.dtype, device=value.device)
+            for name, value in inputs.items()}
+
+
+def check_inputs(spec: Mapping[str, Tensor], inputs: Inputs) -> None:
+    """Refuse inputs that differ from those the state was built for: its cached tensors would be stale."""
+    if set(spec) != set(inputs):
+        raise ValueError(f"inputs: the state was built for inputs {sorted(spec)}, got {sorted(inputs)}")
+    for name, value in inputs.items():
+        want = spec[name]
+        got = (tuple(value.shape), value.dtype, value.device)
+        expected = (tuple(want.shape[:-1]), want.dtype, want.device)
+        if got != expected:
+            raise ValueError(
+                f"inputs[{name!r}]: the state was built for shape/dtype/device {expected}, got {got}; "
+                "call init again for a new shape, dtype, device or batch size"
+            )

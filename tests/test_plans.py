@@ -1,0 +1,146 @@
+"""Planned schedules: the documented examples, invariants over random configs, and diffusers' own hooks as
+the oracle for every decision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastcache
+from fastcache.methods import faster_cache, pyramid_attention_broadcast
+
+TIMESTEPS = [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100]
+
+
+def test_pab_examples_from_the_semantics_doc() -> None:
+    for n, expected in ((2, "CCCRCRCRCC"), (3, "CCCCRRCRRC")):
+        cfg = fastcache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=n)
+        assert fastcache.make(cfg).plan(TIMESTEPS).rows == {"spatial": expected}
+
+
+def test_fastercache_examples_from_the_semantics_doc() -> None:
+    plan = fastcache.make(fastcache.FasterCacheConfig()).plan(TIMESTEPS)
+    assert plan.rows == {"uncond": "FFFFSFSSSS", "spatial": "CCCCCCCACA"}
+    assert str(plan) == "uncond: FFFFSFSSSS\nspatial: CCCCCCCACA"
+    # frequency weights: alpha inside the open ranges (99, 901) and (-1, 301), else 1
+    assert [float(d.w_low) for d in plan] == pytest.approx([1.0] + [1.1] * 9)
+    assert [float(d.w_high) for d in plan] == pytest.approx([1.0] * 7 + [1.1] * 3)
+    assert plan.variants() == len({(d.first, d.skip_uncond, d.approx_spatial) for d in plan})
+
+
+timestep_lists = st.lists(st.integers(-5, 1005), min_size=1, max_size=40)
+ranges = st.tuples(st.integers(-10, 1000), st.integers(1, 600)).map(lambda p: (p[0], p[0] + p[1]))
+skip_ranges = st.integers(1, 6)
+
+
+def diffusers_pab_transcription(n: int, lo: float, hi: float, timesteps: list[int]) -> str:
+    """diffusers' PyramidAttentionBroadcastHook.new_forward, step by step, with a Python counter."""
+    out, cache, iteration = "", None, 0
+    for t in timesteps:
+        compute = cache is None or iteration == 0 or not (lo < t < hi) or iteration % n == 0
+        out += "C" if compute else "R"
+        cache = "x"
+        iteration += 1
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=skip_ranges, bounds=ranges, timesteps=timestep_lists)
+def test_pab_plan_properties(n: int, bounds: tuple[int, int], timesteps: list[int]) -> None:
+    cfg = fastcache.PyramidAttentionBroadcastConfig(cross_attention_block_skip_range=n,
+                                                    cross_attention_timestep_skip_range=bounds)
+    row = fastcache.make(cfg).plan(timesteps).rows["cross"]
+    lo, hi = bounds
+    assert row == diffusers_pab_transcription(n, lo, hi, timesteps)
+    assert row[0] == "C"  # the first call computes, so every reuse has a computed value behind it
+    assert all(c == "C" for c, t in zip(row, timesteps) if not lo < t < hi)
+    assert "R" * n not in row  # never more than N-1 reuses in a row
+
+
+def diffusers_fastercache_transcription(cfg: fastcache.FasterCacheConfig, timesteps: list[int]) -> tuple[str, str]:
+    """diffusers' FasterCacheDenoiserHook and FasterCacheBlockHook decisions, with the iteration-0 fix."""
+    uncond, spatial = "", ""
+    lo, hi = cfg.unconditional_batch_timestep_skip_range
+    alo, ahi = cfg.spatial_attention_timestep_skip_range
+    for it, t in enumerate(timesteps):
+        skip = it > 0 and lo < t < hi and it % cfg.unconditional_batch_skip_range != 0
+        uncond += "S" if skip else "F"
+        approx = alo < t < ahi and not (it > 0 and it % cfg.spatial_attention_block_skip_range == 0)
+        approx = approx and it > 0 and (skip or cfg.is_guidance_distilled)
+        spatial += "A" if approx else "C"
+    return uncond, spatial
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=skip_ranges, n_uncond=skip_ranges, b_attn=ranges, b_uncond=ranges, timesteps=timestep_lists,
+       distilled=st.booleans())
+def test_fastercache_plan_properties(n: int, n_uncond: int, b_attn: tuple[int, int], b_uncond: tuple[int, int],
+                                     timesteps: list[int], distilled: bool) -> None:
+    cfg = fastcache.FasterCacheConfig(
+        spatial_attention_block_skip_range=n, spatial_attention_timestep_skip_range=b_attn,
+        unconditional_batch_skip_range=n_uncond, unconditional_batch_timestep_skip_range=b_uncond,
+        is_guidance_distilled=distilled)
+    plan = fastcache.make(cfg).plan(timesteps)
+    uncond, spatial = diffusers_fastercache_transcription(cfg, timesteps)
+    assert plan.rows["spatial"] == spatial
+    assert plan.rows.get("uncond", uncond if not distilled else None) == (None if distilled else uncond)
+    assert plan.rows["spatial"][0] == "C" and "A" * n not in plan.rows["spatial"]
+    if not distilled:  # an approximation needs the halved batch of a skip step
+        assert all(u == "S" for u, a in zip(uncond, spatial) if a == "A")
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=skip_ranges, bounds=ranges, timesteps=timestep_lists)
+def test_device_decisions_equal_the_plan(n: int, bounds: tuple[int, int], timesteps: list[int]) -> None:
+    pab = fastcache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=n,
+                                                    spatial_attention_timestep_skip_range=bounds)
+    fc = fastcache.FasterCacheConfig(spatial_attention_block_skip_range=n, spatial_attention_timestep_skip_range=bounds)
+    pab_plan, fc_plan = fastcache.make(pab).plan(timesteps), fastcache.make(fc).plan(timesteps)
+    for i, t in enumerate(timesteps):
+        count, tt = torch.tensor(i), torch.tensor(float(t))
+        on_device = pyramid_attention_broadcast.decide(pab, count, tt)
+        assert tuple(bool(x) for x in on_device) == tuple(pab_plan[i])
+        d = faster_cache.decide(fc, count, tt)
+        p = fc_plan[i]
+        assert (bool(d.first), bool(d.skip_uncond), bool(d.approx_spatial)) == (p.first, p.skip_uncond,
+                                                                                p.approx_spatial)
+        assert float(d.w_low) == float(p.w_low) and float(d.w_high) == float(p.w_high)
+
+
+def test_fbc_plan_is_left_to_the_device() -> None:
+    plan = fastcache.make(fastcache.FirstBlockCacheConfig()).plan(TIMESTEPS)
+    assert list(plan) == [None] * 10 and str(plan) == "blocks: " + "?" * 10
+
+
+class _Counting(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=skip_ranges, bounds=ranges, timesteps=timestep_lists)
+def test_pab_plan_equals_diffusers_hook(n: int, bounds: tuple[int, int], timesteps: list[int]) -> None:
+    """The installed diffusers hook is the oracle: record when it really calls the attention."""
+    hooks = pytest.importorskip("diffusers.hooks.pyramid_attention_broadcast")
+    from diffusers.hooks import HookRegistry
+
+    current = {"t": None}
+    module = _Counting()
+    hook = hooks.PyramidAttentionBroadcastHook(bounds, n, lambda: current["t"])
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, "pab")
+    observed = ""
+    for t in timesteps:
+        current["t"] = t
+        before = module.calls
+        module(torch.ones(1))
+        observed += "C" if module.calls > before else "R"
+    cfg = fastcache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=n,
+                                                    spatial_attention_timestep_skip_range=bounds)
+    assert fastcache.make(cfg).plan(timesteps).rows["spatial"] == observed
