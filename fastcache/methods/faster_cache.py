@@ -201,11 +201,11 @@ def init(config: FasterCacheConfig, model: CacheableModel, inputs: Inputs) -> Fa
 
 
 def _attend(sites: dict[str, str], decision: FasterCacheDecision, windows: dict[str, tuple[Any, Any]],
-            new_windows: dict[str, tuple[Any, Any]], full_batch: int | None) -> Callable[..., Any]:
+            new_windows: dict[str, tuple[Any, Any]], full_batch: bool) -> Callable[..., Any]:
     """An `attend` that computes or extrapolates each hooked site and slides its two-slot window.
 
-    `full_batch`: the [uncond; cond] batch size when attention sees the full batch (its conditional half
-    is what the window keeps), None when it sees the conditional half only.
+    `full_batch`: attention sees the [uncond; cond] batch (the window keeps the second half of its outputs'
+    dim 0, as diffusers does), not the conditional half only.
     """
 
     def attend(site: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -213,19 +213,19 @@ def _attend(sites: dict[str, str], decision: FasterCacheDecision, windows: dict[
         if kind is None:
             return fn(*args)
         prev, last = windows[site]
-        if full_batch is None:
+        if not full_batch:
             out = branch(getattr(decision, f"approx_{kind}"),
-                         lambda p, l, *a: tree_map(lambda x, y: kernels.extrapolate(x, y, decision.w_attention),
-                                                   l, p),
-                         lambda p, l, *a: fn(*a), (prev, last, *args))
+                         lambda before, latest, *a: tree_map(
+                             lambda x, y: kernels.extrapolate(x, y, decision.w_attention), latest, before),
+                         lambda before, latest, *a: fn(*a), (prev, last, *args))
             kept = out
         else:
             out = fn(*args)
             # a copy, not a view: the window must not keep the whole batch alive (and torch.cond needs
             # both branches to return tensors with the same storage offset)
-            kept = tree_map(lambda x: x[full_batch // 2:].clone(), out)
+            kept = tree_map(lambda x: x[x.shape[0] // 2:].clone(), out)
         # the first call fills both slots, as diffusers does: F_{k-1} = F_k until a second output exists
-        seeded = tree_map(lambda k, l: select(decision.first, k, l), kept, last)
+        seeded = tree_map(lambda new, latest: select(decision.first, new, latest), kept, last)
         new_windows[site] = (seeded, kept)
         return out
 
@@ -242,21 +242,21 @@ def step(config: FasterCacheConfig, model: CacheableModel, state: FasterCacheSta
 
     if config.is_guidance_distilled:
         new_windows = dict(state.windows)
-        out = forward(model, inputs, _attend(sites, decision, state.windows, new_windows, None))
+        out = forward(model, inputs, _attend(sites, decision, state.windows, new_windows, False))
         return out, FasterCacheState(state.count + 1, new_windows, state.d_low, state.d_high, state.spec)
 
-    batch, cond_inputs = batch_halves(inputs)
+    _, cond_inputs = batch_halves(inputs)
 
     def full(windows: dict, d_low: Tensor, d_high: Tensor) -> tuple:
         new_windows = dict(windows)
-        out = forward(model, inputs, _attend(sites, decision, windows, new_windows, batch))
+        out = forward(model, inputs, _attend(sites, decision, windows, new_windows, True))
         uncond, cond = out.chunk(2)
         new_low, new_high = kernels.frequency_split((uncond - cond).float())
         return out, new_windows, new_low, new_high
 
     def skip(windows: dict, d_low: Tensor, d_high: Tensor) -> tuple:
         new_windows = dict(windows)
-        cond = forward(model, cond_inputs, _attend(sites, decision, windows, new_windows, None))
+        cond = forward(model, cond_inputs, _attend(sites, decision, windows, new_windows, False))
         uncond, new_low, new_high = kernels.fastercache_uncond(cond, d_low, d_high, decision.w_low,
                                                                decision.w_high)
         return torch.cat([uncond, cond]), new_windows, new_low, new_high

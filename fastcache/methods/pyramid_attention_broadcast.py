@@ -40,7 +40,8 @@ from fastcache.protocol import (
     input_spec,
 )
 
-SPATIAL_IDENTIFIERS = ("blocks", "transformer_blocks", "single_transformer_blocks", "layers", "visual_transformer_blocks")
+SPATIAL_IDENTIFIERS = (
+    "blocks", "transformer_blocks", "single_transformer_blocks", "layers", "visual_transformer_blocks")
 TEMPORAL_IDENTIFIERS = ("temporal_transformer_blocks",)
 CROSS_IDENTIFIERS = ("blocks", "transformer_blocks", "layers")
 

@@ -1,0 +1,47 @@
+"""Compile-friendliness, counted: each method's denoising step under torch.compile(fullgraph=True) over a
+12-step run with real timesteps 1000 -> 0 has 0 graph breaks, compiles at most once per distinct step
+variant (planned decisions) or exactly once (decisions on the device), and matches eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fastcache
+from tests.test_engine import METHODS, denoise, max_diff, noise, tiny_dit
+
+STEPS = 12
+
+CASES = {
+    # name: (config, decisions on the device?)
+    "pab-planned": ("pab", False),
+    "fastercache-planned": ("fastercache", False),
+    "fbc-device": ("fbc", True),
+    "pab-device": ("pab", True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fullgraph_compile_counts_and_matches_eager(case: str) -> None:
+    name, device_decisions = CASES[case]
+    model, config = tiny_dit(), METHODS[name](False)
+    method = fastcache.make(config)
+    x = noise(False, 0)
+    with torch.no_grad():
+        eager, eager_state = denoise(model, config, x, STEPS, device_decisions=device_decisions)
+        torch._dynamo.reset()
+        counters.clear()
+        compiled_step = torch.compile(lambda s, i, d: method.step(model, s, i, d), fullgraph=True)
+        compiled, state = denoise(model, config, x, STEPS, step_fn=compiled_step, device_decisions=device_decisions)
+    graph_breaks = sum(counters["graph_break"].values())
+    graphs = counters["stats"]["unique_graphs"]
+    plan = method.plan(torch.linspace(1000, 0, STEPS + 1)[:-1])
+    bound = 1 if device_decisions else plan.variants()
+    print(f"{case}: graph breaks {graph_breaks}, compiled graphs {graphs} (bound {bound}), plan:\n{plan}")
+    assert graph_breaks == 0
+    assert 1 <= graphs <= bound
+    assert max_diff(eager, compiled) <= 1e-5
+    if name == "fbc":  # the data-dependent decisions agree too, and both kinds happened
+        assert int(state.num_computed) == int(eager_state.num_computed)
+        assert 1 < int(state.num_computed) < STEPS

@@ -1,0 +1,403 @@
+"""The engine on the reference DiT: explicit state, interleaving, semantics against step-by-step references,
+and bad input. Compile behaviour is in test_compile.py."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten, tree_leaves
+
+import fastcache
+from fastcache.models.dit import DiT, DiTConfig, cfg_inputs, sampling_timesteps
+from fastcache.protocol import forward
+
+NULL = 10
+
+
+def tiny_dit(video: bool = False, seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    cfg = DiTConfig(sample_size=8, hidden_size=32, num_heads=2, depth=3, num_frames=3 if video else 1,
+                    temporal_attention=video)
+    model = DiT(cfg).eval()
+    with torch.no_grad():  # the zero-initialised adaLN gates would make every block the identity
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)
+    return model
+
+
+def noise(video: bool, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((2, 1, 3, 8, 8) if video else (2, 1, 8, 8), generator=g)
+
+
+LABELS = torch.tensor([3, 7])
+
+METHODS: dict[str, Callable[[bool], Any]] = {
+    "pab": lambda video: fastcache.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, temporal_attention_block_skip_range=3 if video else None,
+        cross_attention_block_skip_range=3, spatial_attention_timestep_skip_range=(100, 900)),
+    "fastercache": lambda video: fastcache.FasterCacheConfig(
+        temporal_attention_block_skip_range=2 if video else None, tensor_format="BCFHW" if video else "BCHW",
+        unconditional_batch_skip_range=3, unconditional_batch_timestep_skip_range=(-1, 900),
+        spatial_attention_timestep_skip_range=(-1, 900), temporal_attention_timestep_skip_range=(-1, 900)),
+    "fbc": lambda video: fastcache.FirstBlockCacheConfig(threshold=0.06),
+}
+
+
+def denoise(model: DiT, config: Any, x: torch.Tensor, steps: int = 10, step_fn: Callable | None = None,
+            device_decisions: bool = False) -> tuple[list[torch.Tensor], Any]:
+    """A CFG Euler loop; returns every step's model output and the final state."""
+    method = fastcache.make(config)
+    timesteps = sampling_timesteps(steps)
+    state = method.init(model, cfg_inputs(x, timesteps[0], LABELS, NULL))
+    plan = method.plan(timesteps)
+    step_fn = step_fn or (lambda s, i, d: method.step(model, s, i, d))
+    outs = []
+    for i, t in enumerate(timesteps):
+        out, state = step_fn(state, cfg_inputs(x, t, LABELS, NULL), None if device_decisions else plan[i])
+        outs.append(out)
+        u, c = out.chunk(2)
+        t_next = timesteps[i + 1] if i + 1 < steps else torch.tensor(0.0)
+        x = x + (t_next - t) / 1000 * (u + 3.0 * (c - u))
+    return outs, state
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((u - v).abs().max().item() for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+@pytest.mark.parametrize("name", METHODS)
+def test_state_keeps_its_structure_and_dtypes(name: str, video: bool) -> None:
+    model, config = tiny_dit(video), METHODS[name](video)
+    method = fastcache.make(config)
+    timesteps = sampling_timesteps(6)
+    x = noise(video, 0)
+    state = method.init(model, cfg_inputs(x, timesteps[0], LABELS, NULL))
+    leaves0, spec0 = tree_flatten(state)
+    assert all(isinstance(leaf, torch.Tensor) for leaf in leaves0)
+    plan = method.plan(timesteps)
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            _, state = method.step(model, state, cfg_inputs(x, t, LABELS, NULL), plan[i])
+            leaves, spec = tree_flatten(state)
+            assert spec == spec0
+            assert [(x.shape, x.dtype, x.device) for x in leaves] == [(x.shape, x.dtype, x.device) for x in leaves0]
+    assert int(state.count) == len(timesteps)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_interleaved_generations_equal_sequential_ones(name: str) -> None:
+    """Two generations on one model, each with its own state, step by step in turn."""
+    model, config = tiny_dit(), METHODS[name](False)
+    method = fastcache.make(config)
+    timesteps = sampling_timesteps(8)
+    xs = [noise(False, 1), noise(False, 2)]
+    with torch.no_grad():
+        sequential = [denoise(model, config, x, 8)[0] for x in xs]
+        states = [method.init(model, cfg_inputs(x, timesteps[0], LABELS, NULL)) for x in xs]
+        plan = method.plan(timesteps)
+        interleaved: list[list[torch.Tensor]] = [[], []]
+        for i, t in enumerate(timesteps):
+            for k in (0, 1):
+                out, states[k] = method.step(model, states[k], cfg_inputs(xs[k], t, LABELS, NULL), plan[i])
+                interleaved[k].append(out)
+                # same inputs as `denoise` sees: advance x with the same Euler update
+                u, c = out.chunk(2)
+                t_next = timesteps[i + 1] if i + 1 < 8 else torch.tensor(0.0)
+                xs[k] = xs[k] + (t_next - t) / 1000 * (u + 3.0 * (c - u))
+    for k in (0, 1):
+        assert max_diff(sequential[k], interleaved[k]) == 0.0
+    assert max_diff(sequential[0], sequential[1]) > 0  # the two generations really differ
+
+
+@pytest.mark.parametrize("name", ["pab", "fastercache"])
+def test_planned_and_on_device_decisions_give_the_same_outputs(name: str) -> None:
+    model, config = tiny_dit(True), METHODS[name](True)
+    with torch.no_grad():
+        planned, _ = denoise(model, config, noise(True, 0))
+        on_device, _ = denoise(model, config, noise(True, 0), device_decisions=True)
+    assert max_diff(planned, on_device) == 0.0
+
+
+# -- step-by-step references written straight from diffusers' rules -------------------------------------
+
+def reference_pab(model: DiT, config: fastcache.PyramidAttentionBroadcastConfig, x: torch.Tensor,
+                  steps: int) -> list[torch.Tensor]:
+    """Per-site Python counters and caches, like diffusers' hook."""
+    kinds = {s.name: s.kind for s in model.cache_sites()}
+    caches: dict[str, torch.Tensor] = {}
+    counters: dict[str, int] = {}
+
+    def attend_at(t: float) -> Callable[..., Any]:
+        def attend(site: str, fn: Callable[..., Any], *args: Any) -> Any:
+            n = config.skip_range(kinds[site])
+            if n is None:
+                return fn(*args)
+            it = counters.get(site, 0)
+            lo, hi = config.timestep_range(kinds[site])
+            compute = site not in caches or it == 0 or not (lo < t < hi) or it % n == 0
+            caches[site] = fn(*args) if compute else caches[site]
+            counters[site] = it + 1
+            return caches[site]
+        return attend
+
+    return _reference_loop(model, x, steps, lambda inputs, t: forward(model, inputs, attend_at(t)))
+
+
+def _reference_loop(model: DiT, x: torch.Tensor, steps: int,
+                    call: Callable[[dict, float], torch.Tensor]) -> list[torch.Tensor]:
+    timesteps = sampling_timesteps(steps)
+    outs = []
+    for i, t in enumerate(timesteps):
+        out = call(cfg_inputs(x, t, LABELS, NULL), float(t))
+        outs.append(out)
+        u, c = out.chunk(2)
+        t_next = timesteps[i + 1] if i + 1 < steps else torch.tensor(0.0)
+        x = x + (t_next - t) / 1000 * (u + 3.0 * (c - u))
+    return outs
+
+
+def fft_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' split: fftshift over every dim, closed disc of radius min(H, W)//5 at (H//2, W//2)."""
+    spectrum = torch.fft.fftshift(torch.fft.fft2(x))
+    h, w = x.shape[-2:]
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    mask = (xx - w // 2) ** 2 + (yy - h // 2) ** 2 <= (min(h, w) // 5) ** 2
+    return spectrum * mask, spectrum * ~mask
+
+
+def reference_fastercache(model: DiT, config: fastcache.FasterCacheConfig, x: torch.Tensor,
+                          steps: int) -> list[torch.Tensor]:
+    """diffusers' FasterCache denoiser and attention hooks with complex FFT deltas and Python counters."""
+    kinds = {s.name: s.kind for s in model.cache_sites()}
+    windows: dict[str, list[torch.Tensor]] = {}
+    counters: dict[str, int] = {}
+    deltas: dict[str, torch.Tensor] = {}
+    iteration = 0
+
+    def attend_at(t: float, halved: bool, batch: int) -> Callable[..., Any]:
+        def attend(site: str, fn: Callable[..., Any], *args: Any) -> Any:
+            kind = kinds[site]
+            n = config.skip_range(kind) if kind != "cross" else None
+            if n is None:
+                return fn(*args)
+            it = counters.get(site, 0)
+            lo, hi = config.timestep_range(kind)
+            approx = lo < t < hi and not (it > 0 and it % n == 0) and halved
+            if approx:
+                prev, last = windows[site]
+                out = last + (last - prev) * 0.5
+            else:
+                out = fn(*args)
+            kept = out[out.shape[0] // 2:] if not halved else out
+            windows[site] = [windows[site][1], kept] if site in windows else [kept, kept]
+            counters[site] = it + 1
+            return out
+        return attend
+
+    def call(inputs: dict, t: float) -> torch.Tensor:
+        nonlocal iteration
+        lo, hi = config.unconditional_batch_timestep_skip_range
+        skip = iteration > 0 and lo < t < hi and iteration % config.unconditional_batch_skip_range != 0
+        batch = inputs["x"].shape[0]
+        if skip:
+            cond = forward(model, {k: v[batch // 2:] for k, v in inputs.items()}, attend_at(t, True, batch))
+            lf_lo, lf_hi = config.low_frequency_weight_update_timestep_range
+            hf_lo, hf_hi = config.high_frequency_weight_update_timestep_range
+            deltas["low"] = deltas["low"] * (config.alpha_low_frequency if lf_lo < t < lf_hi else 1.0)
+            deltas["high"] = deltas["high"] * (config.alpha_high_frequency if hf_lo < t < hf_hi else 1.0)
+            low_c, high_c = fft_split(cond.float())
+            uncond = torch.fft.ifft2(torch.fft.ifftshift(low_c + deltas["low"] + high_c + deltas["high"])).real
+            out = torch.cat([uncond.to(cond.dtype), cond])
+        else:
+            out = forward(model, inputs, attend_at(t, False, batch))
+            u, c = out.chunk(2)
+            (low_u, high_u), (low_c, high_c) = fft_split(u.float()), fft_split(c.float())
+            deltas["low"], deltas["high"] = low_u - low_c, high_u - high_c
+        iteration += 1
+        return out
+
+    return _reference_loop(model, x, steps, call)
+
+
+def reference_fbc(model: DiT, threshold: float, x: torch.Tensor, steps: int) -> tuple[list[torch.Tensor], list[bool]]:
+    """FirstBlockCache with a host decision (`.item()`), as diffusers takes it."""
+    ref: dict[str, Any] = {}
+    skipped: list[bool] = []
+
+    def call(inputs: dict, t: float) -> torch.Tensor:
+        (h0,), aux = model.embed(inputs)
+        (h1,) = model.block(0, (h0,), aux, fastcache.protocol.call_attention)
+        r = h1 - h0
+        skip = "r" in ref and ((r - ref["r"]).abs().mean() / ref["r"].abs().mean()).item() <= threshold
+        skipped.append(skip)
+        if skip:
+            h = h1 + ref["tail"]
+        else:
+            (h,) = fastcache.protocol.run_blocks(model, 1, (h1,), aux, fastcache.protocol.call_attention)
+            ref["r"], ref["tail"] = r, h - h1
+        return model.head((h,), aux)
+
+    return _reference_loop(model, x, steps, call), skipped
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+def test_pab_matches_its_reference(video: bool) -> None:
+    model, config = tiny_dit(video), METHODS["pab"](video)
+    with torch.no_grad():
+        ours, _ = denoise(model, config, noise(video, 0), 12)
+        ref = reference_pab(model, config, noise(video, 0), 12)
+    assert max_diff(ours, ref) == 0.0
+    uncached = _reference_loop(model, noise(video, 0), 12, lambda i, t: forward(model, i))
+    assert max_diff(ours, uncached) > 1e-4  # reuse really happened
+
+
+@pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
+def test_fastercache_matches_diffusers_fft_formulas(video: bool) -> None:
+    model, config = tiny_dit(video), METHODS["fastercache"](video)
+    plan = fastcache.make(config).plan(sampling_timesteps(12))
+    assert "S" in plan.rows["uncond"] and "A" in plan.rows["spatial"]
+    with torch.no_grad():
+        ours, _ = denoise(model, config, noise(video, 0), 12)
+        ref = reference_fastercache(model, config, noise(video, 0), 12)
+    assert max_diff(ours, ref) <= 1e-5
+
+
+def test_fastercache_guidance_distilled_first_call_computes() -> None:
+    """diffusers crashes here (empty cache at iteration 0 inside the range); fastcache computes."""
+    model = tiny_dit()
+    config = fastcache.FasterCacheConfig(is_guidance_distilled=True, tensor_format="BCHW",
+                                       spatial_attention_timestep_skip_range=(-1, 1001))
+    method = fastcache.make(config)
+    timesteps = sampling_timesteps(6)
+    plan = method.plan(timesteps)
+    assert plan.rows == {"spatial": "CACACA"}
+    inputs = {"x": noise(False, 0)[:1], "timestep": torch.tensor([600.0]), "label": LABELS[:1]}
+    state = method.init(model, inputs)
+    with torch.no_grad():
+        out0, state = method.step(model, state, inputs, plan[0])
+        assert torch.equal(out0, model(**inputs))
+        out1, state = method.step(model, state, inputs, plan[1])  # approximated from [F0, F0]: equals F0's use
+        assert torch.allclose(out1, out0, atol=1e-6)
+
+
+def test_fbc_matches_its_host_reference_and_both_decisions_occur() -> None:
+    model = tiny_dit()
+    x = noise(False, 0)
+    with torch.no_grad():
+        threshold = 0.06  # on this model: CCSSCSCCSSSS
+        ref, skipped = reference_fbc(model, threshold, x, 12)
+        ours, state = denoise(model, fastcache.FirstBlockCacheConfig(threshold=threshold), x, 12)
+    assert 2 <= skipped.count(False) <= 10, skipped  # computes after the first call, and skips
+    assert max_diff(ours, ref) <= 1e-6
+    assert int(state.num_computed) == skipped.count(False)
+    assert bool(state.skipped) == skipped[-1]
+
+
+def test_fbc_nan_residual_computes() -> None:
+    model = tiny_dit()
+    method = fastcache.make(fastcache.FirstBlockCacheConfig(threshold=1e9))
+    inputs = cfg_inputs(noise(False, 0), 500.0, LABELS, NULL)
+    state = method.init(model, inputs)
+    with torch.no_grad():
+        _, state = method.step(model, state, inputs)
+        state = state._replace(ref_residual=torch.full_like(state.ref_residual, float("nan")))
+        _, state = method.step(model, state, inputs)
+    assert not bool(state.skipped) and int(state.num_computed) == 2
+
+
+def test_computed_fraction_counts_flops() -> None:
+    model = tiny_dit()
+    inputs = cfg_inputs(noise(False, 0), 1000.0, LABELS, NULL)
+    tr = fastcache.trace(model, inputs)
+    assert tr.total_flops > 0 and len(tr.block_flops) == 3
+    pab = fastcache.make(METHODS["pab"](False))
+    plan = pab.plan(sampling_timesteps(10))
+    reused = sum(tr.site_flops[s.name] for d in plan for s in model.cache_sites()
+                 if s.kind in ("spatial", "cross") and not getattr(d, s.kind))
+    assert pab.computed_fraction(model, inputs, plan) == pytest.approx(1 - reused / (10 * tr.total_flops))
+    fbc = fastcache.make(METHODS["fbc"](False))
+    state = fbc.init(model, inputs)._replace(count=torch.tensor(10), num_computed=torch.tensor(4))
+    expected = 1 - 6 * sum(tr.block_flops[1:]) / (10 * tr.total_flops)
+    assert fbc.computed_fraction(model, inputs, fbc.plan(sampling_timesteps(10)), state) == pytest.approx(expected)
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+
+BAD_CONFIGS = [
+    (fastcache.PyramidAttentionBroadcastConfig, {"spatial_attention_block_skip_range": 0}, ValueError,
+     "spatial_attention_block_skip_range"),
+    (fastcache.PyramidAttentionBroadcastConfig, {"cross_attention_block_skip_range": 1.5}, ValueError,
+     "cross_attention_block_skip_range"),
+    (fastcache.PyramidAttentionBroadcastConfig, {"spatial_attention_timestep_skip_range": (800, 100)},
+     ValueError, "lo < hi"),
+    (fastcache.PyramidAttentionBroadcastConfig, {"temporal_attention_block_identifiers": "blocks"}, TypeError,
+     "temporal_attention_block_identifiers"),
+    (fastcache.PyramidAttentionBroadcastConfig, {"current_timestep_callback": 3}, TypeError,
+     "current_timestep_callback"),
+    (fastcache.FasterCacheConfig, {"tensor_format": "BSC"}, ValueError, "BCFHW, BFCHW, BCHW"),
+    (fastcache.FasterCacheConfig, {"unconditional_batch_skip_range": None}, ValueError,
+     "unconditional_batch_skip_range"),
+    (fastcache.FasterCacheConfig, {"alpha_low_frequency": float("nan")}, ValueError, "alpha_low_frequency"),
+    (fastcache.FasterCacheConfig, {"attention_weight_callback": 0.5}, TypeError, "attention_weight_callback"),
+    (fastcache.FasterCacheConfig, {"is_guidance_distilled": 1}, TypeError, "is_guidance_distilled"),
+    (fastcache.FasterCacheConfig, {"low_frequency_weight_update_timestep_range": (1, float("inf"))}, ValueError,
+     "low_frequency_weight_update_timestep_range"),
+    (fastcache.FirstBlockCacheConfig, {"threshold": -0.1}, ValueError, "threshold"),
+    (fastcache.FirstBlockCacheConfig, {"threshold": float("nan")}, ValueError, "threshold"),
+    (fastcache.FirstBlockCacheConfig, {"threshold": "0.1"}, ValueError, "threshold"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,error,needle", BAD_CONFIGS)
+def test_bad_config_fields_are_named(cls: type, kwargs: dict, error: type, needle: str) -> None:
+    with pytest.raises(error, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        cls(**kwargs)
+
+
+def test_pab_without_any_range_warns_and_uses_spatial_2() -> None:
+    with pytest.warns(UserWarning, match="spatial_attention_block_skip_range=2"):
+        cfg = fastcache.PyramidAttentionBroadcastConfig()
+    assert cfg.spatial_attention_block_skip_range == 2
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("change", ["shape", "dtype", "batch"])
+def test_a_state_refuses_other_inputs(name: str, change: str) -> None:
+    model = tiny_dit()
+    method = fastcache.make(METHODS[name](False))
+    inputs = cfg_inputs(noise(False, 0), 1000.0, LABELS, NULL)
+    state = method.init(model, inputs)
+    if change == "shape":
+        other = cfg_inputs(torch.randn(2, 1, 16, 16), 1000.0, LABELS, NULL)
+    elif change == "dtype":
+        other = {**inputs, "x": inputs["x"].double()}
+    else:
+        other = cfg_inputs(torch.randn(4, 1, 8, 8), 1000.0, torch.tensor([1, 2, 3, 4]), NULL)
+    with pytest.raises(ValueError, match=r"inputs\['(x|timestep|label)'\].*call init again"):
+        method.step(model, state, other, None if name == "fbc" else method.plan([1000.0])[0])
+
+
+def test_other_bad_calls() -> None:
+    model = tiny_dit()
+    with pytest.raises(TypeError, match="config: expected one of"):
+        fastcache.make({"threshold": 0.1})
+    with pytest.raises(TypeError, match="CacheableModel protocol"):
+        fastcache.make(fastcache.FirstBlockCacheConfig()).init(torch.nn.Linear(2, 2), {"x": torch.ones(2)})
+    fbc = fastcache.make(fastcache.FirstBlockCacheConfig())
+    inputs = cfg_inputs(noise(False, 0), 1000.0, LABELS, NULL)
+    with pytest.raises(TypeError, match="decision: FirstBlockCache decides on the device"):
+        fbc.step(model, fbc.init(model, inputs), inputs, True)
+    fc = fastcache.make(fastcache.FasterCacheConfig(tensor_format="BCFHW"))
+    with pytest.raises(ValueError, match="tensor_format: 'BCFHW' needs a 5-D model output"):
+        fc.init(model, inputs)
+    odd = {k: v[:3] if v.dim() else v for k, v in cfg_inputs(torch.randn(2, 1, 8, 8), 1.0, LABELS, NULL).items()}
+    with pytest.raises(ValueError, match="even batch"):
+        fastcache.make(fastcache.FasterCacheConfig(tensor_format="BCHW")).init(model, odd)
+    with pytest.raises(ValueError, match="timesteps: must hold at least one"):
+        fbc.plan([])
+    assert all(isinstance(x, torch.Tensor) for x in tree_leaves(fbc.init(model, inputs)))

@@ -1,0 +1,165 @@
+"""absmean_sums / absmean_rel_diff: the real Triton kernel under the interpreter and the torch path, against
+float64 references, over shapes, dtypes, strides and special values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from fastcache.kernels import absmean as absmean_mod
+from fastcache.kernels import (
+    absmean_rel_diff,
+    absmean_rel_diff_reference,
+    absmean_sums,
+    absmean_sums_reference,
+    rel_diff_from_sums,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+# Inputs of every dtype are compared with a reference on the very same (already rounded) values, so the only
+# error left is fp32 accumulation: one tolerance fits all three; the table keeps the shape of the other tests.
+TOLERANCES = {  # dtype: (atol, rtol) on the sums
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-5, 1e-5),
+    torch.bfloat16: (1e-5, 1e-5),
+}
+DTYPES = list(TOLERANCES)
+
+
+def make(shape: tuple[int, ...], dtype: torch.dtype, layout: str, gen: torch.Generator) -> torch.Tensor:
+    """A tensor of `shape` laid out contiguous, transposed (last two dims) or sliced (every other column)."""
+    if layout == "transposed" and len(shape) >= 2:
+        base = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen).transpose(-1, -2)
+    elif layout == "sliced":
+        base = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen)[..., ::2]
+    else:
+        base = torch.randn(*shape, generator=gen)
+    return base.to(dtype)
+
+
+shapes = st.lists(st.integers(1, 23), min_size=1, max_size=4).map(tuple)
+layouts = st.sampled_from(["contiguous", "transposed", "sliced"])
+
+
+def assert_sums_close(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    atol, rtol = TOLERANCES[a.dtype]
+    assert got.dtype == torch.float32 and got.shape == (2,) and got.device == a.device
+    ref = absmean_sums_reference(a, b)
+    torch.testing.assert_close(got.double(), ref, atol=atol * a.numel(), rtol=rtol)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=shapes, dtype=st.sampled_from(DTYPES), layout_a=layouts, layout_b=layouts, seed=st.integers(0, 99)
+)
+def test_triton_kernel_matches_reference(shape, dtype, layout_a, layout_b, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a, b = make(shape, dtype, layout_a, gen), make(shape, dtype, layout_b, gen)
+    assert_sums_close(absmean_mod._absmean_sums_triton(a, b), a, b)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, dtype=st.sampled_from(DTYPES), layout=layouts, seed=st.integers(0, 99))
+def test_public_cpu_path_matches_reference(shape, dtype, layout, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a, b = make(shape, dtype, layout, gen), make(shape, dtype, "contiguous", gen)
+    assert_sums_close(absmean_sums(a, b), a, b)
+    ratio = absmean_rel_diff(a, b)
+    assert ratio.shape == () and ratio.dtype == torch.float32
+    torch.testing.assert_close(ratio.double(), absmean_rel_diff_reference(a, b), atol=0, rtol=3e-5)
+
+
+def test_triton_kernel_many_programs_and_5d_permutation():
+    """More elements than one program's block (grid-stride loop, several partials), and a 5-D permuted layout
+    that merges to 4 dims, plus one that cannot merge (copied)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 3 * absmean_mod._BLOCK_INTERPRETER + 17
+    a, b = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    assert_sums_close(absmean_mod._absmean_sums_triton(a, b), a, b)
+    a5 = torch.randn(2, 3, 4, 5, 6, generator=gen).permute(0, 2, 1, 4, 3)  # BCFHW -> BFCWH
+    b5 = torch.randn(2, 4, 3, 6, 5, generator=gen)
+    assert_sums_close(absmean_mod._absmean_sums_triton(a5, b5), a5, b5)
+    a6 = torch.randn(2, 3, 4, 5, 6, 7, generator=gen).permute(5, 3, 1, 4, 2, 0)  # 6 dims, none mergeable
+    b6 = torch.randn(a6.shape, generator=gen)
+    assert_sums_close(absmean_mod._absmean_sums_triton(a6, b6), a6, b6)
+
+
+def test_cpu_path_over_several_chunks():
+    """The torch path walks flat chunks through a scratch buffer: more than one chunk, with a remainder."""
+    gen = torch.Generator().manual_seed(2)
+    n = 2 * absmean_mod._CPU_CHUNK + 5
+    a, b = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    assert_sums_close(absmean_sums(a, b), a, b)
+    a2 = torch.randn(n // 5, 5, generator=gen).t().bfloat16()  # not flattenable: copied once
+    b2 = torch.randn(5, n // 5, generator=gen).bfloat16()
+    assert_sums_close(absmean_sums(a2, b2), a2, b2)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy under the interpreter
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_special_values(impl):
+    """b == 0 gives +inf (also a == b == 0); NaN / inf give NaN or inf; none compares <= a threshold."""
+    sums = absmean_mod._absmean_sums_triton if impl == "triton" else absmean_sums
+    z = torch.zeros(7, 5)
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(1))
+
+    def ratio(a, b):
+        return rel_diff_from_sums(sums(a, b))
+
+    assert ratio(x, z).item() == math.inf
+    assert ratio(z, z).item() == math.inf
+    assert ratio(x, x).item() == 0.0
+    with_nan, with_inf = x.clone(), x.clone()
+    with_nan[3, 2] = math.nan
+    with_inf[0, 4] = math.inf
+    cases = [(with_nan, x), (x, with_nan), (with_inf, x), (x, with_inf), (with_inf, with_inf), (with_nan, z)]
+    for a, b in cases:
+        r = ratio(a, b)
+        assert torch.isnan(r) or r.item() == math.inf, (a, b, r)
+        assert not bool(r <= 1e30)
+    assert torch.isnan(ratio(x, with_inf))  # inf / inf
+
+
+def test_rel_diff_from_sums():
+    assert rel_diff_from_sums(torch.tensor([1.0, 4.0])).item() == 0.25
+    assert rel_diff_from_sums(torch.tensor([0.0, 0.0])).item() == math.inf
+    assert torch.isnan(rel_diff_from_sums(torch.tensor([math.nan, 2.0])))
+    with pytest.raises(ValueError, match="shape"):
+        rel_diff_from_sums(torch.ones(3))
+    with pytest.raises(TypeError):
+        rel_diff_from_sums([1.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    "a, b, error, match",
+    [
+        (torch.ones(0), torch.ones(0), ValueError, "empty"),
+        (torch.ones(2, 3), torch.ones(3, 2), ValueError, "shape"),
+        (torch.ones(3), torch.ones(3, dtype=torch.float16), ValueError, "dtype"),
+        (torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), ValueError, "dtype"),
+        (torch.ones(3, dtype=torch.int32), torch.ones(3, dtype=torch.int32), ValueError, "dtype"),
+        (torch.ones(3), torch.ones(3, device="meta"), ValueError, "meta"),
+        (torch.ones(3), [1.0, 1.0, 1.0], TypeError, "b must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise(a, b, error, match):
+    with pytest.raises(error, match=match):
+        absmean_sums(a, b)
+    with pytest.raises(error, match=match):
+        absmean_rel_diff(a, b)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 10, generator=gen)
+    b = torch.randn(10, 6, generator=gen).t()
+    torch.library.opcheck(torch.ops.fastcache.absmean_sums.default, (a, b))
+    torch.library.opcheck(absmean_mod.interpreter_test_op(), (a.half(), b.half()))
+
+
+def test_outputs_do_not_alias_inputs():
+    a = torch.randn(4, 4)
+    out = absmean_sums(a, a)
+    assert out.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
