@@ -1,0 +1,166 @@
+"""Engine benchmark: the reference DiT, compiled with fullgraph=True, uncached vs each method.
+
+For every setting: wall time per generation (median over repeats, compile excluded, settings timed
+round-robin so that load drifts hit all of them alike), the share of the model's FLOPs computed, the ideal
+speedup (1 / share), the measured speedup vs uncached compiled, and efficiency = measured / ideal.
+
+    python bench/bench_engine.py                 # CPU, writes bench/results/engine_cpu.{json,md}
+    python bench/bench_engine.py --device cuda   # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._dynamo.utils import counters
+
+import fastcache
+from fastcache.models.dit import DiT, DiTConfig, cfg_inputs, sampling_timesteps
+from fastcache.protocol import forward
+
+NULL = 10
+
+
+def settings() -> dict[str, Any]:
+    return {
+        "uncached": None,
+        "PAB spatial N=2": fastcache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                                                     spatial_attention_timestep_skip_range=(0, 1000)),
+        "PAB spatial 3, cross 3": fastcache.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=3, cross_attention_block_skip_range=3,
+            spatial_attention_timestep_skip_range=(0, 1000), cross_attention_timestep_skip_range=(0, 1000)),
+        "FasterCache defaults": fastcache.FasterCacheConfig(tensor_format="BCHW"),
+        "FasterCache uncond N=2, wide ranges": fastcache.FasterCacheConfig(
+            tensor_format="BCHW", unconditional_batch_skip_range=2, unconditional_batch_timestep_skip_range=(0, 1000),
+            spatial_attention_timestep_skip_range=(0, 1000)),
+        "FBC threshold 0.05": fastcache.FirstBlockCacheConfig(threshold=0.05),
+        "FBC threshold 0.2": fastcache.FirstBlockCacheConfig(threshold=0.2),
+    }
+
+
+def build_model(device: str) -> DiT:
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(in_channels=4, sample_size=32, patch_size=2, hidden_size=256, num_heads=4, depth=8))
+    with torch.no_grad():  # random weights with live adaLN gates (zero-init would make blocks identities)
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model.eval().to(device)
+
+
+def make_generate(model: DiT, config: Any, x0: torch.Tensor, labels: torch.Tensor, steps: int,
+                  ) -> tuple[Callable[[], torch.Tensor], Callable[[], float]]:
+    """A compiled CFG Euler generation and a function giving the computed FLOP share of the last run."""
+    timesteps = sampling_timesteps(steps, x0.device)
+    first = cfg_inputs(x0, timesteps[0], labels, NULL)
+    if config is None:
+        compiled = torch.compile(lambda inputs: forward(model, inputs), fullgraph=True)
+        step: Callable = lambda state, inputs, decision: (compiled(inputs), state)  # noqa: E731
+        init: Callable = lambda: None  # noqa: E731
+        plan: list = [None] * steps
+        fraction: Callable[[Any], float] = lambda state: 1.0  # noqa: E731
+    else:
+        method = fastcache.make(config)
+        compiled = torch.compile(lambda s, i, d: method.step(model, s, i, d), fullgraph=True)
+        step, init = compiled, (lambda: method.init(model, first))
+        plan = method.plan(timesteps)
+        fraction = lambda state: method.computed_fraction(model, first, plan, state)  # noqa: E731
+    last: dict[str, Any] = {}
+
+    def generate() -> torch.Tensor:
+        x, state = x0, init()
+        for i in range(steps):
+            out, state = step(state, cfg_inputs(x, timesteps[i], labels, NULL), plan[i])
+            u, c = out.chunk(2)
+            t_next = timesteps[i + 1] if i + 1 < steps else torch.zeros((), device=x.device)
+            x = x + (t_next - timesteps[i]) / 1000 * (u + 4.0 * (c - u))
+        last["state"] = state
+        return x
+
+    return generate, lambda: fraction(last["state"])
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+
+    model = build_model(args.device)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(args.batch, 4, 32, 32, generator=g).to(args.device)
+    labels = torch.arange(args.batch).to(args.device) % 10
+    rows: dict[str, dict[str, Any]] = {}
+    runs = {}
+    # Every setting's compiled step shares one code object here, and each planned step variant is one cache
+    # entry: 14 in all, over dynamo's default limit of 8 per code object (a bench setting, not a library one).
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
+        for name, config in settings().items():
+            counters.clear()
+            generate, fraction = make_generate(model, config, x0, labels, args.steps)
+            start = time.perf_counter()
+            generate()  # warm-up: compiles every step variant
+            sync(args.device)
+            rows[name] = {"compile_s": time.perf_counter() - start,
+                          "graphs": counters["stats"]["unique_graphs"],
+                          "graph_breaks": sum(counters["graph_break"].values()),
+                          "times_s": []}
+            runs[name] = (generate, fraction)
+            print(f"compiled {name}: {rows[name]['compile_s']:.1f} s, {rows[name]['graphs']} graphs", file=sys.stderr)
+        for _ in range(args.repeats):  # round-robin: noise on a shared machine hits every setting alike
+            for name, (generate, _) in runs.items():
+                sync(args.device)
+                start = time.perf_counter()
+                generate()
+                sync(args.device)
+                rows[name]["times_s"].append(time.perf_counter() - start)
+    base = statistics.median(rows["uncached"]["times_s"])
+    for name, (_, fraction) in runs.items():
+        row = rows[name]
+        row["median_s"] = statistics.median(row["times_s"])
+        row["fraction"] = fraction()
+        row["ideal_speedup"] = 1 / row["fraction"]
+        row["speedup"] = base / row["median_s"]
+        row["efficiency"] = row["speedup"] / row["ideal_speedup"]
+    meta = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+        "cpu_count": torch.get_num_threads(), "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "steps": args.steps, "repeats": args.repeats, "batch": args.batch,
+        "model": "DiT 256 wide, 8 blocks, 32x32x4, patch 2 (256 tokens), CFG batch 2x", "date": time.strftime("%F"),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"engine_{args.device}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [f"# Engine benchmark ({args.device})", "", "`python bench/bench_engine.py"
+             + (" --device cuda" if args.device == "cuda" else "") + "`", "",
+             " | ".join(f"{k}: {v}" for k, v in meta.items()), "",
+             "| setting | FLOPs computed | ideal speedup | median s/generation | speedup | efficiency | graphs | "
+             "graph breaks | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['fraction']:.3f} | {r['ideal_speedup']:.2f}x | {r['median_s']:.3f} | "
+                     f"{r['speedup']:.2f}x | {r['efficiency']:.2f} | {r['graphs']} | {r['graph_breaks']} | "
+                     f"{r['compile_s']:.1f} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
