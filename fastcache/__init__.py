@@ -8,6 +8,14 @@
 """
 
 from fastcache.control import branch
+from fastcache.diffusers import (
+    apply_faster_cache,
+    apply_first_block_cache,
+    apply_pyramid_attention_broadcast,
+    cache_context,
+    disable_cache,
+    enable_cache,
+)
 from fastcache.engine import CacheMethod, Plan, make, trace
 from fastcache.methods.faster_cache import FasterCacheConfig, FasterCacheDecision, FasterCacheState
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig, FirstBlockCacheState
@@ -33,7 +41,13 @@ __all__ = [
     "PABState",
     "Plan",
     "PyramidAttentionBroadcastConfig",
+    "apply_faster_cache",
+    "apply_first_block_cache",
+    "apply_pyramid_attention_broadcast",
     "branch",
+    "cache_context",
+    "disable_cache",
+    "enable_cache",
     "make",
     "trace",
 ]

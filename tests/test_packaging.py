@@ -1,5 +1,6 @@
 """Import hygiene: `fastcache.kernels` comes from the repo's kernels/ folder, no top-level `kernels` is
-shipped, and importing fastcache (and its diffusers front door) does not import diffusers and changes no global torch setting."""
+shipped, and importing fastcache (and its diffusers front door) does not import diffusers and changes no
+global torch setting."""
 
 from __future__ import annotations
 

@@ -1,0 +1,244 @@
+"""The drop-in front door: diffusers' cache entry points, with fastcache's graph-safe engine behind them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from fastcache.diffusers._families import family_of
+from fastcache.diffusers._runtime import BATCHED_KWARGS, SESSION_ATTR, Session, install
+from fastcache.methods.faster_cache import TENSOR_FORMATS, FasterCacheConfig
+from fastcache.methods.first_block_cache import FirstBlockCacheConfig
+from fastcache.methods.pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
+
+FASTCACHE_CONFIGS = (PyramidAttentionBroadcastConfig, FasterCacheConfig, FirstBlockCacheConfig)
+_BY_DIFFUSERS_NAME = {cls.__name__: cls for cls in FASTCACHE_CONFIGS}
+# diffusers' FasterCache weight callbacks take the module and return a Python float: a compiled forward
+# would guard on that float (a recompile per new value), so they are refused rather than silently dropped.
+_MODULE_CALLBACKS = ("attention_weight_callback", "low_frequency_weight_callback", "high_frequency_weight_callback")
+
+
+# -- configs ------------------------------------------------------------------------------------------------
+
+def to_fastcache_config(config: Any) -> Any:
+    """fastcache's config for `config`: returned as is, or translated field by field from diffusers' own."""
+    if isinstance(config, FASTCACHE_CONFIGS):
+        return config
+    cls = type(config)
+    target = _BY_DIFFUSERS_NAME.get(cls.__name__) if cls.__module__.startswith("diffusers") else None
+    if target is None or not dataclasses.is_dataclass(config):
+        names = ", ".join(c.__name__ for c in FASTCACHE_CONFIGS)
+        raise TypeError(f"config: fastcache supports {names} (fastcache's or diffusers' own), "
+                        f"got {cls.__module__}.{cls.__name__}")
+    known = {f.name for f in dataclasses.fields(target)}
+    kwargs = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "_unconditional_conditional_input_kwargs_identifiers":
+            # the family table knows each model's batched inputs; accept diffusers' default and the one
+            # extension its users need (SD3's pooled_projections)
+            if tuple(value) not in (BATCHED_KWARGS, (*BATCHED_KWARGS, "pooled_projections")):
+                raise ValueError(f"config.{f.name}: fastcache splits diffusers' default batched inputs "
+                                 f"{BATCHED_KWARGS}, got {tuple(value)}")
+            continue
+        if f.name in _MODULE_CALLBACKS and value is not None:
+            raise ValueError(f"config.{f.name}: diffusers' callbacks take the module and return a Python "
+                             "float, which torch.compile guards on; use fastcache.FasterCacheConfig, whose "
+                             "callbacks take the timestep tensor")
+        if f.name not in known:
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if value != default:
+                raise ValueError(f"config.{f.name}: not supported by fastcache ({cls.__name__}), got {value!r}")
+            continue
+        kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    return target(**kwargs)
+
+
+# -- targets ------------------------------------------------------------------------------------------------
+
+def _is_pipeline(obj: Any) -> bool:
+    return not isinstance(obj, nn.Module) and hasattr(obj, "components") and hasattr(obj, "transformer")
+
+
+def _unwrap(model: Any) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # a torch.compile'd module: the module it wraps
+
+
+def _check_not_cached_by_diffusers(model: nn.Module) -> None:
+    if getattr(model, "_cache_config", None) is not None:
+        raise ValueError(f"model: {type(model).__name__} already has diffusers' own cache hooks "
+                         f"({type(model._cache_config).__name__}); call its disable_cache() first")
+    for name, module in model.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and getattr(registry, "hooks", None):
+            raise ValueError(f"model: module {name or type(model).__name__!r} has diffusers hooks "
+                             f"({', '.join(registry.hooks)}); remove them before enabling fastcache")
+
+
+def _check_applicable(model: nn.Module, config: Any) -> None:
+    family = family_of(model)
+    name = type(model).__name__
+    if not family.temporal and isinstance(config, (PyramidAttentionBroadcastConfig, FasterCacheConfig)):
+        if config.skip_range("temporal") is not None:
+            raise ValueError(f"config.temporal_attention_block_skip_range: {name} has no temporal attention, "
+                             f"got {config.skip_range('temporal')}")
+    if isinstance(config, FasterCacheConfig) and not config.is_guidance_distilled:
+        if not family.cfg_batched:
+            raise ValueError(f"config: FasterCache skips the unconditional half of a batched [uncond; cond] "
+                             f"call, but {name}'s pipelines run CFG as separate passes; use "
+                             "is_guidance_distilled=True (attention approximation only)")
+        if family.layout is None:
+            raise ValueError(f"config.tensor_format: {name} returns tokens last (B, S, C), which FasterCache's "
+                             f"frequency split does not support (allowed: {', '.join(TENSOR_FORMATS)})")
+        if config.tensor_format != family.layout:
+            raise ValueError(f"config.tensor_format: {name} returns {family.layout}, got "
+                             f"{config.tensor_format!r}")
+
+
+def _session(model: Any) -> Session | None:
+    return _unwrap(model).__dict__.get(SESSION_ATTR)
+
+
+def enable_cache(model_or_pipeline: Any, config: Any) -> None:
+    """Enable a cache method on a diffusers transformer, or on a pipeline's transformer.
+
+    Args:
+        model_or_pipeline: a supported diffusers transformer (see `SUPPORTED_MODELS`), possibly wrapped by
+            torch.compile, or a pipeline with a `transformer` component. With a pipeline every call of the
+            pipeline also starts from fresh cache states (and restores the previous ones at its end).
+        config: fastcache's or diffusers' `PyramidAttentionBroadcastConfig`, `FasterCacheConfig` or
+            `FirstBlockCacheConfig`.
+
+    Raises:
+        ValueError / TypeError: already enabled, cached by diffusers' hooks, unknown model class, a method or
+            field the model cannot support. Nothing is left half-enabled.
+
+    Example:
+        >>> fastcache.enable_cache(pipe, FirstBlockCacheConfig(threshold=0.1))
+        >>> pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)
+        >>> image = pipe(prompt_embeds=..., pooled_prompt_embeds=...).images[0]
+    """
+    if _is_pipeline(model_or_pipeline):
+        pipe = model_or_pipeline
+        if type(pipe).__dict__.get("_fastcache_scoped"):
+            raise ValueError(f"pipeline: fastcache is already enabled on this {type(pipe).__name__}")
+        model = _unwrap(pipe.transformer)
+        session = _session(model)
+        fc_config = to_fastcache_config(config)
+        if session is None:
+            enable_cache(model, fc_config)
+            session = _session(model)
+        elif session.config != fc_config:  # a second pipeline sharing the transformer: same method only
+            raise ValueError("pipeline: its transformer already has fastcache enabled with a different config "
+                             f"({type(session.config).__name__}); disable it first")
+        _scope_pipeline(pipe, session)
+        return
+    model = _unwrap(model_or_pipeline)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_or_pipeline: expected a diffusers transformer or pipeline, "
+                        f"got {type(model_or_pipeline).__name__}")
+    if _session(model) is not None:
+        raise ValueError(f"model: fastcache is already enabled on this {type(model).__name__}; "
+                         "call fastcache.disable_cache first")
+    family = family_of(model)
+    config = to_fastcache_config(config)
+    _check_not_cached_by_diffusers(model)
+    _check_applicable(model, config)
+    session = Session(model, family, config)
+    install(session)
+    # Instance attributes (not class patches): the pipelines' `transformer.cache_context(name)` and their
+    # end-of-call `_reset_stateful_cache()` reach fastcache's session.
+    model.__dict__[SESSION_ATTR] = session
+    model.__dict__["cache_context"] = lambda name, **kwargs: session.context(name)
+    model.__dict__["_reset_stateful_cache"] = lambda recurse=True: session.reset()
+
+
+def disable_cache(model_or_pipeline: Any) -> None:
+    """Remove every wrapper, instance attribute and state fastcache added; the forward is the original."""
+    if _is_pipeline(model_or_pipeline):
+        pipe = model_or_pipeline
+        base = type(pipe).__dict__.get("_fastcache_base")
+        if base is not None:
+            pipe.__class__ = base
+        model = _unwrap(pipe.transformer)
+        if _session(model) is not None:
+            disable_cache(model)
+        return
+    model = _unwrap(model_or_pipeline)
+    session = _session(model)
+    if session is None:
+        raise ValueError(f"model: fastcache is not enabled on this {type(model).__name__}")
+    session.unwrap_all()
+    for attr in (SESSION_ATTR, "cache_context", "_reset_stateful_cache"):
+        model.__dict__.pop(attr, None)
+
+
+def cache_context(model: Any, name: str | None) -> Any:
+    """`with fastcache.cache_context(transformer, "cond"):` selects the named state (same as
+    `transformer.cache_context("cond")` once fastcache is enabled)."""
+    session = _session(model)
+    if session is None:
+        raise ValueError(f"model: fastcache is not enabled on this {type(_unwrap(model)).__name__}")
+    return session.context(name)
+
+
+def reset_cache(model_or_pipeline: Any) -> None:
+    """Forget every context state of the current scope (the next call of each context starts afresh)."""
+    target = model_or_pipeline.transformer if _is_pipeline(model_or_pipeline) else model_or_pipeline
+    session = _session(target)
+    if session is None:
+        raise ValueError(f"model: fastcache is not enabled on this {type(_unwrap(target)).__name__}")
+    session.reset()
+
+
+def cache_state(model: Any, name: str | None = None) -> dict | None:
+    """The state of context `name` (a dict of tensors), for inspection: counters, FBC's `skipped`..."""
+    session = _session(model)
+    return None if session is None else session.state(name)
+
+
+# -- pipelines: one fresh scope per call --------------------------------------------------------------------
+
+_SCOPED_CLASSES: dict[type, type] = {}
+
+
+def _scope_pipeline(pipe: Any, session: Session) -> None:
+    base = type(pipe)
+    scoped = _SCOPED_CLASSES.get(base)
+    if scoped is None:
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with _session(self.transformer).scope():
+                return base.__call__(self, *args, **kwargs)
+
+        # Same name and module as the pipeline's class, so logs and save_pretrained are unchanged.
+        scoped = type(base.__name__, (base,), {"__call__": __call__, "_fastcache_scoped": True,
+                                                "_fastcache_base": base, "__module__": base.__module__})
+        _SCOPED_CLASSES[base] = scoped
+    pipe.__class__ = scoped
+    session.pipelines.append(pipe)
+
+
+# -- diffusers' own function names --------------------------------------------------------------------------
+
+def _apply(module: Any, config: Any, expected: str) -> None:
+    fc = to_fastcache_config(config)
+    if type(fc).__name__ != expected:
+        raise TypeError(f"config: expected a {expected}, got {type(config).__name__}")
+    enable_cache(module, fc)
+
+
+def apply_pyramid_attention_broadcast(module: Any, config: Any) -> None:
+    """diffusers' `apply_pyramid_attention_broadcast(module, config)`, graph-safe."""
+    _apply(module, config, "PyramidAttentionBroadcastConfig")
+
+
+def apply_faster_cache(module: Any, config: Any) -> None:
+    """diffusers' `apply_faster_cache(module, config)`, graph-safe."""
+    _apply(module, config, "FasterCacheConfig")
+
+
+def apply_first_block_cache(module: Any, config: Any) -> None:
+    """diffusers' `apply_first_block_cache(module, config)`, graph-safe."""
+    _apply(module, config, "FirstBlockCacheConfig")

@@ -1,0 +1,94 @@
+"""What fastcache needs to know about each diffusers transformer family: a table, no forward code.
+
+A family entry names the model's block lists (grouped into segments that run back to back on the same
+streams), how its `timestep` argument maps to the 0..1000 convention of the timestep ranges, the layout of
+its output (for FasterCache's frequency split), whether its pipelines batch CFG as [uncond; cond], and
+whether it has temporal attention. A block entry says where a block class returns its streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class BlockIO:
+    """Where a block returns its streams: tuple indices, or None for `hidden` when it returns a tensor."""
+
+    hidden: int | None
+    encoder: int | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    model_class: str
+    # Block lists grouped in segments. Blocks of one segment run back to back (in any interleaving) on the
+    # same streams, so a skipped segment is `streams + residual`; code between segments (Flux2 concatenates
+    # its text and image streams before the single blocks) keeps running and gets its own residual.
+    segments: tuple[tuple[str, ...], ...]
+    # t_0..1000 = scale * timestep_argument + offset (Flux passes t / 1000, Mochi passes 1000 - t)
+    timestep_scale: float = 1.0
+    timestep_offset: float = 0.0
+    layout: str | None = None  # "BCHW" | "BCFHW" | "BFCHW"; None: tokens last (no frequency split)
+    cfg_batched: bool = False  # its pipelines run CFG as one [uncond; cond] batch
+    temporal: bool = False  # has temporal attention sites
+    # FirstBlockCache: every block is its own segment (Latte reshapes the stream between its interleaved
+    # spatial and temporal blocks, so a residual only makes sense per block)
+    per_block_segments: bool = False
+    # FasterCache: batched inputs beyond diffusers' default names (SD3's pooled text embedding)
+    extra_batched_kwargs: tuple[str, ...] = ()
+
+    def timestep(self, value: Tensor) -> Tensor:
+        """The current timestep as a 0-dim fp32 tensor, 0..1000; no host sync."""
+        t = value.reshape(-1)[0].float() if value.dim() else value.float()
+        return t * self.timestep_scale + self.timestep_offset
+
+
+FAMILIES: dict[str, Family] = {f.model_class: f for f in (
+    Family("FluxTransformer2DModel", (("transformer_blocks", "single_transformer_blocks"),), 1000.0),
+    Family("Flux2Transformer2DModel", (("transformer_blocks",), ("single_transformer_blocks",)), 1000.0),
+    Family("CogVideoXTransformer3DModel", (("transformer_blocks",),), layout="BFCHW", cfg_batched=True),
+    Family("HunyuanVideoTransformer3DModel", (("transformer_blocks", "single_transformer_blocks"),),
+           layout="BCFHW"),
+    Family("WanTransformer3DModel", (("blocks",),), layout="BCFHW"),
+    Family("LTXVideoTransformer3DModel", (("transformer_blocks",),), cfg_batched=True),
+    Family("MochiTransformer3DModel", (("transformer_blocks",),), -1.0, 1000.0, layout="BCFHW",
+           cfg_batched=True),
+    Family("LatteTransformer3DModel", (("transformer_blocks", "temporal_transformer_blocks"),),
+           layout="BCFHW", cfg_batched=True, temporal=True, per_block_segments=True),
+    Family("AllegroTransformer3DModel", (("transformer_blocks",),), layout="BCFHW", cfg_batched=True),
+    Family("CogView4Transformer2DModel", (("transformer_blocks",),), layout="BCHW"),
+    Family("SD3Transformer2DModel", (("transformer_blocks",),), layout="BCHW", cfg_batched=True,
+           extra_batched_kwargs=("pooled_projections",)),
+    Family("QwenImageTransformer2DModel", (("transformer_blocks",),), 1000.0),
+)}
+
+BLOCKS: dict[str, BlockIO] = {
+    "FluxTransformerBlock": BlockIO(1, 0),
+    "FluxSingleTransformerBlock": BlockIO(1, 0),
+    "Flux2TransformerBlock": BlockIO(1, 0),
+    "Flux2SingleTransformerBlock": BlockIO(None),
+    "CogVideoXBlock": BlockIO(0, 1),
+    "HunyuanVideoTransformerBlock": BlockIO(0, 1),
+    "HunyuanVideoSingleTransformerBlock": BlockIO(0, 1),
+    "WanTransformerBlock": BlockIO(None),
+    "LTXVideoTransformerBlock": BlockIO(None),
+    "MochiTransformerBlock": BlockIO(0, 1),
+    "BasicTransformerBlock": BlockIO(None),  # Latte, spatial and temporal
+    "AllegroTransformerBlock": BlockIO(None),
+    "CogView4TransformerBlock": BlockIO(0, 1),
+    "JointTransformerBlock": BlockIO(1, 0),
+    "QwenImageTransformerBlock": BlockIO(1, 0),
+}
+
+
+def family_of(model: torch.nn.Module) -> Family:
+    name = type(model).__name__
+    family = FAMILIES.get(name)
+    if family is None:
+        raise TypeError(f"model: fastcache has no adapter for {name}; supported diffusers transformers: "
+                        f"{', '.join(sorted(FAMILIES))}")
+    return family

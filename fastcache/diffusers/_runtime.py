@@ -1,0 +1,563 @@
+"""The drop-in at run time: one session per transformer, instance-level forward wrappers, tensor state.
+
+Why it compiles with `fullgraph=True`: every per-step value the wrappers read inside the forward is a
+tensor (the call counter, the timestep taken from the model's own `timestep` argument, cached outputs,
+residuals), decisions are the engine's `decide` rules evaluated on those tensors, and skipping is
+`fastcache.control.branch` (`torch.cond`: the branch not taken does not run). The only Python values the
+compiled forward reads are structural (whether the active context already has a state), so a context's
+first call compiles one graph and every later call of any context reuses a second one.
+
+Context switching (`cache_context`) and pipeline scopes run eagerly, outside the compiled forward: they swap
+which state the single `slot` holds, so the context name itself is never read (and never guarded on)
+inside the graph. No branch of a `torch.cond` mutates Python state: wrappers store results after it returns.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from fastcache import kernels
+from fastcache.control import branch, select
+from fastcache.diffusers._families import BLOCKS, BlockIO, Family
+from fastcache.methods import faster_cache, pyramid_attention_broadcast
+from fastcache.methods.faster_cache import FasterCacheConfig
+from fastcache.methods.first_block_cache import FirstBlockCacheConfig
+from fastcache.methods.pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
+
+SESSION_ATTR = "_fastcache_session"
+# diffusers' names for the batched [uncond; cond] inputs of the denoiser (FasterCache cuts them in half)
+BATCHED_KWARGS = ("hidden_states", "encoder_hidden_states", "timestep", "attention_mask", "encoder_attention_mask")
+
+
+# -- small helpers on call arguments ---------------------------------------------------------------------
+
+def _positions(module: nn.Module) -> dict[str, int]:
+    params = list(inspect.signature(type(module).forward).parameters)[1:]  # drop self
+    return {name: index for index, name in enumerate(params)}
+
+
+def _arg(positions: dict[str, int], name: str, args: tuple, kwargs: dict) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    index = positions.get(name)
+    return args[index] if index is not None and index < len(args) else None
+
+
+def _split_tensors(args: tuple, kwargs: dict) -> tuple[tuple[Tensor, ...], Callable[[tuple], tuple]]:
+    """The tensor leaves of (args, kwargs), and how to put other tensors in their place (for torch.cond)."""
+    leaves, spec = tree_flatten((args, kwargs))
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+
+    def rebuild(tensors: tuple) -> tuple:
+        new = list(leaves)
+        for i, t in zip(where, tensors):
+            new[i] = t
+        return tree_unflatten(new, spec)
+
+    return tuple(leaves[i] for i in where), rebuild
+
+
+def _dense(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A torch.cond branch whose tensor outputs are contiguous: the two branches of a cond must agree on
+    strides, and a block's outputs are often views (Flux slices its joint stream) while a reused or
+    passed-through value has its input's strides (torch 2.13 fails merging them: KeyError in _bound_stride)."""
+    def wrapped(*args: Any) -> Any:
+        out = fn(*args)
+        if sum(isinstance(x, Tensor) for x in tree_flatten(out)[0]) > 1:
+            # several outputs may be views of one tensor (CogVideoX splits its joint attention output),
+            # which cond refuses as output aliasing: give each its own storage
+            return tree_map(lambda x: x.clone(memory_format=torch.contiguous_format)
+                            if isinstance(x, Tensor) else x, out)
+        return tree_map(lambda x: _canonical(x) if isinstance(x, Tensor) else x, out)
+
+    return wrapped
+
+
+def _own(tree: Any) -> Any:
+    """A stored copy whose tensors share no storage: a tuple output is often views of one tensor
+    (CogVideoX splits its joint attention output), and such state would reach the next call's torch.cond
+    as aliasing operands, which it refuses."""
+    if sum(isinstance(x, Tensor) for x in tree_flatten(tree)[0]) > 1:
+        return tree_map(lambda x: x.clone(memory_format=torch.contiguous_format)
+                        if isinstance(x, Tensor) else x, tree)
+    return tree
+
+
+def _canonical(x: Tensor) -> Tensor:
+    # `.contiguous()` is not enough: it keeps the stride of a size-1 dim, which cond also compares
+    expected, step = [], 1
+    for size in reversed(x.shape):
+        expected.append(step)
+        step *= size
+    if tuple(x.stride()) == tuple(reversed(expected)):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], operands: tuple) -> Any:
+    if isinstance(pred, bool):
+        return branch(pred, true_fn, false_fn, operands)
+    if not torch.compiler.is_compiling():
+        # eager: one host read is cheaper than eager torch.cond, which traces its branches on every call
+        # (measured 2-10x slower per generation on the tiny models)
+        return branch(bool(pred), true_fn, false_fn, operands)
+    return branch(pred, _dense(true_fn), _dense(false_fn), operands)
+
+
+def _add(a: Any, b: Any) -> Any:
+    return None if a is None or b is None else a + b
+
+
+def _sub(a: Any, b: Any) -> Any:
+    return None if a is None or b is None else a - b
+
+
+@dataclass
+class Slot:
+    """The active context's state; `cache_context` swaps it eagerly, the compiled forward reads/writes it."""
+
+    state: Any = None
+
+
+@dataclass
+class Scratch:
+    """Values passed between wrappers within one forward (set and read at the top level of the graph)."""
+
+    state: Any = None
+    new: dict = field(default_factory=dict)
+    decision: Any = None
+    skip: Any = False  # FirstBlockCache: bool or 0-dim bool tensor
+    starts: dict = field(default_factory=dict)
+
+
+class Session:
+    """Everything fastcache attached to one transformer; `disable_cache` undoes exactly this."""
+
+    def __init__(self, model: nn.Module, family: Family, config: Any) -> None:
+        self.model = model
+        self.family = family
+        self.config = config
+        self.slot = Slot()
+        self.scratch = Scratch()
+        self.scopes: list[dict[str | None, Any]] = [{}]
+        self.active: str | None = None
+        self.wrapped: list[tuple[nn.Module, bool, Any]] = []  # (module, had own forward, previous)
+        self.sites: dict[str, str] = {}  # attention module name -> kind
+        self.pipelines: list[Any] = []
+
+    # -- installing wrappers --
+    def wrap(self, module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        had = "forward" in module.__dict__
+        previous = module.__dict__.get("forward")
+        original = module.forward
+        module.forward = make(original)
+        self.wrapped.append((module, had, previous))
+
+    def unwrap_all(self) -> None:
+        for module, had, previous in reversed(self.wrapped):
+            if had:
+                module.forward = previous
+            else:
+                del module.forward
+        self.wrapped.clear()
+
+    # -- contexts and scopes (eager) --
+    def _store(self) -> None:
+        self.scopes[-1][self.active] = self.slot.state
+
+    def _load(self, name: str | None) -> None:
+        self.active = name
+        self.slot.state = self.scopes[-1].get(name)
+
+    @contextmanager
+    def context(self, name: str | None) -> Iterator[None]:
+        previous = self.active
+        self._store()
+        self._load(name)
+        try:
+            yield
+        finally:
+            self._store()
+            self._load(previous)
+
+    @contextmanager
+    def scope(self) -> Iterator[None]:
+        """A fresh set of context states for one pipeline call; the outer set comes back afterwards."""
+        self._store()
+        previous = self.active
+        self.scopes.append({})
+        self._load(None)
+        try:
+            yield
+        finally:
+            self.scopes.pop()
+            self._load(previous)
+
+    def reset(self) -> None:
+        self.scopes[-1] = {}
+        self.slot.state = None
+
+    def state(self, name: str | None) -> Any:
+        """The state of a context in the current scope (for inspection and tests)."""
+        self._store()
+        return self.scopes[-1].get(name)
+
+
+# -- attention classification (diffusers' rule: identifiers searched in module names, cross flag) -----------
+
+def classify_sites(model: nn.Module, config: Any) -> dict[str, tuple[nn.Module, str]]:
+    from diffusers.hooks._common import _ATTENTION_CLASSES
+
+    kinds = ("spatial", "temporal", "cross") if isinstance(config, PyramidAttentionBroadcastConfig) else (
+        "spatial", "temporal")
+    enabled = [k for k in kinds if config.skip_range(k) is not None]
+    prefilter = None
+    if isinstance(config, FasterCacheConfig):
+        prefilter = faster_cache.SPATIAL_IDENTIFIERS + faster_cache.TEMPORAL_IDENTIFIERS
+    sites: dict[str, tuple[nn.Module, str]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, _ATTENTION_CLASSES):
+            continue
+        if prefilter is not None and not any(re.search(p, name) for p in prefilter):
+            continue
+        cross = bool(getattr(module, "is_cross_attention", False))
+        for kind in enabled:  # precedence: spatial, temporal, cross
+            idents = getattr(config, f"{kind}_attention_block_identifiers")
+            if any(re.search(p, name) for p in idents) and cross == (kind == "cross"):
+                sites[name] = (module, kind)
+                break
+    return sites
+
+
+# -- the wrappers -------------------------------------------------------------------------------------------
+
+def _output_tensor(out: Any) -> Tensor:
+    return out if isinstance(out, Tensor) else out[0]
+
+
+def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The transformer's forward: read the active state, run the method, store the new state."""
+    model, family, config = session.model, session.family, session.config
+    positions = _positions(model)
+    slot, scratch = session.slot, session.scratch
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            state = slot.state
+            timestep = _arg(positions, "timestep", args, kwargs)
+            if not isinstance(timestep, Tensor):
+                timestep = torch.as_tensor(timestep if timestep is not None else 0.0)
+            t = family.timestep(timestep)
+            scratch.state, scratch.new = state, {}
+            if isinstance(config, FasterCacheConfig):
+                out, new = _faster_cache_forward(session, original, positions, state, t, args, kwargs)
+            else:
+                if isinstance(config, PyramidAttentionBroadcastConfig):
+                    scratch.decision = (None if state is None
+                                        else pyramid_attention_broadcast.decide(config, state["count"], t))
+                else:
+                    scratch.skip, scratch.starts = False, {}
+                out = original(*args, **kwargs)
+                new = dict(scratch.new)
+            count = (torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["count"])
+            new["count"] = count + 1
+            # canonical strides for every state tensor: the next call guards on them (a size-1 batch dim
+            # keeps arbitrary strides, which recompiled FasterCache twice), and inductor asserts them
+            slot.state = tree_map(lambda x: _canonical(x) if isinstance(x, Tensor) else x, new)
+            scratch.state, scratch.new, scratch.decision = None, {}, None
+            return out
+
+        return forward
+
+    return make
+
+
+def pab_wrapper(session: Session, name: str, kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    scratch = session.scratch
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            state = scratch.state
+            if state is None:  # the first call of a context computes (diffusers: the cache is empty)
+                out = original(*args, **kwargs)
+                scratch.new.setdefault("cache", {})[name] = _own(out)
+                return out
+            else:
+                _prewarm(original)
+                tensors, rebuild = _split_tensors(args, kwargs)
+                out = _cond(getattr(scratch.decision, kind),
+                             lambda cached, *ts: _call(original, rebuild(ts)),
+                             lambda cached, *ts: cached,
+                             (state["cache"][name], *tensors))
+            scratch.new.setdefault("cache", {})[name] = out
+            return out
+
+        return forward
+
+    return make
+
+
+def _prewarm(original: Callable[..., Any]) -> None:
+    # diffusers' attention forwards call inspect.signature(self.processor.__call__); dynamo traces that at
+    # the top level of a graph but not first inside a torch.cond branch (torch 2.13: "'Signature' object
+    # has no attribute '_parameters'"), so evaluate it once before entering the branch.
+    processor = getattr(getattr(original, "__self__", None), "processor", None)
+    if processor is not None:
+        inspect.signature(processor.__call__)
+
+
+def _call(fn: Callable[..., Any], args_kwargs: tuple) -> Any:
+    args, kwargs = args_kwargs
+    return fn(*args, **kwargs)
+
+
+# -- FirstBlockCache ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockRole:
+    segment: int
+    head: bool  # the model's first block: always runs, decides
+    first: bool  # first block of its segment (records the segment's input)
+    last: bool  # last block of its segment (adds the segment's residual on a skip)
+
+
+def _streams(io: BlockIO, out: Any) -> tuple:
+    if io.hidden is None:
+        return (out,)
+    return (out[io.hidden], out[io.encoder] if io.encoder is not None else None)
+
+
+def _input_streams(io: BlockIO, positions: dict[str, int], args: tuple, kwargs: dict) -> tuple:
+    hidden = _arg(positions, "hidden_states", args, kwargs)
+    if io.hidden is None:
+        return (hidden,)
+    return (hidden, _arg(positions, "encoder_hidden_states", args, kwargs))
+
+
+def _as_output(io: BlockIO, streams: tuple) -> Any:
+    if io.hidden is None:
+        return streams[0]
+    out = [None, None]
+    out[io.hidden] = streams[0]
+    out[io.encoder if io.encoder is not None else 1 - io.hidden] = streams[1]
+    return tuple(out)
+
+
+Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
+    scratch, config = session.scratch, session.config
+    io = BLOCKS[type(block).__name__]
+    positions = _positions(block)
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            state = scratch.state
+            inputs = _input_streams(io, positions, args, kwargs)
+            if role.head:
+                out = original(*args, **kwargs)
+                streams = _streams(io, out)
+                residual = streams[0] - inputs[0]
+                if state is None:
+                    scratch.skip, ref, ratio = False, residual, residual.new_full((), float("inf")).float()
+                    computed = torch.ones((), dtype=torch.int64, device=residual.device)
+                else:
+                    ratio = kernels.absmean_rel_diff(residual, state["ref"])
+                    # NaN never counts as small: compute (diffusers would skip on NaN)
+                    scratch.skip = ratio <= config.threshold
+                    ref = select(scratch.skip, state["ref"], residual)
+                    computed = state["num_computed"] + (~scratch.skip).long()
+                scratch.new.update(ref=ref, ratio=ratio, skipped=torch.as_tensor(scratch.skip),
+                                   num_computed=computed)
+                scratch.starts[role.segment] = streams
+                if not role.last:
+                    return out
+            else:
+                if role.first:
+                    scratch.starts[role.segment] = inputs
+                tensors, rebuild = _split_tensors(args, kwargs)
+                if not role.last:
+                    return _cond(scratch.skip, lambda *ts: _as_output(io, _input_streams(io, positions,
+                                                                                           *rebuild(ts))),
+                                  lambda *ts: _call(original, rebuild(ts)), tensors)
+            # the last block of a segment: on a skip, its input plus the segment's residual
+            start = scratch.starts[role.segment]
+            if role.head:  # a one-block first segment: its residual is empty
+                return out
+            old = None if state is None else state["res"][role.segment]
+
+            def compute(old: Any, start: Any, *ts: Tensor) -> tuple:
+                out = _call(original, rebuild(ts))
+                return out, tuple(_sub(o, s) for o, s in zip(_streams(io, out), start))
+
+            def reuse(old: Any, start: Any, *ts: Tensor) -> tuple:
+                streams = _input_streams(io, positions, *rebuild(ts))
+                return _as_output(io, tuple(_add(s, r) for s, r in zip(streams, old))), old
+
+            if state is None:
+                out, res = compute(None, start, *tensors)
+            else:
+                out, res = _cond(scratch.skip, reuse, compute, (old, start, *tensors))
+            scratch.new.setdefault("res", {})[role.segment] = res
+            return out
+
+        return forward
+
+    return make
+
+
+# -- FasterCache --------------------------------------------------------------------------------------------
+
+def fastercache_attention_wrapper(session: Session, name: str, kind: str) -> Callable[..., Any]:
+    scratch = session.scratch
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            # The conditional half runs first and records every site's window; a second call in the same
+            # forward is the unconditional half of a full step (inside torch.cond): plain attention, since
+            # the windows keep conditional halves only. (A membership test, not a mode flag: Python
+            # attribute writes around torch.cond are not reliably seen inside its branches.)
+            if name in scratch.new.get("windows", {}):
+                return original(*args, **kwargs)
+            state, decision = scratch.state, scratch.decision
+            if state is None:
+                out = original(*args, **kwargs)
+                # both slots hold the first output, as in diffusers, but as distinct tensors: an aliased
+                # pair would be guarded on and recompile the third call
+                window = (tree_map(torch.clone, out), _own(out))
+            else:
+                prev, last = state["windows"][name]
+                _prewarm(original)
+                tensors, rebuild = _split_tensors(args, kwargs)
+                out = _cond(getattr(decision, f"approx_{kind}"),
+                             lambda prv, lst, *ts: tree_map(
+                                 lambda x, y: kernels.extrapolate(x, y, decision.w_attention), lst, prv),
+                             lambda prv, lst, *ts: _call(original, rebuild(ts)),
+                             (prev, last, *tensors))
+                window = (last, out)
+            scratch.new.setdefault("windows", {})[name] = window
+            return out
+
+        return forward
+
+    return make
+
+
+def _halves(names: tuple[str, ...], args: tuple, kwargs: dict, batch: int) -> tuple[tuple, tuple]:
+    """(uncond, cond) halves of the batched inputs: positional tensors and diffusers' batched kwargs."""
+    def cut(value: Any, half: int) -> Any:
+        if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch:
+            return value[:batch // 2] if half == 0 else value[batch // 2:]
+        return value
+
+    out = []
+    for half in (0, 1):
+        a = tuple(cut(v, half) for v in args)
+        k = {n: cut(v, half) if n in names else v for n, v in kwargs.items()}
+        out.append((a, k))
+    return out[0], out[1]
+
+
+def _faster_cache_forward(session: Session, original: Callable[..., Any], positions: dict[str, int], state: Any,
+                          t: Tensor, args: tuple, kwargs: dict) -> tuple[Any, dict]:
+    config, scratch = session.config, session.scratch
+    return_dict = kwargs.pop("return_dict", True) if "return_dict" in positions else None
+    if return_dict is not None:
+        kwargs["return_dict"] = False
+    if state is None:  # planned-as-Python first call: compute both halves, seed every window
+        count = torch.zeros((), dtype=torch.int64, device=t.device)
+    else:
+        count = state["count"]
+    decision = faster_cache.decide(config, count, t)
+    if state is None:
+        decision = decision._replace(first=True, skip_uncond=False, approx_spatial=False, approx_temporal=False)
+    scratch.decision = decision
+
+    if config.is_guidance_distilled:
+        out = original(*args, **kwargs)
+        new = dict(scratch.new)
+        sample = _output_tensor(out)
+    else:
+        hidden = _arg(positions, "hidden_states", args, kwargs)
+        batch = hidden.shape[0]
+        (u_args, u_kwargs), (c_args, c_kwargs) = _halves(BATCHED_KWARGS + session.family.extra_batched_kwargs, args,
+                                                        kwargs, batch)
+        # The conditional half always runs, at the top level of the graph (its attention windows update
+        # there); the unconditional half runs inside torch.cond only on full steps, with plain attention.
+        cond = _output_tensor(original(*c_args, **c_kwargs))
+        new = dict(scratch.new)
+        u_tensors, rebuild = _split_tensors(u_args, u_kwargs)
+
+        def full(cond: Tensor, d_low: Tensor, d_high: Tensor, *ts: Tensor) -> tuple:
+            uncond = _output_tensor(_call(original, rebuild(ts)))
+            low, high = kernels.frequency_split((uncond - cond).float())
+            return uncond, low, high
+
+        def skip(cond: Tensor, d_low: Tensor, d_high: Tensor, *ts: Tensor) -> tuple:
+            return kernels.fastercache_uncond(cond, d_low, d_high, decision.w_low, decision.w_high)
+
+        if state is None:
+            zeros = torch.zeros(cond.shape, dtype=torch.float32, device=cond.device)
+            uncond, d_low, d_high = full(cond, zeros, zeros, *u_tensors)
+        else:
+            uncond, d_low, d_high = _cond(decision.skip_uncond, skip, full,
+                                           (cond, state["d_low"], state["d_high"], *u_tensors))
+        new.update(d_low=d_low, d_high=d_high)
+        sample = torch.cat([uncond, cond])
+    if return_dict is None:
+        return sample, new
+    if return_dict:
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample), new
+    return (sample,), new
+
+
+def install(session: Session) -> None:
+    """Wrap the modules the method needs; on any error, unwrap what was wrapped (nothing half-enabled)."""
+    model, config, family = session.model, session.config, session.family
+    try:
+        if isinstance(config, FirstBlockCacheConfig):
+            roles = fbc_roles(model, family)
+            for block, role in roles:
+                session.wrap(block, fbc_wrapper(session, block, role))
+        else:
+            sites = classify_sites(model, config)
+            for name, (module, kind) in sites.items():
+                make = (pab_wrapper if isinstance(config, PyramidAttentionBroadcastConfig)
+                        else fastercache_attention_wrapper)(session, name, kind)
+                session.wrap(module, make)
+                session.sites[name] = kind
+        session.wrap(model, denoiser_wrapper(session))
+    except BaseException:
+        session.unwrap_all()
+        raise
+
+
+def fbc_roles(model: nn.Module, family: Family) -> list[tuple[nn.Module, BlockRole]]:
+    roles = []
+    segments = [[b for name in names for b in (getattr(model, name, None) or ())] for names in family.segments]
+    if family.per_block_segments:
+        segments = [[b] for blocks in segments for b in blocks]
+    for segment, blocks in enumerate(segments):
+        if not blocks:
+            continue
+        for index, block in enumerate(blocks):
+            if type(block).__name__ not in BLOCKS:
+                raise TypeError(f"model: block class {type(block).__name__} of {type(model).__name__} has no "
+                                "FirstBlockCache entry in fastcache")
+            roles.append((block, BlockRole(segment, head=not roles, first=index == 0,
+                                           last=index == len(blocks) - 1)))
+    if len(roles) < 2:
+        raise ValueError(f"model: FirstBlockCache needs at least 2 blocks, {type(model).__name__} has {len(roles)}")
+    return roles

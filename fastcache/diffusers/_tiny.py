@@ -1,0 +1,174 @@
+"""Tiny random-weight diffusers transformers, one per supported family, and their call arguments.
+
+For tests and the benchmark: no download, built from configs. `case(name, scale)` returns a `TinyCase`:
+the model, the latent to denoise and `kwargs(latent, t)`, the transformer's arguments at scheduler
+timestep `t` (0..1000), converted to the family's own convention (Flux passes t / 1000, Mochi 1000 - t).
+`scale` widens the models for the benchmark (hidden size = 32 * scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class TinyCase:
+    name: str
+    model: nn.Module
+    latent: Tensor
+    kwargs: Callable[[Tensor, Tensor], dict[str, Any]]
+    cfg_batched: bool = False
+
+
+def _ts(t: Tensor, batch: int, scale: float = 1.0, offset: float = 0.0) -> Tensor:
+    return (t * scale + offset).float().expand(batch)
+
+
+def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 8, seed: int = 0) -> TinyCase:
+    import diffusers as d
+
+    torch.manual_seed(seed)
+    heads, hd = 2, 16 * scale
+    dim = heads * hd
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def rnd(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g)
+
+    if name == "flux":
+        m = d.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                     attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
+                                     pooled_projection_dim=32, axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8))
+        s = size * size
+        img = torch.zeros(s, 3)
+        img[:, 1], img[:, 2] = torch.arange(s) // size, torch.arange(s) % size
+        enc, pooled = rnd(1, text, 32), rnd(1, 32)
+        return TinyCase(name, m, rnd(1, s, 16), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=_ts(t, 1, 1e-3),
+            img_ids=img, txt_ids=torch.zeros(text, 3), guidance=None))
+    if name == "flux2":
+        m = d.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                      attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
+                                      timestep_guidance_channels=32, axes_dims_rope=(hd // 4,) * 4,
+                                      guidance_embeds=False)
+        s = size * size
+        img = torch.zeros(1, s, 4)
+        img[0, :, 1], img[0, :, 2] = torch.arange(s) // size, torch.arange(s) % size
+        enc = rnd(1, text, 32)
+        return TinyCase(name, m, rnd(1, s, 16), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 1, 1e-3), img_ids=img,
+            txt_ids=torch.zeros(1, text, 4)))
+    if name == "cogvideox":
+        m = d.CogVideoXTransformer3DModel(num_attention_heads=heads, attention_head_dim=hd, in_channels=4,
+                                          out_channels=4, time_embed_dim=32, text_embed_dim=32, num_layers=2,
+                                          sample_width=size, sample_height=size, sample_frames=4 * frames - 3,
+                                          patch_size=2, max_text_seq_length=text)
+        enc = rnd(2, text, 32)
+        return TinyCase(name, m, rnd(2, frames, 4, size, size), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 2)), cfg_batched=True)
+    if name == "hunyuanvideo":
+        m = d.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=heads,
+                                             attention_head_dim=hd, num_layers=2, num_single_layers=2,
+                                             num_refiner_layers=1, patch_size=2, text_embed_dim=32,
+                                             pooled_projection_dim=32,
+                                             rope_axes_dim=(hd // 4, 3 * hd // 8, 3 * hd // 8))
+        enc, pooled = rnd(1, text, 32), rnd(1, 32)
+        return TinyCase(name, m, rnd(1, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=x, timestep=_ts(t, 1), encoder_hidden_states=enc,
+            encoder_attention_mask=torch.ones(1, text), pooled_projections=pooled,
+            guidance=torch.full((1,), 6000.0)))
+    if name == "wan":
+        m = d.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=hd,
+                                    in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=2 * dim,
+                                    num_layers=2, rope_max_seq_len=32)
+        enc = rnd(1, text, 32)
+        return TinyCase(name, m, rnd(1, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=x, timestep=_ts(t, 1), encoder_hidden_states=enc))
+    if name == "ltx":
+        m = d.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=heads,
+                                         attention_head_dim=hd, cross_attention_dim=dim, num_layers=2,
+                                         caption_channels=32)
+        enc = rnd(2, text, 32)
+        return TinyCase(name, m, rnd(2, frames * size * size, 8), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 2), encoder_attention_mask=torch.ones(2, text),
+            num_frames=frames, height=size, width=size), cfg_batched=True)
+    if name == "mochi":
+        m = d.MochiTransformer3DModel(patch_size=2, num_attention_heads=heads, attention_head_dim=hd, num_layers=2,
+                                      pooled_projection_dim=16, in_channels=4, text_embed_dim=32, time_embed_dim=16,
+                                      max_sequence_length=text)
+        enc = rnd(2, text, 32)
+        return TinyCase(name, m, rnd(2, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 2, -1.0, 1000.0),
+            encoder_attention_mask=torch.ones(2, text)), cfg_batched=True)
+    if name == "latte":
+        m = d.LatteTransformer3DModel(num_attention_heads=heads, attention_head_dim=hd, in_channels=4,
+                                      out_channels=4, num_layers=2, cross_attention_dim=dim, sample_size=size,
+                                      patch_size=2, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                      norm_type="ada_norm_single", caption_channels=32, video_length=frames)
+        enc = rnd(2, text, 32)
+        return TinyCase(name, m, rnd(2, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 2)), cfg_batched=True)
+    if name == "allegro":
+        m = d.AllegroTransformer3DModel(patch_size=2, num_attention_heads=heads, attention_head_dim=hd,
+                                        in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=dim,
+                                        sample_height=size, sample_width=size, sample_frames=frames,
+                                        caption_channels=32)
+        enc = rnd(2, text, 32)
+        return TinyCase(name, m, rnd(2, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 2)), cfg_batched=True)
+    if name == "cogview4":
+        m = d.CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                         attention_head_dim=hd, num_attention_heads=heads, text_embed_dim=32,
+                                         time_embed_dim=32, condition_dim=8, pos_embed_max_size=2 * size,
+                                         sample_size=2 * size, rope_axes_dim=(hd // 2, hd // 2))
+        enc = rnd(1, text, 32)
+        hw = torch.tensor([[2 * size * 8, 2 * size * 8]], dtype=torch.float32)
+        return TinyCase(name, m, rnd(1, 4, 2 * size, 2 * size), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 1), original_size=hw, target_size=hw,
+            crop_coords=torch.zeros(1, 2)))
+    if name == "sd3":
+        m = d.SD3Transformer2DModel(sample_size=2 * size, patch_size=2, in_channels=4, num_layers=2,
+                                    attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
+                                    caption_projection_dim=dim, pooled_projection_dim=32, out_channels=4,
+                                    pos_embed_max_size=2 * size)
+        enc, pooled = rnd(2, text, 32), rnd(2, 32)
+        return TinyCase(name, m, rnd(2, 4, 2 * size, 2 * size), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=_ts(t, 2)),
+            cfg_batched=True)
+    if name == "qwenimage":
+        m = d.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                          attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
+                                          axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8))
+        enc = rnd(1, text, 32)
+        return TinyCase(name, m, rnd(1, size * size, 16), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, encoder_hidden_states_mask=torch.ones(1, text),
+            timestep=_ts(t, 1, 1e-3), img_shapes=[(1, size, size)]))
+    raise ValueError(f"name: unknown tiny case {name!r}; known: {', '.join(CASES)}")
+
+
+CASES = ("flux", "flux2", "cogvideox", "hunyuanvideo", "wan", "ltx", "mochi", "latte", "allegro", "cogview4",
+         "sd3", "qwenimage")
+
+
+def denoise(model: Any, tc: TinyCase, timesteps: Tensor, context: str | None = "cond",
+            observe: Callable[[int], None] | None = None) -> list[Tensor]:
+    """A plain Euler-like loop through `model` (the transformer, maybe compiled): one output per step."""
+    x, outs = tc.latent.clone(), []
+    ctx = getattr(model, "cache_context", None)
+    for i, t in enumerate(timesteps):
+        with torch.no_grad():
+            if ctx is not None and context is not None:
+                with model.cache_context(context):
+                    out = model(**tc.kwargs(x, t), return_dict=False)[0]
+            else:
+                out = model(**tc.kwargs(x, t), return_dict=False)[0]
+        if observe is not None:
+            observe(i)
+        outs.append(out)
+        x = x - 0.05 * out
+    return outs

@@ -1,0 +1,108 @@
+"""The drop-in's front door: config translation, errors on bad input, nothing half-enabled, exact restore."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import diffusers  # noqa: E402
+
+import fastcache.diffusers as fd  # noqa: E402
+from fastcache.diffusers._runtime import SESSION_ATTR  # noqa: E402
+from fastcache.diffusers._tiny import case  # noqa: E402
+
+
+def test_import_fastcache_does_not_import_diffusers() -> None:
+    code = "import sys, fastcache; assert 'diffusers' not in sys.modules, 'diffusers imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_diffusers_configs_translate_field_by_field() -> None:
+    cfg = diffusers.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=3,
+                                                    spatial_attention_timestep_skip_range=(50, 700))
+    ours = fd.to_fastcache_config(cfg)
+    assert isinstance(ours, fd.PyramidAttentionBroadcastConfig)
+    assert ours.spatial_attention_block_skip_range == 3 and ours.spatial_attention_timestep_skip_range == (50, 700)
+    assert fd.to_fastcache_config(diffusers.FirstBlockCacheConfig(threshold=0.2)).threshold == 0.2
+
+
+def test_unsupported_fields_and_methods_are_errors() -> None:
+    with pytest.raises(ValueError, match="attention_weight_callback"):
+        fd.to_fastcache_config(diffusers.FasterCacheConfig(attention_weight_callback=lambda m: 0.3))
+    with pytest.raises(TypeError, match="MagCacheConfig"):
+        fd.to_fastcache_config(diffusers.MagCacheConfig(mag_ratios=[1.0] * 28))
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    return {name: dict(vars(m)) .get("forward") for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize(("name", "config", "match"), [
+    ("flux", fd.PyramidAttentionBroadcastConfig(temporal_attention_block_skip_range=2), "no temporal attention"),
+    ("wan", fd.FasterCacheConfig(tensor_format="BCFHW"), "separate passes"),
+    ("cogvideox", fd.FasterCacheConfig(tensor_format="BCFHW"), "returns BFCHW"),
+    ("ltx", fd.FasterCacheConfig(tensor_format="BCFHW"), "tokens last"),
+])
+def test_inapplicable_configs_are_refused_without_side_effects(name: str, config, match: str) -> None:
+    model = case(name).model
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        fd.enable_cache(model, config)
+    assert _snapshot(model) == before and SESSION_ATTR not in vars(model)
+
+
+def test_unknown_model_names_class_and_supported_ones() -> None:
+    with pytest.raises(TypeError, match=r"Linear.*FluxTransformer2DModel"):
+        fd.enable_cache(torch.nn.Linear(2, 2), fd.FirstBlockCacheConfig())
+
+
+def test_enable_twice_and_diffusers_hooks_are_errors() -> None:
+    tc = case("wan")
+    model = tc.model
+    fd.enable_cache(model, fd.FirstBlockCacheConfig())
+    with pytest.raises(ValueError, match="already enabled"):
+        fd.enable_cache(model, fd.FirstBlockCacheConfig())
+    fd.disable_cache(model)
+    model.enable_cache(diffusers.FirstBlockCacheConfig())
+    with pytest.raises(ValueError, match="diffusers' own cache hooks"):
+        fd.enable_cache(model, fd.FirstBlockCacheConfig())
+    model.disable_cache()
+
+
+def test_disable_restores_the_original_forward_bit_for_bit() -> None:
+    tc = case("cogvideox")
+    model = tc.model.eval()
+    before = _snapshot(model)
+    t = torch.tensor(500.0)
+    with torch.no_grad():
+        ref = model(**tc.kwargs(tc.latent, t), return_dict=False)[0]
+    fd.apply_faster_cache(model, fd.FasterCacheConfig(tensor_format="BFCHW"))
+    with torch.no_grad(), model.cache_context("cond_uncond"):
+        model(**tc.kwargs(tc.latent, t), return_dict=False)
+    fd.disable_cache(model)
+    assert _snapshot(model) == before
+    assert "cache_context" not in vars(model) and "_reset_stateful_cache" not in vars(model)
+    with torch.no_grad():
+        assert model(**tc.kwargs(tc.latent, t), return_dict=False)[0].equal(ref)
+
+
+def test_return_dict_and_contexts_are_separate_states() -> None:
+    tc = case("wan")
+    model = tc.model.eval()
+    fd.apply_pyramid_attention_broadcast(model, diffusers.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 0))
+    with torch.no_grad():
+        with fd.cache_context(model, "cond"):
+            out = model(**tc.kwargs(tc.latent, torch.tensor(500.0)))
+        with model.cache_context("uncond"):
+            model(**tc.kwargs(tc.latent, torch.tensor(500.0)))
+            model(**tc.kwargs(tc.latent, torch.tensor(400.0)))
+    assert hasattr(out, "sample")
+    assert int(fd.cache_state(model, "cond")["count"]) == 1
+    assert int(fd.cache_state(model, "uncond")["count"]) == 2
+    fd.disable_cache(model)

@@ -1,0 +1,257 @@
+"""fastcache's drop-in against diffusers' own hooks, step by step, on tiny random-weight models (eager, fp32).
+
+Each case runs the same 10-step loop (timesteps 1000 -> 0) through diffusers' hooks on one copy of the model
+and through fastcache on another, and compares every step's output (max abs diff <= 1e-5). Where diffusers
+cannot run a method (FirstBlockCache on Flux2 and Latte: their streams change shape between block lists;
+Allegro's block class is not registered in diffusers), the test says so and checks fastcache against its
+own reference instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import diffusers  # noqa: E402
+from diffusers.hooks import apply_faster_cache as d_apply_faster_cache  # noqa: E402
+from diffusers.hooks import apply_first_block_cache as d_apply_first_block_cache  # noqa: E402
+from diffusers.hooks import apply_pyramid_attention_broadcast as d_apply_pab  # noqa: E402
+from diffusers.hooks.hooks import CacheContext, _set_cache_context  # noqa: E402
+
+import fastcache.diffusers as fd  # noqa: E402
+from fastcache.diffusers._families import FAMILIES  # noqa: E402
+from fastcache.diffusers._tiny import CASES, TinyCase, case  # noqa: E402
+from fastcache.methods import pyramid_attention_broadcast as pab  # noqa: E402
+
+TIMESTEPS = torch.linspace(1000, 0, 10)
+ATOL = 1e-5
+# families whose pipelines batch CFG and whose output is an image/video layout (LTX returns tokens: refused)
+FASTERCACHE_FAMILIES = ["cogvideox", "mochi", "latte", "allegro", "sd3"]
+# diffusers' FirstBlockCache fails on these: Flux2 and Latte change the stream shape between block lists,
+# SD3's last block returns no text stream (None - Tensor); fastcache's own reference instead
+FBC_DIFFUSERS_BROKEN = {"flux2", "latte", "sd3"}
+
+
+def _loop(model: torch.nn.Module, tc: TinyCase, ctx: str, clock: dict, set_ctx, observe=None) -> list[torch.Tensor]:
+    x, outs = tc.latent.clone(), []
+    for i, t in enumerate(TIMESTEPS):
+        clock["t"] = t
+        with torch.no_grad(), set_ctx(ctx):
+            out = model(**tc.kwargs(x, t), return_dict=False)[0]
+        if observe is not None:
+            observe(i)
+        outs.append(out)
+        x = x - 0.05 * out
+    return outs
+
+
+class _DiffusersContext:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, name: str):
+        model = self.model
+
+        class _Ctx:
+            def __enter__(self) -> None:
+                _set_cache_context(model, CacheContext(name))
+
+            def __exit__(self, *exc) -> None:
+                _set_cache_context(model, None)
+
+        return _Ctx()
+
+
+def _context_name(tc: TinyCase) -> str:
+    return "cond_uncond" if tc.cfg_batched else "cond"
+
+
+def _max_diffs(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
+    return [float((x - y).abs().max()) for x, y in zip(a, b, strict=True)]
+
+
+def _fbc_threshold(tc: TinyCase, ctx: str) -> float:
+    """A threshold between two observed ratios, so both skip and compute steps occur, away from ties."""
+    model = copy.deepcopy(tc.model)
+    fd.enable_cache(model, fd.FirstBlockCacheConfig(threshold=0.0))
+    ratios: list[float] = []
+    _loop(model, tc, ctx, {}, model.cache_context,
+          lambda i: ratios.append(float(fd.cache_state(model, ctx)["ratio"])))
+    r = sorted(ratios[1:])
+    k = len(r) // 2
+    return (r[k - 1] + r[k]) / 2
+
+
+def _pab_config(name: str, clock: dict) -> diffusers.PyramidAttentionBroadcastConfig:
+    return diffusers.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, cross_attention_block_skip_range=3,
+        temporal_attention_block_skip_range=2 if FAMILIES[_class(name)].temporal else None,
+        current_timestep_callback=lambda: clock["t"])
+
+
+def _fc_config(name: str, clock: dict, distilled: bool = False) -> diffusers.FasterCacheConfig:
+    family = FAMILIES[_class(name)]
+    return diffusers.FasterCacheConfig(
+        spatial_attention_block_skip_range=2, temporal_attention_block_skip_range=2 if family.temporal else None,
+        unconditional_batch_skip_range=3, tensor_format=family.layout or "BCFHW",
+        is_guidance_distilled=distilled, current_timestep_callback=lambda: clock["t"])
+
+
+_CLASSES: dict[str, str] = {}
+
+
+def _class(name: str) -> str:
+    if name not in _CLASSES:
+        _CLASSES[name] = type(case(name).model).__name__
+    return _CLASSES[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _register_allegro_in_diffusers():
+    """diffusers' FirstBlockCache has no entry for Allegro's block: register one so its hooks can serve as
+    the oracle (fastcache supports Allegro without it)."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+    from diffusers.models.transformers.transformer_allegro import AllegroTransformerBlock
+
+    TransformerBlockRegistry._register()
+    had = AllegroTransformerBlock in TransformerBlockRegistry._registry
+    if not had:
+        TransformerBlockRegistry.register(AllegroTransformerBlock, TransformerBlockMetadata(0, None))
+    yield
+    if not had:
+        TransformerBlockRegistry._registry.pop(AllegroTransformerBlock, None)
+
+
+def _parity(name: str, method: str) -> dict:
+    tc = case(name)
+    tc.model.eval()
+    ctx = _context_name(tc)
+    clock: dict = {}
+    d_model, f_model = copy.deepcopy(tc.model), tc.model
+    info: dict = {}
+    if method == "fbc":
+        threshold = _fbc_threshold(tc, ctx)
+        d_cfg, f_cfg = (diffusers.FirstBlockCacheConfig(threshold=threshold) for _ in range(2))
+        d_apply = d_apply_first_block_cache
+    elif method == "pab":
+        d_cfg, f_cfg = _pab_config(name, clock), _pab_config(name, clock)
+        d_apply = d_apply_pab
+    else:
+        d_cfg, f_cfg = _fc_config(name, clock), _fc_config(name, clock)
+        if name == "sd3":  # diffusers cuts only its default input names; SD3 also batches pooled_projections
+            for cfg in (d_cfg, f_cfg):
+                cfg._unconditional_conditional_input_kwargs_identifiers = (
+                    *cfg._unconditional_conditional_input_kwargs_identifiers, "pooled_projections")
+        d_apply = d_apply_faster_cache
+
+    skipped: list[bool] = []
+    fd.enable_cache(f_model, f_cfg)  # diffusers' own config object, translated
+    ours = _loop(f_model, tc, ctx, clock, f_model.cache_context,
+                 (lambda i: skipped.append(bool(fd.cache_state(f_model, ctx)["skipped"]))) if method == "fbc"
+                 else None)
+    fd.disable_cache(f_model)
+    info["skipped"] = skipped
+    if method == "fbc" and name in FBC_DIFFUSERS_BROKEN:
+        info["reference"] = _fbc_reference(tc, ctx, threshold)
+    else:
+        d_apply(d_model, d_cfg)
+        info["reference"] = _loop(d_model, tc, ctx, clock, _DiffusersContext(d_model))
+    info["ours"] = ours
+    return info
+
+
+def _fbc_reference(tc: TinyCase, ctx: str, threshold: float) -> list[torch.Tensor]:
+    """FirstBlockCache by segments, written directly with forward hooks on the uncached model: head computes;
+    on a skip every other block returns its input, and the last block of each segment returns its input
+    plus that segment's residual from the last computed step (the segment's start is the head's output
+    for the first segment, the segment's first input otherwise)."""
+    from fastcache.diffusers._families import BLOCKS
+    from fastcache.diffusers._runtime import _as_output, _input_streams, _positions, _streams, fbc_roles
+
+    model = copy.deepcopy(tc.model)
+    roles = fbc_roles(model, FAMILIES[type(model).__name__])
+    mem: dict = {"ref": None, "res": {}, "skip": False, "starts": {}}
+    originals = {}
+    for block, role in roles:
+        io, pos, orig = BLOCKS[type(block).__name__], _positions(block), block.forward
+        originals[block] = orig
+
+        def fwd(*args, _io=io, _pos=pos, _orig=orig, _role=role, **kwargs):
+            ins = _input_streams(_io, _pos, args, kwargs)
+            if _role.head:
+                out = _orig(*args, **kwargs)
+                r = _streams(_io, out)[0] - ins[0]
+                ref = mem["ref"]
+                ratio = float("inf") if ref is None else float((r - ref).abs().mean() / ref.abs().mean())
+                mem["skip"] = ref is not None and ratio <= threshold
+                if not mem["skip"]:
+                    mem["ref"] = r
+                mem["starts"][_role.segment] = _streams(_io, out)
+                return out
+            if _role.first:
+                mem["starts"][_role.segment] = ins
+            if mem["skip"]:
+                if not _role.last:
+                    return _as_output(_io, ins)
+                res = mem["res"][_role.segment]
+                return _as_output(_io, tuple(None if a is None or b is None else a + b for a, b in zip(ins, res)))
+            out = _orig(*args, **kwargs)
+            if _role.last:
+                mem["res"][_role.segment] = tuple(None if a is None or b is None else a - b
+                                                  for a, b in zip(_streams(_io, out), mem["starts"][_role.segment]))
+            return out
+
+        block.forward = fwd
+    return _loop(model, tc, ctx, {}, lambda name: _Null())
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+PARITY = ([(n, "fbc") for n in CASES] + [(n, "pab") for n in CASES] + [(n, "fc") for n in FASTERCACHE_FAMILIES])
+
+
+@pytest.mark.parametrize(("name", "method"), PARITY, ids=[f"{n}-{m}" for n, m in PARITY])
+def test_parity_with_diffusers(name: str, method: str) -> None:
+    info = _parity(name, method)
+    diffs = _max_diffs(info["ours"], info["reference"])
+    assert max(diffs) <= ATOL, f"{name} {method}: per-step max abs diff {diffs}"
+    if method == "fbc":
+        skipped = info["skipped"]
+        assert any(skipped) and not all(skipped), f"{name}: FBC decisions {skipped} must mix skip and compute"
+        assert not skipped[0]
+
+
+def test_pab_decisions_follow_diffusers_rule() -> None:
+    """The per-step decisions PAB takes on the device are diffusers' rule (as planned by the engine)."""
+    cfg = fd.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2)
+    plan = pab.plan(cfg, [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100])
+    assert plan.rows["spatial"] == "CCCRCRCRCC"
+
+
+def test_fastercache_distilled_on_flux_matches_diffusers() -> None:
+    """FasterCache with is_guidance_distilled=True (attention approximation only) on a family without CFG
+    batching, as diffusers documents for Flux."""
+    tc = case("flux")
+    tc.model.eval()
+    clock: dict = {}
+    d_model = copy.deepcopy(tc.model)
+
+    def cfg() -> diffusers.FasterCacheConfig:
+        return dataclasses.replace(_fc_config("flux", clock, distilled=True), tensor_format="BCHW")
+
+    d_apply_faster_cache(d_model, cfg())
+    ref = _loop(d_model, tc, "cond", clock, _DiffusersContext(d_model))
+    fd.enable_cache(tc.model, cfg())
+    ours = _loop(tc.model, tc, "cond", clock, tc.model.cache_context)
+    assert max(_max_diffs(ours, ref)) <= ATOL

@@ -1,0 +1,79 @@
+"""A tiny FluxPipeline assembled from random-weight components (no download), called unmodified with
+fastcache enabled on the pipeline and the transformer compiled with fullgraph=True."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")  # FluxPipeline imports it (unused here)
+
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+import fastcache.diffusers as fd  # noqa: E402
+from fastcache.diffusers._tiny import case  # noqa: E402
+
+
+def _pipeline() -> FluxPipeline:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=case("flux").model.eval())
+
+
+def _call(pipe: FluxPipeline) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1))
+    pooled = torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
+    return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=32, width=32, num_inference_steps=10,
+                guidance_scale=1.0, generator=g, output_type="pt").images
+
+
+def test_flux_pipeline_compiled_fullgraph() -> None:
+    pipe = _pipeline()
+    reference = _call(pipe)  # uncached
+    fd.enable_cache(pipe, fd.FirstBlockCacheConfig(threshold=0.3))
+    eager = _call(pipe)
+    assert _call(pipe).equal(eager), "a second call must start from fresh states"
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend="aot_eager")
+    compiled = _call(pipe)
+    again = _call(pipe)
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] <= 2
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, eager, atol=1e-5, rtol=0)
+    pipe.transformer = pipe.transformer._orig_mod
+    fd.disable_cache(pipe)
+    assert type(pipe) is FluxPipeline
+    assert _call(pipe).equal(reference), "disable_cache must restore the original forward exactly"
+
+
+def test_two_pipelines_sharing_a_transformer_do_not_share_state() -> None:
+    a = _pipeline()
+    b = FluxPipeline(**{**a.components, "scheduler": FlowMatchEulerDiscreteScheduler()})
+    fd.enable_cache(a, fd.FirstBlockCacheConfig(threshold=0.3))
+    fd.enable_cache(b, fd.FirstBlockCacheConfig(threshold=0.3))  # same transformer, same config: allowed
+    alone = _call(a)
+    states_seen = []
+
+    def interleave(pipe, step, timestep, kwargs):  # run pipeline b in the middle of pipeline a's loop
+        if step == 3:
+            states_seen.append(_call(b))
+        return kwargs
+
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1))
+    pooled = torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
+    mixed = a(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=32, width=32, num_inference_steps=10,
+              guidance_scale=1.0, generator=g, output_type="pt", callback_on_step_end=interleave).images
+    assert mixed.equal(alone)
+    assert states_seen[0].equal(alone)
+    fd.disable_cache(a)
+    fd.disable_cache(b)
