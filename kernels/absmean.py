@@ -274,4 +274,10 @@ def absmean_rel_diff(a: Tensor, b: Tensor) -> Tensor:
     Example:
         >>> skip = absmean_rel_diff(residual, ref_residual) <= threshold  # a 0-dim bool tensor
     """
+    if a.device.type == "cpu" and torch.compiler.is_compiling():
+        # Inside a compiled CPU graph the op would be an opaque eager call; the same fp32 sums written
+        # inline let inductor fuse them into one loop (bench/results/kernels_cpu.md: 8.6 ms vs 23.6 ms).
+        _check_pair(a, b, "absmean_rel_diff")
+        diff = a.float() - b.float()
+        return rel_diff_from_sums(torch.stack((diff.abs().sum(), b.float().abs().sum())))
     return rel_diff_from_sums(absmean_sums(a, b))
