@@ -70,7 +70,10 @@ def make_generate(model: DiT, config: Any, x0: torch.Tensor, labels: torch.Tenso
     else:
         method = fastcache.make(config)
         compiled = torch.compile(lambda s, i, d: method.step(model, s, i, d), fullgraph=True)
-        step, init = compiled, (lambda: method.init(model, first))
+        # A state is a value (steps never write into it): one initial state serves every generation, so
+        # init's shape trace is paid once per input shape, not per generation.
+        state0 = method.init(model, first)
+        step, init = compiled, (lambda: state0)
         plan = method.plan(timesteps)
         fraction = lambda state: method.computed_fraction(model, first, plan, state)  # noqa: E731
     last: dict[str, Any] = {}

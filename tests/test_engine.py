@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten, tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map
 
 import fastcache
 from fastcache.models.dit import DiT, DiTConfig, cfg_inputs, sampling_timesteps
@@ -98,7 +98,9 @@ def test_interleaved_generations_equal_sequential_ones(name: str) -> None:
     xs = [noise(False, 1), noise(False, 2)]
     with torch.no_grad():
         sequential = [denoise(model, config, x, 8)[0] for x in xs]
-        states = [method.init(model, cfg_inputs(x, timesteps[0], LABELS, NULL)) for x in xs]
+        initial = [method.init(model, cfg_inputs(x, timesteps[0], LABELS, NULL)) for x in xs]
+        snapshots = [tree_map(torch.clone, s) for s in initial]
+        states = list(initial)
         plan = method.plan(timesteps)
         interleaved: list[list[torch.Tensor]] = [[], []]
         for i, t in enumerate(timesteps):
@@ -111,6 +113,8 @@ def test_interleaved_generations_equal_sequential_ones(name: str) -> None:
                 xs[k] = xs[k] + (t_next - t) / 1000 * (u + 3.0 * (c - u))
     for k in (0, 1):
         assert max_diff(sequential[k], interleaved[k]) == 0.0
+    # a state is a value: no step wrote into the initial one, so it can start any number of generations
+    assert all(torch.equal(a, b) for a, b in zip(tree_leaves(initial), tree_leaves(snapshots)))
     assert max_diff(sequential[0], sequential[1]) > 0  # the two generations really differ
 
 
