@@ -69,6 +69,27 @@ class CacheMethod(NamedTuple):
     computed_fraction: Callable[[CacheableModel, Inputs, Plan, Any], float]
 
 
+class AttentionSchedule:
+    """Accessors shared by the configs whose fields are named `<kind>_attention_block_skip_range` and
+    `<kind>_attention_timestep_skip_range` (PAB, FasterCache); `KINDS` lists the kinds a config has."""
+
+    KINDS: tuple[str, ...] = ()
+
+    def skip_range(self, kind: str) -> int | None:
+        return getattr(self, f"{kind}_attention_block_skip_range")
+
+    def timestep_range(self, kind: str) -> tuple[float, float]:
+        return getattr(self, f"{kind}_attention_timestep_skip_range")
+
+    def enabled_kinds(self) -> tuple[str, ...]:
+        return tuple(kind for kind in self.KINDS if self.skip_range(kind) is not None)
+
+    def hooked_sites(self, model: CacheableModel) -> dict[str, str]:
+        """Site name -> kind, for the model's attention sites of an enabled kind."""
+        enabled = self.enabled_kinds()
+        return {site.name: site.kind for site in model.cache_sites() if site.kind in enabled}
+
+
 def make(config: Any) -> CacheMethod:
     """Build the cache method described by `config` (one of fastcache's config classes)."""
     from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast

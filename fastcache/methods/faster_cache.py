@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_map
 from fastcache import _validate, kernels
 from fastcache.control import Flag, branch, in_open_range, select
 from fastcache.engine import (
+    AttentionSchedule,
     Plan,
     TensorMeta,
     as_timesteps,
@@ -49,7 +50,7 @@ WeightCallback = Callable[[Tensor], Tensor | float]
 
 
 @dataclass(frozen=True)
-class FasterCacheConfig:
+class FasterCacheConfig(AttentionSchedule):
     """diffusers' field names and defaults.
 
     The weight callbacks take the current timestep (a tensor, 0..1000 convention) and return a weight; they
@@ -78,6 +79,8 @@ class FasterCacheConfig:
     is_guidance_distilled: bool = False
     current_timestep_callback: Callable[[], Any] | None = None
 
+    KINDS = CACHED_KINDS
+
     def __post_init__(self) -> None:
         for kind in CACHED_KINDS:
             _validate.skip_range(f"{kind}_attention_block_skip_range", self.skip_range(kind), allow_none=True)
@@ -96,15 +99,6 @@ class FasterCacheConfig:
             _validate.callback(field, getattr(self, field))
         _validate.choice("tensor_format", self.tensor_format, TENSOR_FORMATS)
         _validate.boolean("is_guidance_distilled", self.is_guidance_distilled)
-
-    def skip_range(self, kind: str) -> int | None:
-        return getattr(self, f"{kind}_attention_block_skip_range")
-
-    def timestep_range(self, kind: str) -> tuple[float, float]:
-        return getattr(self, f"{kind}_attention_timestep_skip_range")
-
-    def enabled_kinds(self) -> tuple[str, ...]:
-        return tuple(kind for kind in CACHED_KINDS if self.skip_range(kind) is not None)
 
 
 class FasterCacheDecision(NamedTuple):
@@ -174,11 +168,6 @@ def plan(config: FasterCacheConfig, timesteps: Tensor | Sequence[float]) -> Plan
     return Plan(decisions, rows)
 
 
-def hooked_sites(config: FasterCacheConfig, model: CacheableModel) -> dict[str, str]:
-    enabled = config.enabled_kinds()
-    return {site.name: site.kind for site in model.cache_sites() if site.kind in enabled}
-
-
 def init(config: FasterCacheConfig, model: CacheableModel, inputs: Inputs) -> FasterCacheState:
     check_model(model)
     if config.is_guidance_distilled:
@@ -193,7 +182,7 @@ def init(config: FasterCacheConfig, model: CacheableModel, inputs: Inputs) -> Fa
     device = tr.output.device
     delta = TensorMeta(tr.output.shape if not config.is_guidance_distilled else (0,), torch.float32, device)
     windows = {}
-    for name in hooked_sites(config, model):
+    for name in config.hooked_sites(model):
         window = zeros_like_meta(tr.site_outputs[name])
         windows[name] = (window, tree_map(torch.clone, window))
     return FasterCacheState(torch.zeros((), dtype=torch.int64, device=device), windows, delta.zeros(),
@@ -238,7 +227,7 @@ def step(config: FasterCacheConfig, model: CacheableModel, state: FasterCacheSta
     check_inputs(state.spec, inputs)
     if decision is None:
         decision = decide(config, state.count, model.cache_timestep(inputs))
-    sites = hooked_sites(config, model)
+    sites = config.hooked_sites(model)
 
     if config.is_guidance_distilled:
         new_windows = dict(state.windows)
@@ -272,7 +261,7 @@ def computed_fraction(config: FasterCacheConfig, model: CacheableModel, inputs: 
     del state
     full = trace(model, inputs)
     half = full if config.is_guidance_distilled else trace(model, batch_halves(inputs)[1])
-    sites = hooked_sites(config, model)
+    sites = config.hooked_sites(model)
     spent = 0
     for d in plan:
         tr = half if (d.skip_uncond or config.is_guidance_distilled) else full

@@ -23,6 +23,7 @@ from torch import Tensor
 from fastcache import _validate
 from fastcache.control import Flag, branch, in_open_range
 from fastcache.engine import (
+    AttentionSchedule,
     Plan,
     as_timesteps,
     letters,
@@ -47,7 +48,7 @@ CROSS_IDENTIFIERS = ("blocks", "transformer_blocks", "layers")
 
 
 @dataclass(frozen=True)
-class PyramidAttentionBroadcastConfig:
+class PyramidAttentionBroadcastConfig(AttentionSchedule):
     """diffusers' field names and defaults.
 
     `*_block_skip_range` N: reuse for N-1 calls out of N inside the timestep range (None: kind disabled; if
@@ -69,6 +70,8 @@ class PyramidAttentionBroadcastConfig:
     cross_attention_block_identifiers: tuple[str, ...] = CROSS_IDENTIFIERS
     current_timestep_callback: Callable[[], Any] | None = None
 
+    KINDS = ATTENTION_KINDS
+
     def __post_init__(self) -> None:
         ranges = [self.skip_range(kind) for kind in ATTENTION_KINDS]
         for kind, value in zip(ATTENTION_KINDS, ranges):
@@ -82,15 +85,6 @@ class PyramidAttentionBroadcastConfig:
             warnings.warn("PyramidAttentionBroadcastConfig: no block skip range given; "
                           "using spatial_attention_block_skip_range=2 as diffusers does", stacklevel=3)
             object.__setattr__(self, "spatial_attention_block_skip_range", 2)
-
-    def skip_range(self, kind: AttentionKind) -> int | None:
-        return getattr(self, f"{kind}_attention_block_skip_range")
-
-    def timestep_range(self, kind: AttentionKind) -> tuple[float, float]:
-        return getattr(self, f"{kind}_attention_timestep_skip_range")
-
-    def enabled_kinds(self) -> tuple[AttentionKind, ...]:
-        return tuple(kind for kind in ATTENTION_KINDS if self.skip_range(kind) is not None)
 
 
 class PABDecision(NamedTuple):
@@ -129,14 +123,9 @@ def plan(config: PyramidAttentionBroadcastConfig, timesteps: Tensor | Sequence[f
     return Plan(decisions, rows)
 
 
-def hooked_sites(config: PyramidAttentionBroadcastConfig, model: CacheableModel) -> dict[str, AttentionKind]:
-    enabled = config.enabled_kinds()
-    return {site.name: site.kind for site in model.cache_sites() if site.kind in enabled}
-
-
 def init(config: PyramidAttentionBroadcastConfig, model: CacheableModel, inputs: Inputs) -> PABState:
     check_model(model)
-    sites = hooked_sites(config, model)
+    sites = config.hooked_sites(model)
     outputs = trace(model, inputs).site_outputs
     device = next(iter(inputs.values())).device
     return PABState(
@@ -170,7 +159,7 @@ def step(config: PyramidAttentionBroadcastConfig, model: CacheableModel, state: 
     if decision is None:
         decision = decide(config, state.count, model.cache_timestep(inputs))
     new_cache = dict(state.cache)
-    out = forward(model, inputs, attend_with_cache(hooked_sites(config, model), decision, state.cache, new_cache))
+    out = forward(model, inputs, attend_with_cache(config.hooked_sites(model), decision, state.cache, new_cache))
     return out, PABState(state.count + 1, new_cache, state.spec)
 
 
@@ -179,7 +168,7 @@ def computed_fraction(config: PyramidAttentionBroadcastConfig, model: CacheableM
     """Share of the model's FLOPs run over the planned steps (reused attention costs nothing)."""
     del state
     tr = trace(model, inputs)
-    sites = hooked_sites(config, model)
+    sites = config.hooked_sites(model)
     saved = sum(tr.site_flops[name] for d in plan for name, kind in sites.items() if not getattr(d, kind))
     return 1.0 - saved / (tr.total_flops * len(plan))
 
