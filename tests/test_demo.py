@@ -8,15 +8,7 @@ from fastcache import __main__ as cli
 from fastcache import demo
 from fastcache.models import digits
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box has 2 shared cores: two OpenMP threads fighting other jobs cost ~ms per op (measured 5x
-    # slower); one thread is steadier. Restored after each test, so other modules keep their setting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("args", [

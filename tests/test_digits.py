@@ -4,15 +4,7 @@ import torch
 from fastcache.models import digits
 from fastcache.models.dit import DiT
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box has 2 shared cores: two OpenMP threads fighting other jobs cost ~ms per op (measured 5x
-    # slower); one thread is steadier. Restored after each test, so other modules keep their setting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
