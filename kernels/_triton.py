@@ -11,7 +11,7 @@ before this module is first imported) runs the real kernels on CPU tensors: the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -48,6 +48,7 @@ __all__ = [
     "HAS_TRITON",
     "MAX_DIMS",
     "device_guard",
+    "interpreter_op",
     "is_interpreted",
     "require_triton",
     "strided_layout",
@@ -71,6 +72,18 @@ def require_triton() -> None:
 def is_interpreted(kernel: object) -> bool:
     """True when `kernel` was decorated under `TRITON_INTERPRET=1` (it then runs on CPU tensors)."""
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+def interpreter_op(name: str, kernel: object, launcher: Callable, fake: Callable) -> Callable:
+    """TEST ONLY: register `fastcache_test::<name>`, a CPU custom op whose implementation is `launcher`, the
+    host function that launches the real Triton `kernel`. It lets a test run that kernel inside a
+    `torch.compile(fullgraph=True)` graph on CPU (a raw `kernel[grid]` launch or `wrap_triton` cannot be traced
+    there under the interpreter). Needs `TRITON_INTERPRET=1` set before triton is imported. No validation."""
+    if not is_interpreted(kernel):
+        raise RuntimeError("interpreter_test_op needs TRITON_INTERPRET=1 set before triton is imported")
+    op = torch.library.custom_op(f"fastcache_test::{name}", launcher, mutates_args=(), device_types="cpu")
+    op.register_fake(fake)
+    return op
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:

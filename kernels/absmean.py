@@ -26,6 +26,7 @@ from ._checks import check_same, check_tensor
 from ._triton import (
     HAS_TRITON,
     device_guard,
+    interpreter_op,
     is_interpreted,
     require_triton,
     strided_layout,
@@ -199,13 +200,7 @@ def interpreter_test_op() -> Callable[[Tensor, Tensor], Tensor]:
     `torch.compile(fullgraph=True)` graph on CPU (a raw `kernel[grid]` launch or `wrap_triton` cannot be
     traced there under the interpreter). No input validation: call it with inputs `absmean_sums` would accept.
     """
-    if not is_interpreted(_absmean_partials_kernel):
-        raise RuntimeError("interpreter_test_op needs TRITON_INTERPRET=1 set before triton is imported")
-    op = torch.library.custom_op(
-        "fastcache_test::absmean_sums", _absmean_sums_triton, mutates_args=(), device_types="cpu"
-    )
-    op.register_fake(_absmean_sums_fake)
-    return op
+    return interpreter_op("absmean_sums", _absmean_partials_kernel, _absmean_sums_triton, _absmean_sums_fake)
 
 
 def _check_pair(a: object, b: object, fn: str) -> None:

@@ -16,6 +16,7 @@ from ._checks import check_same, check_tensor, check_weight
 from ._triton import (
     HAS_TRITON,
     device_guard,
+    interpreter_op,
     is_interpreted,
     require_triton,
     strided_layout,
@@ -134,13 +135,7 @@ def interpreter_test_op() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     Needs `TRITON_INTERPRET=1` set before triton is imported; lets a test run the kernel inside a compiled
     graph on CPU. No input validation.
     """
-    if not is_interpreted(_extrapolate_kernel):
-        raise RuntimeError("interpreter_test_op needs TRITON_INTERPRET=1 set before triton is imported")
-    op = torch.library.custom_op(
-        "fastcache_test::extrapolate", _extrapolate_triton, mutates_args=(), device_types="cpu"
-    )
-    op.register_fake(_extrapolate_fake)
-    return op
+    return interpreter_op("extrapolate", _extrapolate_kernel, _extrapolate_triton, _extrapolate_fake)
 
 
 def extrapolate(f_k: Tensor, f_prev: Tensor, w: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from ._checks import check_same, check_tensor, check_weight
 from ._triton import (
     HAS_TRITON,
     device_guard,
+    interpreter_op,
     is_interpreted,
     require_triton,
     strided_layout,
@@ -179,13 +180,8 @@ def interpreter_test_op() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
     Needs `TRITON_INTERPRET=1` set before triton is imported; lets a test run the kernel inside a compiled
     graph on CPU. No input validation.
     """
-    if not is_interpreted(_fastercache_uncond_kernel):
-        raise RuntimeError("interpreter_test_op needs TRITON_INTERPRET=1 set before triton is imported")
-    op = torch.library.custom_op(
-        "fastcache_test::fastercache_uncond", _fastercache_uncond_triton, mutates_args=(), device_types="cpu"
-    )
-    op.register_fake(_fastercache_uncond_fake)
-    return op
+    return interpreter_op("fastercache_uncond", _fastercache_uncond_kernel, _fastercache_uncond_triton,
+                          _fastercache_uncond_fake)
 
 
 def fastercache_uncond(
