@@ -217,9 +217,7 @@ class Session:
 def classify_sites(model: nn.Module, config: Any) -> dict[str, tuple[nn.Module, str]]:
     from diffusers.hooks._common import _ATTENTION_CLASSES
 
-    kinds = ("spatial", "temporal", "cross") if isinstance(config, PyramidAttentionBroadcastConfig) else (
-        "spatial", "temporal")
-    enabled = [k for k in kinds if config.skip_range(k) is not None]
+    enabled = config.enabled_kinds()
     prefilter = None
     if isinstance(config, FasterCacheConfig):
         prefilter = faster_cache.SPATIAL_IDENTIFIERS + faster_cache.TEMPORAL_IDENTIFIERS
