@@ -48,7 +48,18 @@ def branch(pred: Flag, true_fn: Callable[..., T], false_fn: Callable[..., T], op
         # Eager: torch.cond would re-trace its branches with dynamo at every call (new closures each
         # step); one host read is far cheaper there. Compiled code never takes this path.
         return true_fn(*operands) if bool(pred) else false_fn(*operands)
-    return torch.cond(pred, _without_aliases(true_fn), _without_aliases(false_fn), operands)
+    return torch.cond(pred, _without_aliases(true_fn), _without_aliases(false_fn), _pin_layouts(operands))
+
+
+def _pin_layouts(operands: tuple) -> tuple:
+    # Inductor (torch 2.11-2.13) compiles each cond branch for its operands' traced strides but may lay out
+    # an operand computed in the enclosing graph differently (it picks the layout of a pointwise result
+    # late, e.g. following a transposed input), and the branch then fails its input stride assert. Pin
+    # every operand to its traced strides: free when inductor has not fixed the layout yet, a copy otherwise.
+    from torch._inductor import inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
+
+    force = torch.ops.prims.inductor_force_stride_order
+    return tree_map(lambda x: force(x, x.stride()) if isinstance(x, Tensor) else x, operands)
 
 
 def select(pred: Flag, a: Tensor, b: Tensor) -> Tensor:

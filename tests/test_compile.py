@@ -45,3 +45,20 @@ def test_fullgraph_compile_counts_and_matches_eager(case: str) -> None:
     if name == "fbc":  # the data-dependent decisions agree too, and both kinds happened
         assert int(state.num_computed) == int(eager_state.num_computed)
         assert 1 < int(state.num_computed) < STEPS
+
+
+def test_branch_operand_computed_from_a_transposed_view_compiles_with_inductor() -> None:
+    # A DiT patchifies with flatten(2).transpose(1, 2); inductor may lay out a pointwise result of that view
+    # transposed while compiling the cond branch for contiguous operands (torch 2.11-2.13: the branch's
+    # input stride assert fails). control.branch pins operand layouts; this is the minimal case.
+    from fastcache.control import branch
+
+    def f(x: torch.Tensor, w: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.layer_norm(x.flatten(2).transpose(1, 2), (x.shape[1],)) * 2 + 1
+        return branch(pred, lambda h, w: h @ w, lambda h, w: h * 3, (h, w))
+
+    x, w = torch.randn(1, 32, 4, 8), torch.randn(32, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    for pred in (True, False):
+        torch.testing.assert_close(compiled(x, w, torch.tensor(pred)), f(x, w, torch.tensor(pred)))

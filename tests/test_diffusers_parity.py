@@ -25,7 +25,7 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context  # noqa: E402
 
 import fastcache.diffusers as fd  # noqa: E402
 from fastcache.diffusers._families import FAMILIES  # noqa: E402
-from fastcache.diffusers._tiny import CASES, TinyCase, case  # noqa: E402
+from fastcache.diffusers._tiny import CASES, TinyCase, case, fbc_threshold  # noqa: E402
 from fastcache.methods import pyramid_attention_broadcast as pab  # noqa: E402
 
 TIMESTEPS = torch.linspace(1000, 0, 10)
@@ -73,18 +73,6 @@ def _context_name(tc: TinyCase) -> str:
 
 def _max_diffs(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
     return [float((x - y).abs().max()) for x, y in zip(a, b, strict=True)]
-
-
-def _fbc_threshold(tc: TinyCase, ctx: str) -> float:
-    """A threshold between two observed ratios, so both skip and compute steps occur, away from ties."""
-    model = copy.deepcopy(tc.model)
-    fd.enable_cache(model, fd.FirstBlockCacheConfig(threshold=0.0))
-    ratios: list[float] = []
-    _loop(model, tc, ctx, {}, model.cache_context,
-          lambda i: ratios.append(float(fd.cache_state(model, ctx)["ratio"])))
-    r = sorted(ratios[1:])
-    k = len(r) // 2
-    return (r[k - 1] + r[k]) / 2
 
 
 def _pab_config(name: str, clock: dict) -> diffusers.PyramidAttentionBroadcastConfig:
@@ -135,7 +123,7 @@ def _parity(name: str, method: str) -> dict:
     d_model, f_model = copy.deepcopy(tc.model), tc.model
     info: dict = {}
     if method == "fbc":
-        threshold = _fbc_threshold(tc, ctx)
+        threshold = fbc_threshold(tc, TIMESTEPS, (ctx,))
         d_cfg, f_cfg = (diffusers.FirstBlockCacheConfig(threshold=threshold) for _ in range(2))
         d_apply = d_apply_first_block_cache
     elif method == "pab":

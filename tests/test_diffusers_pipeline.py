@@ -26,27 +26,41 @@ def _pipeline() -> FluxPipeline:
                         text_encoder_2=None, tokenizer_2=None, transformer=case("flux").model.eval())
 
 
-def _call(pipe: FluxPipeline) -> torch.Tensor:
+STEPS = 10
+
+
+def _call(pipe: FluxPipeline, computed: list[int] | None = None) -> torch.Tensor:
+    """One unmodified pipeline call; `computed` receives FBC's count of computed steps after the last step."""
+    def record(pipe: FluxPipeline, step: int, timestep: torch.Tensor, kwargs: dict) -> dict:
+        if computed is not None and step == STEPS - 1:
+            computed.append(int(fd.cache_state(pipe.transformer, "cond")["num_computed"]))
+        return kwargs
+
     g = torch.Generator().manual_seed(0)
     embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1))
     pooled = torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
-    return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=32, width=32, num_inference_steps=10,
-                guidance_scale=1.0, generator=g, output_type="pt").images
+    return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=32, width=32,
+                num_inference_steps=STEPS, guidance_scale=1.0, generator=g, output_type="pt",
+                callback_on_step_end=record).images
 
 
 def test_flux_pipeline_compiled_fullgraph() -> None:
     pipe = _pipeline()
     reference = _call(pipe)  # uncached
     fd.enable_cache(pipe, fd.FirstBlockCacheConfig(threshold=0.3))
-    eager = _call(pipe)
+    eager_computed: list[int] = []
+    eager = _call(pipe, eager_computed)
     assert _call(pipe).equal(eager), "a second call must start from fresh states"
+    assert 1 < eager_computed[0] < STEPS, "the threshold must give both computed and skipped steps"
     torch._dynamo.reset()
     counters.clear()
-    pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend="aot_eager")
-    compiled = _call(pipe)
-    again = _call(pipe)
+    pipe.transformer = torch.compile(pipe.transformer, fullgraph=True)  # default backend: inductor
+    computed: list[int] = []
+    compiled = _call(pipe, computed)
+    again = _call(pipe, computed)
     assert sum(counters["graph_break"].values()) == 0
     assert counters["stats"]["unique_graphs"] <= 2
+    assert computed == eager_computed * 2, "compiled decisions must equal eager ones"
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
     torch.testing.assert_close(again, eager, atol=1e-5, rtol=0)
     pipe.transformer = pipe.transformer._orig_mod

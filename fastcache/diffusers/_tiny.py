@@ -3,7 +3,8 @@
 For tests and the benchmark: no download, built from configs. `case(name, scale)` returns a `TinyCase`:
 the model, the latent to denoise and `kwargs(latent, t)`, the transformer's arguments at scheduler
 timestep `t` (0..1000), converted to the family's own convention (Flux passes t / 1000, Mochi 1000 - t).
-`scale` widens the models for the benchmark (hidden size = 32 * scale).
+`scale` widens the models for the benchmark (hidden size = 32 * scale) and `layers` deepens them (blocks per
+block list).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _ts(t: Tensor, batch: int, scale: float = 1.0, offset: float = 0.0) -> Tenso
     return (t * scale + offset).float().expand(batch)
 
 
-def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 8, seed: int = 0) -> TinyCase:
+def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 8, seed: int = 0,
+         layers: int = 2) -> TinyCase:
     import diffusers as d
 
     torch.manual_seed(seed)
@@ -41,7 +43,7 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
         return torch.randn(*shape, generator=g)
 
     if name == "flux":
-        m = d.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+        m = d.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers,
                                      attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
                                      pooled_projection_dim=32, axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8))
         s = size * size
@@ -52,7 +54,7 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
             hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=_ts(t, 1, 1e-3),
             img_ids=img, txt_ids=torch.zeros(text, 3), guidance=None))
     if name == "flux2":
-        m = d.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+        m = d.Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers,
                                       attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
                                       timestep_guidance_channels=32, axes_dims_rope=(hd // 4,) * 4,
                                       guidance_embeds=False)
@@ -65,7 +67,7 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
             txt_ids=torch.zeros(1, text, 4)))
     if name == "cogvideox":
         m = d.CogVideoXTransformer3DModel(num_attention_heads=heads, attention_head_dim=hd, in_channels=4,
-                                          out_channels=4, time_embed_dim=32, text_embed_dim=32, num_layers=2,
+                                          out_channels=4, time_embed_dim=32, text_embed_dim=32, num_layers=layers,
                                           sample_width=size, sample_height=size, sample_frames=4 * frames - 3,
                                           patch_size=2, max_text_seq_length=text)
         enc = rnd(2, text, 32)
@@ -73,7 +75,7 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
             hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 2)), cfg_batched=True)
     if name == "hunyuanvideo":
         m = d.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=heads,
-                                             attention_head_dim=hd, num_layers=2, num_single_layers=2,
+                                             attention_head_dim=hd, num_layers=layers, num_single_layers=layers,
                                              num_refiner_layers=1, patch_size=2, text_embed_dim=32,
                                              pooled_projection_dim=32,
                                              rope_axes_dim=(hd // 4, 3 * hd // 8, 3 * hd // 8))
@@ -85,20 +87,20 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
     if name == "wan":
         m = d.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=hd,
                                     in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=2 * dim,
-                                    num_layers=2, rope_max_seq_len=32)
+                                    num_layers=layers, rope_max_seq_len=32)
         enc = rnd(1, text, 32)
         return TinyCase(name, m, rnd(1, 4, frames, size, size), lambda x, t: dict(
             hidden_states=x, timestep=_ts(t, 1), encoder_hidden_states=enc))
     if name == "ltx":
         m = d.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=heads,
-                                         attention_head_dim=hd, cross_attention_dim=dim, num_layers=2,
+                                         attention_head_dim=hd, cross_attention_dim=dim, num_layers=layers,
                                          caption_channels=32)
         enc = rnd(2, text, 32)
         return TinyCase(name, m, rnd(2, frames * size * size, 8), lambda x, t: dict(
             hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 2), encoder_attention_mask=torch.ones(2, text),
             num_frames=frames, height=size, width=size), cfg_batched=True)
     if name == "mochi":
-        m = d.MochiTransformer3DModel(patch_size=2, num_attention_heads=heads, attention_head_dim=hd, num_layers=2,
+        m = d.MochiTransformer3DModel(patch_size=2, num_attention_heads=heads, attention_head_dim=hd, num_layers=layers,
                                       pooled_projection_dim=16, in_channels=4, text_embed_dim=32, time_embed_dim=16,
                                       max_sequence_length=text)
         enc = rnd(2, text, 32)
@@ -107,7 +109,7 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
             encoder_attention_mask=torch.ones(2, text)), cfg_batched=True)
     if name == "latte":
         m = d.LatteTransformer3DModel(num_attention_heads=heads, attention_head_dim=hd, in_channels=4,
-                                      out_channels=4, num_layers=2, cross_attention_dim=dim, sample_size=size,
+                                      out_channels=4, num_layers=layers, cross_attention_dim=dim, sample_size=size,
                                       patch_size=2, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
                                       norm_type="ada_norm_single", caption_channels=32, video_length=frames)
         enc = rnd(2, text, 32)
@@ -115,14 +117,14 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
             hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 2)), cfg_batched=True)
     if name == "allegro":
         m = d.AllegroTransformer3DModel(patch_size=2, num_attention_heads=heads, attention_head_dim=hd,
-                                        in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=dim,
+                                        in_channels=4, out_channels=4, num_layers=layers, cross_attention_dim=dim,
                                         sample_height=size, sample_width=size, sample_frames=frames,
                                         caption_channels=32)
         enc = rnd(2, text, 32)
         return TinyCase(name, m, rnd(2, 4, frames, size, size), lambda x, t: dict(
             hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 2)), cfg_batched=True)
     if name == "cogview4":
-        m = d.CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        m = d.CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
                                          attention_head_dim=hd, num_attention_heads=heads, text_embed_dim=32,
                                          time_embed_dim=32, condition_dim=8, pos_embed_max_size=2 * size,
                                          sample_size=2 * size, rope_axes_dim=(hd // 2, hd // 2))
@@ -132,7 +134,7 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
             hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 1), original_size=hw, target_size=hw,
             crop_coords=torch.zeros(1, 2)))
     if name == "sd3":
-        m = d.SD3Transformer2DModel(sample_size=2 * size, patch_size=2, in_channels=4, num_layers=2,
+        m = d.SD3Transformer2DModel(sample_size=2 * size, patch_size=2, in_channels=4, num_layers=layers,
                                     attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
                                     caption_projection_dim=dim, pooled_projection_dim=32, out_channels=4,
                                     pos_embed_max_size=2 * size)
@@ -141,7 +143,7 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
             hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=_ts(t, 2)),
             cfg_batched=True)
     if name == "qwenimage":
-        m = d.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+        m = d.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=layers,
                                           attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
                                           axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8))
         enc = rnd(1, text, 32)
@@ -172,3 +174,30 @@ def denoise(model: Any, tc: TinyCase, timesteps: Tensor, context: str | None = "
         outs.append(out)
         x = x - 0.05 * out
     return outs
+
+
+def fbc_threshold(tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ...] = ("cond",),
+                  quantile: float = 0.5) -> float:
+    """A FirstBlockCache threshold for `tc` that skips about `1 - quantile` of the steps after the first: the
+    midpoint between two neighbouring observed ratios (random weights give no natural scale, and a
+    threshold away from every observed ratio keeps eager and compiled decisions equal)."""
+    import copy
+
+    from fastcache.diffusers._api import cache_state, disable_cache, enable_cache
+    from fastcache.methods.first_block_cache import FirstBlockCacheConfig
+
+    model = copy.deepcopy(tc.model)
+    enable_cache(model, FirstBlockCacheConfig(threshold=0.0))
+    ratios: list[float] = []
+    x = tc.latent.clone()
+    for i, t in enumerate(timesteps):
+        for name in contexts:
+            with torch.no_grad(), model.cache_context(name):
+                out = model(**tc.kwargs(x, t), return_dict=False)[0]
+            if i > 0:
+                ratios.append(float(cache_state(model, name)["ratio"]))
+        x = x - 0.05 * out
+    disable_cache(model)
+    ratios.sort()
+    k = min(max(int(len(ratios) * quantile), 1), len(ratios) - 1)
+    return (ratios[k - 1] + ratios[k]) / 2
