@@ -10,13 +10,19 @@ through these providers:
                                              records how)
     fastcache-eager, fastcache-compiled      fastcache's drop-in (`fastcache.enable_cache`), fullgraph=True
 
-Both caches get the same config and timesteps, so they take the same decisions; the final latent of every
-provider is compared with diffusers-eager's (`max|diff|`: a different decision would show far above 1e-4).
-Per provider: median seconds per generation over `--repeats` timed generations after one warm-up generation
-(so compile time is not in it, but recompiles during timed runs are), the warm-up time, graph breaks and
-graphs compiled over all its generations, and the share computed (FBC: steps that ran every block; PAB:
-hooked attention calls; FasterCache: steps that ran the unconditional batch). torch._dynamo is reset
-between providers (diffusers' classes share one `forward` code object, and so one recompile limit).
+Both caches get the same config and timesteps, so they take the same decisions, with one exception kept on
+purpose: diffusers' PAB keeps one state per attention module, not per cache context, so with separate cond /
+uncond passes (Wan) its uncond pass reuses the cond pass's attention; fastcache keeps one state per context.
+The final latent of every provider is compared with diffusers-eager's (`max|diff|`: a different decision
+shows far above 1e-4).
+
+Every provider first runs two rounds of warm-up generations (compiles happen there, see `bench`), then the
+timed generations go round-robin over the providers (`--repeats` rounds, rotating the order), so a change in
+machine load hits all alike; fastcache-compiled's time over diffusers-compiled's is also taken per round
+(paired) and its median reported. Per provider: the median seconds per generation, the warm-up time, graph
+breaks and graphs compiled over all its generations (in brackets: during the timed rounds), and the share
+computed (FBC: steps that ran every block; PAB: hooked attention calls; FasterCache: steps that ran the
+unconditional batch). diffusers-fullgraph runs last, untimed: it records how diffusers' hooks fail under fullgraph=True.
 
     python bench/bench_diffusers.py                      # writes bench/results/diffusers_bench.{md,json}
 """
@@ -24,6 +30,7 @@ between providers (diffusers' classes share one `forward` code object, and so on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -79,135 +86,146 @@ def _config(method: str, threshold: float, clock: dict) -> Any:
     raise ValueError(f"method: unknown {method!r}; known: fbc, pab, fastercache")
 
 
-def _generate(runner: Any, model: Any, tc: TinyCase, setup: Setup, timesteps: torch.Tensor, clock: dict,
-              observe: Any = None) -> torch.Tensor:
-    x = tc.latent.clone()
-    for t in timesteps:
-        clock["t"] = t
-        outs = []
-        for name in setup.contexts:
-            with torch.no_grad(), model.cache_context(name):
-                outs.append(runner(**tc.kwargs(x, t), return_dict=False)[0])
-        if observe is not None:
-            observe()
-        x = x - 0.05 * outs[-1]  # any update works: the loop only has to feed the output back
-    return x
+class Provider:
+    """One way of running the loop: its own copy of the model, cache and (maybe compiled) runner."""
 
+    def __init__(self, name: str, setup: Setup, tc: TinyCase, method: str, threshold: float,
+                 timesteps: torch.Tensor) -> None:
+        self.name, self.setup, self.tc, self.method, self.timesteps = name, setup, tc, method, timesteps
+        self.clock: dict = {}
+        self.model = copy.deepcopy(tc.model)
+        self.config = None if name.startswith("uncached") else _config(method, threshold, self.clock)
+        if name.startswith("diffusers"):
+            self.model.enable_cache(self.config)
+        elif name.startswith("fastcache"):
+            fd.enable_cache(self.model, self.config)
+        self.runner = self.model
+        if name.endswith(("compiled", "fullgraph")):
+            self.runner = torch.compile(self.model, fullgraph=not name.startswith("diffusers-compiled"))
+        self.fbc_computed: list[int] = []
+        self.times: list[float] = []
+        self.breaks = self.graphs = 0
 
-def _computed_share(method: str, config: Any, model: Any, setup: Setup, timesteps: torch.Tensor,
-                    fbc_computed: list[int]) -> float:
-    if method == "fbc":  # fastcache's own count (the same decisions as diffusers': see max|diff|)
-        return sum(fbc_computed) / (len(setup.contexts) * len(timesteps))
-    ours = fd.to_fastcache_config(config)
-    if method == "fastercache":
-        return fc.plan(ours, timesteps.tolist()).rows["uncond"].count("F") / len(timesteps)
-    rows = pab.plan(ours, timesteps.tolist()).rows
-    kinds = [kind for _, kind in classify_sites(model, ours).values()]
-    return sum(rows[k].count("C") for k in kinds) / (len(kinds) * len(timesteps))
+    def generate(self) -> torch.Tensor:
+        """One generation from fresh cache states; graph breaks and graphs compiled are added to this provider."""
+        if self.name.startswith("fastcache"):
+            fd.reset_cache(self.model)
+        elif self.name.startswith("diffusers"):
+            self.model._reset_stateful_cache()
+        breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+        x = self.tc.latent.clone()
+        for t in self.timesteps:
+            self.clock["t"] = t
+            outs = []
+            for name in self.setup.contexts:
+                with torch.no_grad(), self._context(name):
+                    outs.append(self.runner(**self.tc.kwargs(x, t), return_dict=False)[0])
+            if self.name.startswith("fastcache") and self.method == "fbc":
+                self.fbc_computed = [int(fd.cache_state(self.model, n)["num_computed"]) for n in self.setup.contexts]
+            x = x - 0.05 * outs[-1]  # any update works: the loop only has to feed the output back
+        self.breaks += sum(counters["graph_break"].values()) - breaks
+        self.graphs += counters["stats"]["unique_graphs"] - graphs
+        return x
 
+    def _context(self, name: str) -> Any:
+        return contextlib.nullcontext() if self.config is None else self.model.cache_context(name)
 
-def run_provider(provider: str, setup: Setup, tc: TinyCase, method: str, threshold: float,
-                 timesteps: torch.Tensor, repeats: int) -> dict:
-    clock: dict = {}
-    model = copy.deepcopy(tc.model)
-    config = None if provider.startswith("uncached") else _config(method, threshold, clock)
-    if provider.startswith("diffusers"):
-        model.enable_cache(config)
-    elif provider.startswith("fastcache"):
-        fd.enable_cache(model, config)
-    torch._dynamo.reset()
-    counters.clear()
-    runner = model
-    if provider.endswith(("compiled", "fullgraph")):
-        runner = torch.compile(model, fullgraph=not provider.startswith("diffusers-compiled"))
-    ctx_model = model if config is not None else _NoContext(model)
-    row: dict = dict(model=setup.model, method=method, provider=provider)
-    fbc_computed: list[int] = []
-
-    def record_fbc() -> None:
-        if provider.startswith("fastcache") and method == "fbc":
-            fbc_computed[:] = [int(fd.cache_state(model, n)["num_computed"]) for n in setup.contexts]
-
-    t0 = time.perf_counter()
-    try:
-        out = _generate(runner, ctx_model, tc, setup, timesteps, clock, record_fbc)  # warm-up (and compile)
-    except Exception as error:  # diffusers-fullgraph: the documented failure, recorded
-        if provider != "diffusers-fullgraph":
-            raise
-        row.update(error=f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}")
-        return row
-    row["warmup_seconds"] = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        _reset(model, provider)
-        t0 = time.perf_counter()
-        out = _generate(runner, ctx_model, tc, setup, timesteps, clock, record_fbc)
-        times.append(time.perf_counter() - t0)
-    row.update(seconds=statistics.median(times), times=times, graph_breaks=sum(counters["graph_break"].values()),
-               graphs=counters["stats"]["unique_graphs"], latent=out)
-    if config is not None and provider.startswith("fastcache"):
-        row["computed"] = _computed_share(method, config, model, setup, timesteps, fbc_computed)
-    return row
-
-
-class _NoContext:
-    """An uncached model has no cache_context: a no-op one keeps the loop the same."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def cache_context(self, name: str) -> Any:
-        import contextlib
-
-        return contextlib.nullcontext()
-
-
-def _reset(model: Any, provider: str) -> None:
-    if provider.startswith("fastcache"):
-        fd.reset_cache(model)
-    elif provider.startswith("diffusers"):
-        model._reset_stateful_cache()
+    def computed_share(self) -> float | None:
+        """FBC: steps that ran every block (fastcache's count); PAB: hooked attention calls computed;
+        FasterCache: steps that ran the unconditional batch (both from the plan)."""
+        if not self.name.startswith("fastcache"):
+            return None
+        if self.method == "fbc":
+            return sum(self.fbc_computed) / (len(self.setup.contexts) * len(self.timesteps))
+        ours = fd.to_fastcache_config(self.config)
+        if self.method == "fastercache":
+            return fc.plan(ours, self.timesteps.tolist()).rows["uncond"].count("F") / len(self.timesteps)
+        rows = pab.plan(ours, self.timesteps.tolist()).rows
+        kinds = [kind for _, kind in classify_sites(self.model, ours).values()]
+        return sum(rows[k].count("C") for k in kinds) / (len(kinds) * len(self.timesteps))
 
 
 def bench(model_name: str, method: str, args: argparse.Namespace) -> list[dict]:
+    """Every provider warms up (compiles) once, then the timed generations go round-robin over the providers,
+    so a change in machine load hits all of them alike."""
     setup = SETUPS[model_name]
     tc = case(model_name, **setup.size)
     tc.model.eval()
     timesteps = torch.linspace(1000, 0, args.steps)
     # FBC: a threshold between two observed ratios that skips about half the steps on these random weights
     threshold = fbc_threshold(tc, timesteps, setup.contexts) if method == "fbc" else 0.0
+    names = args.providers.split(",")
+    probe = "diffusers-fullgraph" in names  # expected to fail: run last, outside the timing
+    torch._dynamo.reset()
+    counters.clear()
+    providers = [Provider(n, setup, tc, method, threshold, timesteps) for n in names if n != "diffusers-fullgraph"]
+    latents, warmups = {}, {p.name: 0.0 for p in providers}
+    # two warm-up rounds: the first compiles; in the second a provider may still recompile because another
+    # provider's graphs on the shared diffusers code objects changed which guards it meets first
+    for _ in range(2):
+        for p in providers:
+            t0 = time.perf_counter()
+            latents[p.name] = p.generate()
+            warmups[p.name] += time.perf_counter() - t0
+    compiled_in_warmup = {p.name: p.graphs for p in providers}
+    for r in range(args.repeats):
+        for p in providers[r % len(providers):] + providers[:r % len(providers)]:
+            t0 = time.perf_counter()
+            latents[p.name] = p.generate()
+            p.times.append(time.perf_counter() - t0)
     rows = []
-    for provider in args.providers.split(","):
-        row = run_provider(provider, setup, tc, method, threshold, timesteps, args.repeats)
+    reference = latents.get("diffusers-eager")
+    computed = next((p.computed_share() for p in providers if p.computed_share() is not None), None)
+    baseline = statistics.median(next(p.times for p in providers if p.name == "uncached-compiled"))
+    for p in providers:
+        seconds = statistics.median(p.times)
+        row = dict(model=model_name, method=method, provider=p.name, seconds=seconds, times=p.times,
+                   warmup_seconds=warmups[p.name], graph_breaks=p.breaks, graphs=p.graphs,
+                   graphs_during_timing=p.graphs - compiled_in_warmup[p.name],
+                   speedup_vs_uncached_compiled=baseline / seconds,
+                   computed=None if p.config is None else computed)
+        if reference is not None:
+            row["max_diff_vs_diffusers_eager"] = float((latents[p.name] - reference).abs().max())
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "latent"}), flush=True)
-    reference = next((r["latent"] for r in rows if r["provider"] == "diffusers-eager"), None)
-    computed = next((r["computed"] for r in rows if "computed" in r), None)
-    baseline = next((r["seconds"] for r in rows if r["provider"] == "uncached-compiled"), None)
-    for r in rows:
-        latent = r.pop("latent", None)
-        if reference is not None and latent is not None:
-            r["max_diff_vs_diffusers_eager"] = float((latent - reference).abs().max())
-        if not r["provider"].startswith("uncached") and "seconds" in r:
-            r["computed"] = computed
-        if baseline is not None and "seconds" in r:
-            r["speedup_vs_uncached_compiled"] = baseline / r["seconds"]
+        print(json.dumps(row), flush=True)
+    timed = {p.name: p.times for p in providers}
+    if "fastcache-compiled" in timed and "diffusers-compiled" in timed:  # paired by round: load drifts cancel
+        ratios = [f / d for f, d in zip(timed["fastcache-compiled"], timed["diffusers-compiled"])]
+        row = next(r for r in rows if r["provider"] == "fastcache-compiled")
+        row["paired_ratio_vs_diffusers_compiled"] = statistics.median(ratios)
+    if probe:
+        rows.append(_probe_fullgraph(setup, tc, method, threshold, timesteps))
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
+def _probe_fullgraph(setup: Setup, tc: TinyCase, method: str, threshold: float, timesteps: torch.Tensor) -> dict:
+    """diffusers' hooks under torch.compile(fullgraph=True): one generation, and how it fails."""
+    torch._dynamo.reset()
+    row: dict = dict(model=setup.model, method=method, provider="diffusers-fullgraph")
+    try:
+        Provider("diffusers-fullgraph", setup, tc, method, threshold, timesteps).generate()
+        row["error"] = None
+    except Exception as error:
+        row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
+    return row
+
+
 def _markdown(rows: list[dict], meta: dict) -> str:
-    lines = ["| model | method | provider | s/generation | vs uncached compiled | warm-up s | graph breaks | graphs "
-             "| computed | max abs diff vs diffusers eager |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | provider | s/generation | vs uncached compiled | time / diffusers compiled (paired) "
+             "| warm-up s | graph breaks | graphs (in timed runs) | computed | max abs diff vs diffusers eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = f"| {r['model']} | {r['method']} | {r['provider']} |"
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['method']} | {r['provider']} | fails: {r['error']} | | | | | | |")
+            lines.append(f"{head} {'runs' if r['error'] is None else 'fails: ' + r['error']} |" + " |" * 8)
             continue
-        computed = "-" if r.get("computed") is None else f"{r['computed']:.2f}"
-        diff = r.get("max_diff_vs_diffusers_eager")
-        lines.append(f"| {r['model']} | {r['method']} | {r['provider']} | {r['seconds']:.3f} | "
-                     f"{r.get('speedup_vs_uncached_compiled', float('nan')):.2f}x | {r['warmup_seconds']:.1f} | "
-                     f"{r['graph_breaks']} | {r['graphs']} | {computed} | "
-                     f"{'-' if diff is None else f'{diff:.1e}'} |")
+        paired = r.get("paired_ratio_vs_diffusers_compiled")
+        computed, diff = r.get("computed"), r.get("max_diff_vs_diffusers_eager")
+        lines.append(f"{head} {r['seconds']:.3f} | {r['speedup_vs_uncached_compiled']:.2f}x | "
+                     f"{'' if paired is None else f'{paired:.3f}'} | {r['warmup_seconds']:.1f} | "
+                     f"{r['graph_breaks']} | {r['graphs']} ({r['graphs_during_timing']}) | "
+                     f"{'-' if computed is None else f'{computed:.2f}'} | {'-' if diff is None else f'{diff:.1e}'} |")
     return "\n".join(lines) + f"\n\n{json.dumps(meta)}\n"
 
 
@@ -216,7 +234,7 @@ def main() -> None:
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="model:method pairs")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds over all providers")
     parser.add_argument("--out", default=str(RESULTS / "diffusers_bench"))
     args = parser.parse_args()
     load_before = os.getloadavg()
