@@ -26,7 +26,8 @@ def _without_aliases(fn: Callable[..., T]) -> Callable[..., T]:
         leaves = tree_leaves(operands)
         out = fn(*operands)
         # identity, not id(): id() would make dynamo guard on the objects and recompile every call
-        return tree_map(lambda x: x.clone() if any(x is leaf for leaf in leaves) else x, out)
+        return tree_map(lambda x: x.clone() if isinstance(x, Tensor) and any(x is leaf for leaf in leaves) else x,
+                        out)
 
     return wrapped
 

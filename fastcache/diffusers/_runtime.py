@@ -290,7 +290,7 @@ def pab_wrapper(session: Session, name: str, kind: str) -> Callable[[Callable[..
                 scratch.new.setdefault("cache", {})[name] = _own(out)
                 return out
             else:
-                _prewarm(original)
+                _prewarm(getattr(original, "__self__", None))
                 tensors, rebuild = _split_tensors(args, kwargs)
                 out = _cond(getattr(scratch.decision, kind),
                              lambda cached, *ts: _call(original, rebuild(ts)),
@@ -304,13 +304,17 @@ def pab_wrapper(session: Session, name: str, kind: str) -> Callable[[Callable[..
     return make
 
 
-def _prewarm(original: Callable[..., Any]) -> None:
+def _prewarm(module: nn.Module | None) -> None:
     # diffusers' attention forwards call inspect.signature(self.processor.__call__); dynamo traces that at
     # the top level of a graph but not first inside a torch.cond branch (torch 2.13: "'Signature' object
-    # has no attribute '_parameters'"), so evaluate it once before entering the branch.
-    processor = getattr(getattr(original, "__self__", None), "processor", None)
-    if processor is not None:
-        inspect.signature(processor.__call__)
+    # has no attribute '_parameters'"), so evaluate it once, for every attention in `module`, before
+    # entering the branch.
+    if module is None or not torch.compiler.is_compiling():
+        return
+    for sub in module.modules():
+        processor = getattr(sub, "processor", None)
+        if processor is not None:
+            inspect.signature(processor.__call__)
 
 
 def _call(fn: Callable[..., Any], args_kwargs: tuple) -> Any:
@@ -385,6 +389,7 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
                     scratch.starts[role.segment] = inputs
                 tensors, rebuild = _split_tensors(args, kwargs)
                 if not role.last:
+                    _prewarm(block)
                     return _cond(scratch.skip, lambda *ts: _as_output(io, _input_streams(io, positions,
                                                                                            *rebuild(ts))),
                                   lambda *ts: _call(original, rebuild(ts)), tensors)
@@ -405,13 +410,35 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
             if state is None:
                 out, res = compute(None, start, *tensors)
             else:
-                out, res = _cond(scratch.skip, reuse, compute, (old, start, *tensors))
+                _prewarm(block)
+                out, res = _cond_streams(scratch.skip, reuse, compute, io, old, (old, start, *tensors))
             scratch.new.setdefault("res", {})[role.segment] = res
             return out
 
         return forward
 
     return make
+
+
+def _cond_streams(pred: Any, reuse: Callable[..., tuple], compute: Callable[..., tuple], io: BlockIO,
+                  old: tuple, operands: tuple) -> tuple:
+    """`_cond` for a segment's last block, whose branches return (block output, residuals). torch.cond
+    refuses None outputs, and a block may return None for a stream (SD3's last block drops the text stream):
+    the branches return the present streams only, and the Nones are put back after. The present streams are
+    those with a stored residual (a stream that is None in the output has a None residual)."""
+    present = tuple(r is not None for r in old)
+
+    def packed(fn: Callable[..., tuple]) -> Callable[..., tuple]:
+        def run(*ops: Any) -> tuple:
+            out, res = fn(*ops)
+            return (tuple(x for x, p in zip(_streams(io, out), present) if p),
+                    tuple(x for x, p in zip(res, present) if p))
+        return run
+
+    streams, res = _cond(pred, packed(reuse), packed(compute), operands)
+    streams, res = iter(streams), iter(res)
+    return (_as_output(io, tuple(next(streams) if p else None for p in present)),
+            tuple(next(res) if p else None for p in present))
 
 
 # -- FasterCache --------------------------------------------------------------------------------------------
@@ -435,7 +462,7 @@ def fastercache_attention_wrapper(session: Session, name: str, kind: str) -> Cal
                 window = (tree_map(torch.clone, out), _own(out))
             else:
                 prev, last = state["windows"][name]
-                _prewarm(original)
+                _prewarm(getattr(original, "__self__", None))
                 tensors, rebuild = _split_tensors(args, kwargs)
                 out = _cond(getattr(decision, f"approx_{kind}"),
                              lambda prv, lst, *ts: tree_map(
