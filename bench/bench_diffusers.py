@@ -153,7 +153,9 @@ def bench(model_name: str, method: str, args: argparse.Namespace) -> list[dict]:
     tc.model.eval()
     timesteps = torch.linspace(1000, 0, args.steps)
     # FBC: a threshold between two observed ratios that skips about half the steps on these random weights
-    threshold = fbc_threshold(tc, timesteps, setup.contexts) if method == "fbc" else 0.0
+    threshold = args.threshold
+    if threshold is None:
+        threshold = fbc_threshold(tc, timesteps, setup.contexts) if method == "fbc" else 0.0
     names = args.providers.split(",")
     probe = "diffusers-fullgraph" in names  # expected to fail: run last, outside the timing
     torch._dynamo.reset()
@@ -235,6 +237,8 @@ def main() -> None:
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds over all providers")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="FBC threshold (default: probed to skip about half the steps); 0 always computes")
     parser.add_argument("--out", default=str(RESULTS / "diffusers_bench"))
     args = parser.parse_args()
     load_before = os.getloadavg()
