@@ -20,7 +20,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 import fastcache.diffusers as fd  # noqa: E402
 from fastcache.diffusers._families import FAMILIES  # noqa: E402
 from fastcache.diffusers._tiny import CASES as CASES_ALL  # noqa: E402
-from fastcache.diffusers._tiny import TinyCase, case  # noqa: E402
+from fastcache.diffusers._tiny import TinyCase, case, denoise  # noqa: E402
 
 TIMESTEPS = torch.linspace(1000, 0, 10)
 MAX_GRAPHS = 2
@@ -37,15 +37,7 @@ def _config(method: str, distilled: bool = False):
 
 
 def _loop(model, tc: TinyCase, contexts: tuple[str, ...]) -> list[torch.Tensor]:
-    x, outs = tc.latent.clone(), []
-    for t in TIMESTEPS:
-        step = []
-        for name in contexts:  # separate CFG passes, as Wan/Flux pipelines run them
-            with torch.no_grad(), model.cache_context(name):
-                step.append(model(**tc.kwargs(x, t), return_dict=False)[0])
-        outs.extend(step)
-        x = x - 0.05 * step[-1]
-    return outs
+    return denoise(model, tc, TIMESTEPS, contexts)  # separate CFG passes, as Wan/Flux pipelines run them
 
 
 CASES = [

@@ -9,6 +9,7 @@ own reference instead.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 
@@ -25,7 +26,7 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context  # noqa: E402
 
 import fastcache.diffusers as fd  # noqa: E402
 from fastcache.diffusers._families import FAMILIES  # noqa: E402
-from fastcache.diffusers._tiny import CASES, TinyCase, case, fbc_threshold  # noqa: E402
+from fastcache.diffusers._tiny import CASES, TinyCase, case, denoise, fbc_threshold  # noqa: E402
 from fastcache.methods import pyramid_attention_broadcast as pab  # noqa: E402
 
 TIMESTEPS = torch.linspace(1000, 0, 10)
@@ -38,16 +39,7 @@ FBC_DIFFUSERS_BROKEN = {"flux2", "latte", "sd3"}
 
 
 def _loop(model: torch.nn.Module, tc: TinyCase, ctx: str, clock: dict, set_ctx, observe=None) -> list[torch.Tensor]:
-    x, outs = tc.latent.clone(), []
-    for i, t in enumerate(TIMESTEPS):
-        clock["t"] = t
-        with torch.no_grad(), set_ctx(ctx):
-            out = model(**tc.kwargs(x, t), return_dict=False)[0]
-        if observe is not None:
-            observe(i)
-        outs.append(out)
-        x = x - 0.05 * out
-    return outs
+    return denoise(model, tc, TIMESTEPS, (ctx,), set_ctx, clock, observe)
 
 
 class _DiffusersContext:
@@ -195,15 +187,7 @@ def _fbc_reference(tc: TinyCase, ctx: str, threshold: float) -> list[torch.Tenso
             return out
 
         block.forward = fwd
-    return _loop(model, tc, ctx, {}, lambda name: _Null())
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
+    return _loop(model, tc, ctx, {}, lambda name: contextlib.nullcontext())
 
 
 PARITY = ([(n, "fbc") for n in CASES] + [(n, "pab") for n in CASES] + [(n, "fc") for n in FASTERCACHE_FAMILIES])

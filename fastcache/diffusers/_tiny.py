@@ -9,6 +9,7 @@ block list).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -157,22 +158,28 @@ CASES = ("flux", "flux2", "cogvideox", "hunyuanvideo", "wan", "ltx", "mochi", "l
          "sd3", "qwenimage")
 
 
-def denoise(model: Any, tc: TinyCase, timesteps: Tensor, context: str | None = "cond",
+def denoise(model: Any, tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ...] = ("cond",),
+            set_context: Callable[[str], Any] | None = None, clock: dict | None = None,
             observe: Callable[[int], None] | None = None) -> list[Tensor]:
-    """A plain Euler-like loop through `model` (the transformer, maybe compiled): one output per step."""
+    """A plain Euler-like loop through `model` (the transformer, maybe compiled): each step calls it once per
+    cache context (the CFG passes, as pipelines run them) and returns every output in call order.
+
+    `set_context(name)` selects a context (default: the model's `cache_context`, none if it has none);
+    `clock["t"]` holds the current timestep (for diffusers' `current_timestep_callback`); `observe(i)` runs
+    after step `i`.
+    """
+    if set_context is None:
+        set_context = getattr(model, "cache_context", None) or (lambda name: contextlib.nullcontext())
     x, outs = tc.latent.clone(), []
-    ctx = getattr(model, "cache_context", None)
     for i, t in enumerate(timesteps):
-        with torch.no_grad():
-            if ctx is not None and context is not None:
-                with model.cache_context(context):
-                    out = model(**tc.kwargs(x, t), return_dict=False)[0]
-            else:
-                out = model(**tc.kwargs(x, t), return_dict=False)[0]
+        if clock is not None:
+            clock["t"] = t
+        for name in contexts:
+            with torch.no_grad(), set_context(name):
+                outs.append(model(**tc.kwargs(x, t), return_dict=False)[0])
         if observe is not None:
             observe(i)
-        outs.append(out)
-        x = x - 0.05 * out
+        x = x - 0.05 * outs[-1]
     return outs
 
 
@@ -189,14 +196,12 @@ def fbc_threshold(tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ...] = (
     model = copy.deepcopy(tc.model)
     enable_cache(model, FirstBlockCacheConfig(threshold=0.0))
     ratios: list[float] = []
-    x = tc.latent.clone()
-    for i, t in enumerate(timesteps):
-        for name in contexts:
-            with torch.no_grad(), model.cache_context(name):
-                out = model(**tc.kwargs(x, t), return_dict=False)[0]
-            if i > 0:
-                ratios.append(float(cache_state(model, name)["ratio"]))
-        x = x - 0.05 * out
+
+    def record(i: int) -> None:
+        if i > 0:
+            ratios.extend(float(cache_state(model, name)["ratio"]) for name in contexts)
+
+    denoise(model, tc, timesteps, contexts, observe=record)
     disable_cache(model)
     ratios.sort()
     k = min(max(int(len(ratios) * quantile), 1), len(ratios) - 1)
