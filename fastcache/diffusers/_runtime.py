@@ -255,6 +255,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             if not isinstance(timestep, Tensor):
                 timestep = torch.as_tensor(timestep if timestep is not None else 0.0)
             t = family.timestep(timestep)
+            _prewarm(model)
             scratch.state, scratch.new = state, {}
             if isinstance(config, FasterCacheConfig):
                 out, new = _faster_cache_forward(session, original, positions, state, t, args, kwargs)
@@ -290,7 +291,6 @@ def pab_wrapper(session: Session, name: str, kind: str) -> Callable[[Callable[..
                 scratch.new.setdefault("cache", {})[name] = _own(out)
                 return out
             else:
-                _prewarm(getattr(original, "__self__", None))
                 tensors, rebuild = _split_tensors(args, kwargs)
                 out = _cond(getattr(scratch.decision, kind),
                              lambda cached, *ts: _call(original, rebuild(ts)),
@@ -304,12 +304,12 @@ def pab_wrapper(session: Session, name: str, kind: str) -> Callable[[Callable[..
     return make
 
 
-def _prewarm(module: nn.Module | None) -> None:
+def _prewarm(module: nn.Module) -> None:
     # diffusers' attention forwards call inspect.signature(self.processor.__call__); dynamo traces that at
     # the top level of a graph but not first inside a torch.cond branch (torch 2.13: "'Signature' object
-    # has no attribute '_parameters'"), so evaluate it once, for every attention in `module`, before
-    # entering the branch.
-    if module is None or not torch.compiler.is_compiling():
+    # has no attribute '_parameters'"), so the traced forward evaluates it once per attention in the model,
+    # before any branch.
+    if not torch.compiler.is_compiling():
         return
     for sub in module.modules():
         processor = getattr(sub, "processor", None)
@@ -389,7 +389,6 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
                     scratch.starts[role.segment] = inputs
                 tensors, rebuild = _split_tensors(args, kwargs)
                 if not role.last:
-                    _prewarm(block)
                     return _cond(scratch.skip, lambda *ts: _as_output(io, _input_streams(io, positions,
                                                                                            *rebuild(ts))),
                                   lambda *ts: _call(original, rebuild(ts)), tensors)
@@ -410,7 +409,6 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
             if state is None:
                 out, res = compute(None, start, *tensors)
             else:
-                _prewarm(block)
                 out, res = _cond_streams(scratch.skip, reuse, compute, io, old, (old, start, *tensors))
             scratch.new.setdefault("res", {})[role.segment] = res
             return out
@@ -462,7 +460,6 @@ def fastercache_attention_wrapper(session: Session, name: str, kind: str) -> Cal
                 window = (tree_map(torch.clone, out), _own(out))
             else:
                 prev, last = state["windows"][name]
-                _prewarm(getattr(original, "__self__", None))
                 tensors, rebuild = _split_tensors(args, kwargs)
                 out = _cond(getattr(decision, f"approx_{kind}"),
                              lambda prv, lst, *ts: tree_map(
