@@ -25,6 +25,7 @@ computed (FBC: steps that ran every block; PAB: hooked attention calls; FasterCa
 unconditional batch). diffusers-fullgraph runs last, untimed: it records how diffusers' hooks fail under fullgraph=True.
 
     python bench/bench_diffusers.py                      # writes bench/results/diffusers_bench.{md,json}
+    python bench/bench_diffusers.py --regime overhead    # the smallest models: bench/results/diffusers_bench_overhead.*
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ SETUPS = {
     "wan": Setup("wan", ("cond", "uncond"), dict(scale=8, size=32, frames=4, layers=8)),
     "cogvideox": Setup("cogvideox", ("cond_uncond",), dict(scale=8, size=32, frames=4, layers=8)),  # batched
 }
+# the overhead-bound regime: the smallest models, where host work between kernels is most of a step
+OVERHEAD_SIZES = {"flux": dict(scale=1, size=8, layers=2), "wan": dict(scale=1, size=8, frames=2, layers=2),
+                  "cogvideox": dict(scale=1, size=8, frames=2, layers=2)}
 DEFAULT_RUNS = "flux:fbc,flux:pab,wan:fbc,wan:pab,cogvideox:fastercache,cogvideox:pab"
 
 
@@ -149,6 +153,8 @@ def bench(model_name: str, method: str, args: argparse.Namespace) -> list[dict]:
     """Every provider warms up (compiles) once, then the timed generations go round-robin over the providers,
     so a change in machine load hits all of them alike."""
     setup = SETUPS[model_name]
+    if args.regime == "overhead":
+        setup = Setup(setup.model, setup.contexts, OVERHEAD_SIZES[model_name])
     tc = case(model_name, **setup.size)
     tc.model.eval()
     timesteps = torch.linspace(1000, 0, args.steps)
@@ -181,7 +187,7 @@ def bench(model_name: str, method: str, args: argparse.Namespace) -> list[dict]:
     baseline = statistics.median(next(p.times for p in providers if p.name == "uncached-compiled"))
     for p in providers:
         seconds = statistics.median(p.times)
-        row = dict(model=model_name, method=method, provider=p.name, seconds=seconds, times=p.times,
+        row = dict(model=model_name, method=method, provider=p.name, regime=args.regime, seconds=seconds, times=p.times,
                    warmup_seconds=warmups[p.name], graph_breaks=p.breaks, graphs=p.graphs,
                    graphs_during_timing=p.graphs - compiled_in_warmup[p.name],
                    speedup_vs_uncached_compiled=baseline / seconds,
@@ -239,8 +245,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds over all providers")
     parser.add_argument("--threshold", type=float, default=None,
                         help="FBC threshold (default: probed to skip about half the steps); 0 always computes")
-    parser.add_argument("--out", default=str(RESULTS / "diffusers_bench"))
+    parser.add_argument("--regime", choices=("compute", "overhead"), default="compute",
+                        help="compute: models big enough that compute dominates; overhead: the smallest models")
+    parser.add_argument("--out", default=None, help="default: bench/results/diffusers_bench[_overhead]")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = str(RESULTS / ("diffusers_bench" if args.regime == "compute" else "diffusers_bench_overhead"))
     load_before = os.getloadavg()
     rows = [r for pair in args.runs.split(",") for r in bench(*pair.split(":"), args)]
     import diffusers
@@ -248,7 +258,7 @@ def main() -> None:
     meta = dict(torch=torch.__version__, diffusers=diffusers.__version__, python=platform.python_version(),
                 machine=platform.machine(), cpus=os.cpu_count(), threads=torch.get_num_threads(),
                 loadavg_before=load_before, loadavg_after=os.getloadavg(), args=vars(args),
-                sizes={k: v.size for k, v in SETUPS.items()})
+                sizes=OVERHEAD_SIZES if args.regime == "overhead" else {k: v.size for k, v in SETUPS.items()})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -1,6 +1,7 @@
 """Compile-friendliness, counted: each method's denoising step under torch.compile(fullgraph=True) over a
 12-step run with real timesteps 1000 -> 0 has 0 graph breaks, compiles at most once per distinct step
-variant (planned decisions) or exactly once (decisions on the device), and matches eager."""
+variant (planned decisions) or exactly once (decisions on the device), holds no torch.cond when planned and
+one per step for FBC (host syncs on a GPU), and matches eager."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fastcache
+from fastcache.testing import CompileCounter
 from tests.test_engine import METHODS, denoise, max_diff, noise, tiny_dit
 
 STEPS = 12
@@ -32,16 +34,23 @@ def test_fullgraph_compile_counts_and_matches_eager(case: str) -> None:
         eager, eager_state = denoise(model, config, x, STEPS, device_decisions=device_decisions)
         torch._dynamo.reset()
         counters.clear()
-        compiled_step = torch.compile(lambda s, i, d: method.step(model, s, i, d), fullgraph=True)
+        counter = CompileCounter("inductor")
+        compiled_step = torch.compile(lambda s, i, d: method.step(model, s, i, d), fullgraph=True, backend=counter)
         compiled, state = denoise(model, config, x, STEPS, step_fn=compiled_step, device_decisions=device_decisions)
     graph_breaks = sum(counters["graph_break"].values())
-    graphs = counters["stats"]["unique_graphs"]
+    graphs = counter.graphs
     plan = method.plan(torch.linspace(1000, 0, STEPS + 1)[:-1])
     bound = 1 if device_decisions else plan.variants()
     print(f"{case}: graph breaks {graph_breaks}, compiled graphs {graphs} (bound {bound}), plan:\n{plan}")
     assert graph_breaks == 0
     assert 1 <= graphs <= bound
     assert max_diff(eager, compiled) <= 1e-5
+    # host syncs on a GPU: planned steps hold no torch.cond, FBC one per step, device-decided PAB one per site
+    expected_conds = {"pab-planned": 0, "fastercache-planned": 0, "fbc-device": 1}
+    if case in expected_conds:
+        assert counter.max_conds_per_call == expected_conds[case], counter.conds_per_graph
+    else:
+        assert counter.max_conds_per_call >= 1
     if name == "fbc":  # the data-dependent decisions agree too, and both kinds happened
         assert int(state.num_computed) == int(eager_state.num_computed)
         assert 1 < int(state.num_computed) < STEPS

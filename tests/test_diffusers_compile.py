@@ -1,14 +1,15 @@
 """The drop-in under `torch.compile(transformer, fullgraph=True)`: no graph break, a bounded number of graphs,
-outputs equal to eager fastcache.
+a bounded number of host syncs, outputs equal to eager fastcache.
 
-Bound: 2 graphs per (model, method), whatever the number of steps and contexts: a context's first call
-(no state yet: everything computes and the state is created) and every later call (state present: the
-decisions are tensors, skipping is torch.cond). Context names are switched eagerly, outside the graph, so
-cond/uncond passes share both graphs. Every case compiles with the default inductor backend; outputs agree
-with eager to 1e-5 (inductor fuses and reorders float arithmetic).
-"""
+Graphs: a context's first call (no state yet: everything computes), plus one per distinct decision planned on
+the host (PAB, FasterCache: the compiled forward specialises on it), or one for FBC (decided on the device).
+Host syncs on a GPU are the `torch.cond` nodes a compiled call runs (`fastcache.testing.CompileCounter`): 0
+for the planned methods, one per block segment for FBC (1 on Flux, CogVideoX and Wan). Context names are
+switched eagerly, outside the graph, so cond/uncond passes share the graphs."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -19,70 +20,108 @@ from torch._dynamo.utils import counters  # noqa: E402
 
 import fastcache.diffusers as fd  # noqa: E402
 from fastcache.diffusers._families import FAMILIES  # noqa: E402
+from fastcache.diffusers._runtime import fbc_roles  # noqa: E402
 from fastcache.diffusers._tiny import CASES as CASES_ALL  # noqa: E402
-from fastcache.diffusers._tiny import TinyCase, case, denoise  # noqa: E402
+from fastcache.diffusers._tiny import case, denoise  # noqa: E402
+from fastcache.methods import faster_cache as fc  # noqa: E402
+from fastcache.methods import pyramid_attention_broadcast as pab  # noqa: E402
+from fastcache.testing import CompileCounter  # noqa: E402
 
 TIMESTEPS = torch.linspace(1000, 0, 10)
-MAX_GRAPHS = 2
 
 
-def _config(method: str, distilled: bool = False):
+def _config(method: str, clock: dict, distilled: bool = False):
+    """`clock["t"]` is the loop's timestep: diffusers' `current_timestep_callback` usage, which lets the drop-in
+    plan PAB's and FasterCache's decisions on the host."""
     if method == "fbc":
         return fd.FirstBlockCacheConfig(threshold=0.4)
     if method == "pab":
         return fd.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
-                                                  cross_attention_block_skip_range=3)
+                                                  cross_attention_block_skip_range=3,
+                                                  current_timestep_callback=lambda: clock["t"])
     return fd.FasterCacheConfig(spatial_attention_block_skip_range=2, unconditional_batch_skip_range=3,
-                                tensor_format="BFCHW", is_guidance_distilled=distilled)
+                                tensor_format="BFCHW", is_guidance_distilled=distilled,
+                                current_timestep_callback=lambda: clock["t"])
 
 
-def _loop(model, tc: TinyCase, contexts: tuple[str, ...]) -> list[torch.Tensor]:
-    return denoise(model, tc, TIMESTEPS, contexts)  # separate CFG passes, as Wan/Flux pipelines run them
+def _graph_bound(config) -> int:
+    """A context's first call, plus one graph per distinct planned decision (FBC: one graph, decided on the
+    device)."""
+    if isinstance(config, fd.FirstBlockCacheConfig):
+        return 2
+    plan = (pab.plan if isinstance(config, fd.PyramidAttentionBroadcastConfig) else fc.plan)(config, TIMESTEPS)
+    return plan.variants() + 1
 
 
 CASES = [
-    ("flux", "fbc", "inductor", ("cond",)),
-    ("flux", "pab", "inductor", ("cond",)),
-    ("flux", "fc-distilled", "inductor", ("cond",)),
-    ("cogvideox", "fbc", "inductor", ("cond_uncond",)),
-    ("cogvideox", "pab", "inductor", ("cond_uncond",)),
-    ("cogvideox", "fc", "inductor", ("cond_uncond",)),
-    ("wan", "fbc", "inductor", ("cond", "uncond")),
-    ("wan", "pab", "inductor", ("cond", "uncond")),
-    ("wan", "fc-distilled", "inductor", ("cond", "uncond")),
+    ("flux", "fbc", ("cond",)),
+    ("flux", "pab", ("cond",)),
+    ("flux", "fc-distilled", ("cond",)),
+    ("cogvideox", "fbc", ("cond_uncond",)),
+    ("cogvideox", "pab", ("cond_uncond",)),
+    ("cogvideox", "fc", ("cond_uncond",)),
+    ("wan", "fbc", ("cond", "uncond")),
+    ("wan", "pab", ("cond", "uncond")),
+    ("wan", "fc-distilled", ("cond", "uncond")),
 ]
 
 
-@pytest.mark.parametrize(("name", "method", "backend", "contexts"), CASES,
-                         ids=[f"{n}-{m}-{b}" for n, m, b, _ in CASES])
-def test_fullgraph_compile(name: str, method: str, backend: str, contexts: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("name", "method", "contexts"), CASES, ids=[f"{n}-{m}" for n, m, _ in CASES])
+def test_fullgraph_compile(name: str, method: str, contexts: tuple[str, ...]) -> None:
+    """Inductor, fullgraph=True: 0 breaks, graphs <= planned variants + 1, host syncs (torch.cond nodes per
+    compiled call) 0 for PAB and FasterCache, at most 1 for FBC, outputs equal to eager."""
     tc = case(name)
     model = tc.model.eval()
-    config = _config(method.split("-")[0], distilled=method.endswith("distilled"))
+    clock: dict = {}
+    config = _config(method.split("-")[0], clock, distilled=method.endswith("distilled"))
     if method.startswith("fc") and name != "cogvideox":
-        config = fd.FasterCacheConfig(spatial_attention_block_skip_range=2, is_guidance_distilled=True,
-                                      tensor_format="BCFHW")
+        config = dataclasses.replace(config, tensor_format="BCFHW")
     fd.enable_cache(model, config)
-    eager = _loop(model, tc, contexts)
+    eager = denoise(model, tc, TIMESTEPS, contexts, clock=clock)
     fd.reset_cache(model)
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, fullgraph=True, backend=backend)
-    outs = _loop(compiled, tc, contexts)
-    graphs = counters["stats"]["unique_graphs"]
+    counter = CompileCounter("inductor")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    outs = denoise(compiled, tc, TIMESTEPS, contexts, clock=clock)
+    graphs = counter.graphs
     breaks = sum(counters["graph_break"].values())
-    fd.reset_cache(model)  # a second generation: fresh states, the same two graphs
-    again = _loop(compiled, tc, contexts)
+    fd.reset_cache(model)  # a second generation: fresh states, the same graphs
+    again = denoise(compiled, tc, TIMESTEPS, contexts, clock=clock)
     fd.disable_cache(model)
 
     assert breaks == 0
-    assert 1 <= graphs <= MAX_GRAPHS, f"{graphs} graphs"
-    assert counters["stats"]["unique_graphs"] == graphs, "the second generation recompiled"
-    atol = 0.0 if backend == "aot_eager" else 1e-5
+    assert 1 <= graphs <= _graph_bound(config), f"{graphs} graphs"
+    assert counter.graphs == graphs, "the second generation recompiled"
+    assert counter.max_conds_per_call == (1 if method == "fbc" else 0), counter.conds_per_call
     for a, b, c in zip(eager, outs, again, strict=True):
-        torch.testing.assert_close(b, a, atol=atol, rtol=0)
-        torch.testing.assert_close(c, a, atol=atol, rtol=0)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["pab", "fc"])
+def test_without_a_host_timestep_decisions_move_to_the_device(method: str) -> None:
+    """No callback and no pipeline: the timestep is known only on the device, so the rules run there, one
+    torch.cond per hooked site, in a single graph after the first call; the outputs are the planned ones."""
+    tc = case("cogvideox")
+    model = tc.model.eval()
+    clock: dict = {}
+    planned = _config(method, clock)
+    fd.enable_cache(model, planned)
+    reference = denoise(model, tc, TIMESTEPS, ("cond_uncond",), clock=clock)
+    fd.disable_cache(model)
+    fd.enable_cache(model, dataclasses.replace(planned, current_timestep_callback=None))
+    torch._dynamo.reset()
+    counter = CompileCounter("eager")
+    outs = denoise(torch.compile(model, fullgraph=True, backend=counter), tc, TIMESTEPS, ("cond_uncond",))
+    session = fd._api._session(model)
+    fd.disable_cache(model)
+    assert session.decided_on == "device"
+    assert counter.graphs == 2
+    assert counter.max_conds_per_call >= 1
+    for a, b in zip(reference, outs, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
 
 
 BACKEND = "eager"  # dynamo capture only, run eagerly
@@ -96,25 +135,31 @@ EVERY_FAMILY = ([(n, "fbc") for n in OTHER_FAMILIES] + [(n, "pab") for n in OTHE
 @pytest.mark.parametrize(("name", "method"), EVERY_FAMILY, ids=[f"{n}-{m}" for n, m in EVERY_FAMILY])
 def test_every_family_captures_fullgraph(name: str, method: str) -> None:
     """The other 9 families x each method they support (all 12 with the inductor cases above): fullgraph
-    capture with 0 breaks and <= 2 graphs, outputs equal to eager. Dynamo's own backend ("eager") keeps this
-    fast; graph breaks, recompiles and torch.cond's branch rules (no None outputs, the traced attention
-    processors) are all decided at capture."""
+    capture with 0 breaks, graphs <= planned variants + 1, no torch.cond for the planned methods and one per
+    block segment for FBC (segments are split by code that runs between block lists, e.g. Flux2's concat),
+    outputs equal to eager. Dynamo's own backend ("eager") keeps this fast; graph breaks, recompiles and
+    torch.cond's branch rules (no None outputs, the traced attention processors) are all decided at capture."""
     tc = case(name)
     model = tc.model.eval()
+    clock: dict = {}
+    config = _config(method, clock)
     if method == "fc":
-        config = fd.FasterCacheConfig(spatial_attention_block_skip_range=2, unconditional_batch_skip_range=3,
-                                      tensor_format=FAMILIES[type(model).__name__].layout)
-    else:
-        config = _config(method)
+        config = dataclasses.replace(config, tensor_format=FAMILIES[type(model).__name__].layout)
     contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
     fd.enable_cache(model, config)
-    eager = _loop(model, tc, contexts)
+    segments = {role.segment for _, role in fbc_roles(model, FAMILIES[type(model).__name__])}
+    eager = denoise(model, tc, TIMESTEPS, contexts, clock=clock)
     fd.reset_cache(model)
     torch._dynamo.reset()
     counters.clear()
-    compiled = _loop(torch.compile(model, fullgraph=True, backend=BACKEND), tc, contexts)
+    counter = CompileCounter("eager")
+    compiled = denoise(torch.compile(model, fullgraph=True, backend=counter), tc, TIMESTEPS, contexts, clock=clock)
     fd.disable_cache(model)
     assert sum(counters["graph_break"].values()) == 0
-    assert 1 <= counters["stats"]["unique_graphs"] <= MAX_GRAPHS
+    assert 1 <= counter.graphs <= _graph_bound(config)
+    if method == "fbc":
+        assert 1 <= counter.max_conds_per_call <= len(segments), counter.conds_per_graph
+    else:
+        assert counter.max_conds_per_call == 0, counter.conds_per_graph
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)

@@ -91,3 +91,48 @@ def test_two_pipelines_sharing_a_transformer_do_not_share_state() -> None:
     assert states_seen[0].equal(alone)
     fd.disable_cache(a)
     fd.disable_cache(b)
+
+
+@pytest.mark.parametrize("usage", ["diffusers-callback", "fastcache-scheduler"])
+def test_flux_pipeline_pab_is_planned_on_the_host_without_a_sync(usage: str, monkeypatch) -> None:
+    """PAB on an unmodified FluxPipeline: the decisions are made on the host at each cache_context entry, from
+    the scheduler's timesteps (copied to the host once per schedule), so the compiled forward holds no
+    torch.cond. With diffusers' usage verbatim (`current_timestep_callback=lambda: pipe.current_timestep`, a
+    tensor) the value is found in that host copy instead of being read from the tensor (a sync on GPU).
+    Outputs equal diffusers' own PAB hooks on the same pipeline."""
+    import diffusers
+
+    from fastcache.diffusers._runtime import Session
+    from fastcache.testing import CompileCounter
+
+    pipe = _pipeline()
+    uncached = _call(pipe)
+    config = diffusers.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 900),
+        current_timestep_callback=lambda: pipe.current_timestep)
+    pipe.transformer.enable_cache(config)
+    expected = _call(pipe)
+    pipe.transformer.disable_cache()
+    assert (expected - uncached).abs().max() > 1e-4, "PAB reused nothing: the comparison would prove nothing"
+    if usage == "fastcache-scheduler":
+        config = fd.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                                    spatial_attention_timestep_skip_range=(100, 900))
+    found: list[float | None] = []
+    lookup = Session._scheduler_lookup
+    monkeypatch.setattr(Session, "_scheduler_lookup", lambda self, s, v: found.append(lookup(self, s, v)) or found[-1])
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: pytest.fail("a host read of a timestep tensor"))
+    fd.enable_cache(pipe, config)
+    session = fd._api._session(pipe.transformer)
+    eager = _call(pipe)
+    assert session.decided_on == "host"
+    torch._dynamo.reset()
+    counter = CompileCounter("eager")
+    pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend=counter)
+    compiled = _call(pipe)
+    pipe.transformer = pipe.transformer._orig_mod
+    fd.disable_cache(pipe)
+    torch.testing.assert_close(eager, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(compiled, expected, atol=1e-6, rtol=0)
+    assert counter.max_conds_per_call == 0 and counter.graphs <= 3, counter.conds_per_graph
+    if usage == "diffusers-callback":
+        assert len(found) == 2 * STEPS and None not in found, found

@@ -209,8 +209,13 @@ def _scope_pipeline(pipe: Any, session: Session) -> None:
     scoped = _SCOPED_CLASSES.get(base)
     if scoped is None:
         def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-            with _session(self.transformer).scope():
-                return base.__call__(self, *args, **kwargs)
+            session = _session(self.transformer)
+            running, session.pipeline = session.pipeline, self
+            try:
+                with session.scope():
+                    return base.__call__(self, *args, **kwargs)
+            finally:
+                session.pipeline = running
 
         # Same name and module as the pipeline's class, so logs and save_pretrained are unchanged.
         scoped = type(base.__name__, (base,), {"__call__": __call__, "_fastcache_scoped": True,

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ from fastcache.diffusers._families import BLOCKS, BlockIO, Family
 from fastcache.methods import faster_cache, pyramid_attention_broadcast
 from fastcache.methods.faster_cache import FasterCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
-from fastcache.methods.pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
+from fastcache.methods.pyramid_attention_broadcast import PABDecision, PyramidAttentionBroadcastConfig
 
 SESSION_ATTR = "_fastcache_session"
 # diffusers' names for the batched [uncond; cond] inputs of the denoiser (FasterCache cuts them in half)
@@ -137,6 +138,16 @@ class Scratch:
     decision: Any = None
     skip: Any = False  # FirstBlockCache: bool or 0-dim bool tensor
     starts: dict = field(default_factory=dict)
+    passed: dict = field(default_factory=dict)  # FirstBlockCache: segment -> streams the last block returned
+    deferred: dict = field(default_factory=dict)  # FirstBlockCache: segment -> block calls waiting for the skip
+
+
+# The hand-off of a planned decision from the eager context entry to the compiled forward (`Session.pending`).
+# The forward reads it (dynamo guards on its value: one graph per distinct decision) and writes a marker back,
+# so the context exit knows how many calls the entry saw.
+DEVICE = "device"  # entered, but no timestep known on the host: the forward decides on the device
+CONSUMED = "consumed"  # one call took the entry's decision
+SEVERAL = "several"  # a second call inside one entry: it decided on the device, and host counts are lost
 
 
 class Session:
@@ -148,11 +159,22 @@ class Session:
         self.config = config
         self.slot = Slot()
         self.scratch = Scratch()
-        self.scopes: list[dict[str | None, Any]] = [{}]
+        # per pipeline call: context name -> (state, calls made with it, counted on the host)
+        self.scopes: list[dict[str | None, tuple[Any, int]]] = [{}]
         self.active: str | None = None
+        self.calls = 0  # the active context's host call count
         self.wrapped: list[tuple[nn.Module, bool, Any]] = []  # (module, had own forward, previous)
         self.sites: dict[str, str] = {}  # attention module name -> kind
         self.pipelines: list[Any] = []
+        self.pipeline: Any = None  # the pipeline whose call is running (its scheduler knows the timesteps)
+        # Planned decisions: PAB's and FasterCache's rules depend only on the call count and the timestep, so
+        # when the timestep is known on the host at a context's entry the decision is made there, eagerly.
+        self.plannable = isinstance(config, (PyramidAttentionBroadcastConfig, FasterCacheConfig))
+        self.pending: Any = None
+        self.decided_on: str | None = None  # "host" or "device": where the last call's decision was made
+        self._host_timesteps: tuple[Any, list[float]] | None = None
+        # FirstBlockCache: whether each block's output goes straight to the next block (checked on first calls)
+        self.fbc_chained = True
 
     # -- installing wrappers --
     def wrap(self, module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
@@ -172,20 +194,22 @@ class Session:
 
     # -- contexts and scopes (eager) --
     def _store(self) -> None:
-        self.scopes[-1][self.active] = self.slot.state
+        self.scopes[-1][self.active] = (self.slot.state, self.calls)
 
     def _load(self, name: str | None) -> None:
         self.active = name
-        self.slot.state = self.scopes[-1].get(name)
+        self.slot.state, self.calls = self.scopes[-1].get(name, (None, 0))
 
     @contextmanager
     def context(self, name: str | None) -> Iterator[None]:
         previous = self.active
         self._store()
         self._load(name)
+        self._plan_next_call()
         try:
             yield
         finally:
+            self._count_calls()
             self._store()
             self._load(previous)
 
@@ -204,12 +228,104 @@ class Session:
 
     def reset(self) -> None:
         self.scopes[-1] = {}
-        self.slot.state = None
+        self.slot.state, self.calls = None, 0
 
     def state(self, name: str | None) -> Any:
         """The state of a context in the current scope (for inspection and tests)."""
         self._store()
-        return self.scopes[-1].get(name)
+        return self.scopes[-1].get(name, (None, 0))[0]
+
+    # -- planned decisions (eager, at a context's entry) --
+    def _plan_next_call(self) -> None:
+        self.pending = None
+        if not self.plannable:
+            return
+        t = self.host_timestep()
+        self.pending = DEVICE if t is None else host_decision(self.config, self.calls, t)
+
+    def _count_calls(self) -> None:
+        if self.pending == CONSUMED:
+            self.calls += 1
+        elif self.pending == SEVERAL:
+            # the host no longer knows this context's call count: decide on the device from now on
+            self.plannable = False
+            warnings.warn("fastcache: the transformer was called several times inside one cache_context; its "
+                          "decisions move to the device (torch.cond, a host sync per attention site on GPU)",
+                          stacklevel=3)
+        self.pending = None
+
+    def take_planned(self) -> Any:
+        """Inside the forward: the decision planned at the context's entry, or None (decide on the device)."""
+        pending = self.pending
+        if isinstance(pending, tuple):
+            self.pending = CONSUMED
+            self.decided_on = "host"
+            return pending
+        if pending == DEVICE:
+            self.pending = CONSUMED
+        elif pending == CONSUMED:
+            self.pending = SEVERAL
+        self.decided_on = "device"
+        return None
+
+    def host_timestep(self) -> float | None:
+        """The denoising timestep (0..1000) on the host, without a sync where possible: the config's
+        `current_timestep_callback` (diffusers' usage), else the running pipeline's scheduler; None if
+        neither is known (the forward then reads the model's own `timestep` argument on the device)."""
+        callback = getattr(self.config, "current_timestep_callback", None)
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        if callback is not None:
+            value = callback()
+            if value is None:
+                return None
+            if isinstance(value, Tensor):
+                found = self._scheduler_lookup(scheduler, value)
+                return found if found is not None else float(value.max())  # max over per-token timesteps
+            return float(value)
+        if scheduler is None or not hasattr(scheduler, "step_index"):
+            return None
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(timesteps, Tensor):
+            return None
+        index = scheduler.step_index
+        if index is None:
+            index = getattr(scheduler, "begin_index", None) or 0
+        host = self._host_copy(timesteps)
+        return host[index] if index < len(host) else None
+
+    def _host_copy(self, timesteps: Tensor) -> list[float]:
+        # one device-to-host copy per schedule, not per call
+        key = (timesteps.untyped_storage().data_ptr(), timesteps.storage_offset(), timesteps.numel())
+        if self._host_timesteps is None or self._host_timesteps[0] != key:
+            self._host_timesteps = (key, timesteps.float().tolist())
+        return self._host_timesteps[1]
+
+    def _scheduler_lookup(self, scheduler: Any, value: Tensor) -> float | None:
+        """`pipe.current_timestep` is an element of the scheduler's timesteps (a view into its storage): read
+        it from the host copy instead of syncing on the device tensor."""
+        timesteps = getattr(scheduler, "timesteps", None)
+        if (not isinstance(timesteps, Tensor) or value.numel() != 1 or timesteps.dim() != 1
+                or value.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr()):
+            return None
+        index = (value.storage_offset() - timesteps.storage_offset()) // max(timesteps.stride(0), 1)
+        host = self._host_copy(timesteps)
+        return host[index] if 0 <= index < len(host) else None
+
+
+def host_decision(config: Any, calls: int, t: float) -> tuple:
+    """The rules of `config` for call number `calls` at timestep `t`, as Python bools (what a compiled forward
+    specialises on). Evaluated with the same fp32 comparisons as on the device."""
+    count, time = torch.tensor(calls), torch.tensor(t, dtype=torch.float32)
+    if isinstance(config, PyramidAttentionBroadcastConfig):
+        return PABDecision(*(bool(flag) for flag in pyramid_attention_broadcast.decide(config, count, time)))
+    d = faster_cache.decide(config, count, time)
+    return PlannedFasterCache(bool(d.skip_uncond), bool(d.approx_spatial), bool(d.approx_temporal))
+
+
+class PlannedFasterCache(NamedTuple):
+    skip_uncond: bool
+    approx_spatial: bool
+    approx_temporal: bool
 
 
 # -- attention classification (diffusers' rule: identifiers searched in module names, cross flag) -----------
@@ -257,14 +373,15 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             t = family.timestep(timestep)
             _prewarm(model)
             scratch.state, scratch.new = state, {}
+            planned = session.take_planned() if session.plannable else None
             if isinstance(config, FasterCacheConfig):
-                out, new = _faster_cache_forward(session, original, positions, state, t, args, kwargs)
+                out, new = _faster_cache_forward(session, original, positions, state, t, planned, args, kwargs)
             else:
                 if isinstance(config, PyramidAttentionBroadcastConfig):
-                    scratch.decision = (None if state is None
+                    scratch.decision = (None if state is None else planned if planned is not None
                                         else pyramid_attention_broadcast.decide(config, state["count"], t))
                 else:
-                    scratch.skip, scratch.starts = False, {}
+                    scratch.skip, scratch.starts, scratch.passed, scratch.deferred = False, {}, {}, {}
                 out = original(*args, **kwargs)
                 new = dict(scratch.new)
             count = (torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["count"])
@@ -357,7 +474,50 @@ def _as_output(io: BlockIO, streams: tuple) -> Any:
 Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A block call postponed until its segment's last block, where one torch.cond runs the whole segment or
+    reuses its residual: the block's original forward, where its streams go, and its other tensors."""
+
+    original: Callable[..., Any]
+    io: BlockIO
+    positions: dict[str, int]
+    rebuild: Callable[[tuple], tuple]
+    tensors: tuple[Tensor, ...]
+
+    def replay(self, streams: tuple, tensors: tuple) -> tuple:
+        args, kwargs = _with_streams(self.io, self.positions, *self.rebuild(tensors), streams)
+        return _streams(self.io, self.original(*args, **kwargs))
+
+
+def _with_streams(io: BlockIO, positions: dict[str, int], args: tuple, kwargs: dict, streams: tuple) -> tuple:
+    """(args, kwargs) with the block's stream arguments replaced by `streams`."""
+    names = ("hidden_states",) if io.hidden is None else ("hidden_states", "encoder_hidden_states")
+    args, kwargs = list(args), dict(kwargs)
+    for name, value in zip(names, streams):
+        index = positions.get(name)
+        if name not in kwargs and index is not None and index < len(args):
+            args[index] = value
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
 def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
+    """One block's forward under FirstBlockCache.
+
+    The model's first block (the head) always runs and decides. Every later block of a segment is deferred:
+    it returns its input streams unchanged and records its call, and the segment's last block takes one
+    torch.cond that either replays the recorded calls and itself, or adds the residual the segment produced
+    at the last computed call. One decision per segment, so one cond (one host sync on GPU) per segment,
+    not per block. Deferring is only right where the model passes each block's output straight to the next
+    block; the first call of a context (which computes everything) checks that, and a model that changes the
+    streams between blocks (a ControlNet adding residuals) keeps one cond per block instead.
+    """
     scratch, config = session.scratch, session.config
     io = BLOCKS[type(block).__name__]
     positions = _positions(block)
@@ -365,6 +525,7 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             state = scratch.state
+            segment = role.segment
             inputs = _input_streams(io, positions, args, kwargs)
             if role.head:
                 out = original(*args, **kwargs)
@@ -381,36 +542,56 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
                     computed = state["num_computed"] + (~scratch.skip).long()
                 scratch.new.update(ref=ref, ratio=ratio, skipped=torch.as_tensor(scratch.skip),
                                    num_computed=computed)
-                scratch.starts[role.segment] = streams
-                if not role.last:
-                    return out
-            else:
-                if role.first:
-                    scratch.starts[role.segment] = inputs
-                tensors, rebuild = _split_tensors(args, kwargs)
-                if not role.last:
-                    return _cond(scratch.skip, lambda *ts: _as_output(io, _input_streams(io, positions,
-                                                                                           *rebuild(ts))),
-                                  lambda *ts: _call(original, rebuild(ts)), tensors)
-            # the last block of a segment: on a skip, its input plus the segment's residual
-            start = scratch.starts[role.segment]
-            if role.head:  # a one-block first segment: its residual is empty
+                scratch.starts[segment], scratch.passed[segment], scratch.deferred[segment] = streams, streams, []
                 return out
-            old = None if state is None else state["res"][role.segment]
+            if role.first:
+                scratch.starts[segment], scratch.passed[segment], scratch.deferred[segment] = inputs, inputs, []
+            elif not _same(inputs, scratch.passed[segment]):
+                if state is not None and session.fbc_chained:
+                    raise RuntimeError(f"FirstBlockCache: {type(session.model).__name__} changed the hidden states "
+                                       "between two blocks after the first call (a ControlNet?); call "
+                                       "fastcache.reset_cache before a generation that does")
+                session.fbc_chained = False  # seen on a first call: keep one cond per block
+            defer = state is not None and session.fbc_chained
+            tensors, rebuild = _split_tensors(args, kwargs)
+            if not role.last:
+                if defer:
+                    scratch.deferred[segment].append(Deferred(original, io, positions, rebuild, tensors))
+                    return _as_output(io, inputs)
+                if state is None:
+                    out = original(*args, **kwargs)
+                else:
+                    out = _cond(scratch.skip, lambda *ts: _as_output(io, _input_streams(io, positions, *rebuild(ts))),
+                                lambda *ts: _call(original, rebuild(ts)), tensors)
+                scratch.passed[segment] = _streams(io, out)
+                return out
+            # the segment's last block: run the segment, or add its residual to the segment's input
+            start = scratch.starts[segment]
+            deferred = tuple(scratch.deferred[segment]) if defer else ()
+            old = None if state is None else state["res"][segment]
 
             def compute(old: Any, start: Any, *ts: Tensor) -> tuple:
-                out = _call(original, rebuild(ts))
+                streams, used = start, 0
+                for call in deferred:
+                    streams = call.replay(streams, ts[used:used + len(call.tensors)])
+                    used += len(call.tensors)
+                own_args, own_kwargs = rebuild(ts[used:])
+                if deferred:
+                    own_args, own_kwargs = _with_streams(io, positions, own_args, own_kwargs, streams)
+                out = original(*own_args, **own_kwargs)
                 return out, tuple(_sub(o, s) for o, s in zip(_streams(io, out), start))
 
             def reuse(old: Any, start: Any, *ts: Tensor) -> tuple:
-                streams = _input_streams(io, positions, *rebuild(ts))
+                own = ts[sum(len(call.tensors) for call in deferred):]
+                streams = _input_streams(io, positions, *rebuild(own))
                 return _as_output(io, tuple(_add(s, r) for s, r in zip(streams, old))), old
 
+            operands = tuple(t for call in deferred for t in call.tensors) + tensors
             if state is None:
-                out, res = compute(None, start, *tensors)
+                out, res = compute(None, start, *operands)
             else:
-                out, res = _cond_streams(scratch.skip, reuse, compute, io, old, (old, start, *tensors))
-            scratch.new.setdefault("res", {})[role.segment] = res
+                out, res = _cond_streams(scratch.skip, reuse, compute, io, old, (old, start, *operands))
+            scratch.new.setdefault("res", {})[segment] = res
             return out
 
         return forward
@@ -491,7 +672,8 @@ def _halves(names: tuple[str, ...], args: tuple, kwargs: dict, batch: int) -> tu
 
 
 def _faster_cache_forward(session: Session, original: Callable[..., Any], positions: dict[str, int], state: Any,
-                          t: Tensor, args: tuple, kwargs: dict) -> tuple[Any, dict]:
+                          t: Tensor, planned: PlannedFasterCache | None, args: tuple,
+                          kwargs: dict) -> tuple[Any, dict]:
     config, scratch = session.config, session.scratch
     return_dict = kwargs.pop("return_dict", True) if "return_dict" in positions else None
     if return_dict is not None:
@@ -503,6 +685,8 @@ def _faster_cache_forward(session: Session, original: Callable[..., Any], positi
     decision = faster_cache.decide(config, count, t)
     if state is None:
         decision = decision._replace(first=True, skip_uncond=False, approx_spatial=False, approx_temporal=False)
+    elif planned is not None:  # the host's flags (Python bools: no torch.cond); the weights stay tensors
+        decision = decision._replace(first=False, **planned._asdict())
     scratch.decision = decision
 
     if config.is_guidance_distilled:
