@@ -115,9 +115,9 @@ def test_without_a_host_timestep_decisions_move_to_the_device(method: str) -> No
     torch._dynamo.reset()
     counter = CompileCounter("eager")
     outs = denoise(torch.compile(model, fullgraph=True, backend=counter), tc, TIMESTEPS, ("cond_uncond",))
-    session = fd._api._session(model)
+    where = fd.decided_on(model)
     fd.disable_cache(model)
-    assert session.decided_on == "device"
+    assert where == "device"
     assert counter.graphs == 2
     assert counter.max_conds_per_call >= 1
     for a, b in zip(reference, outs, strict=True):

@@ -122,9 +122,8 @@ def test_flux_pipeline_pab_is_planned_on_the_host_without_a_sync(usage: str, mon
     monkeypatch.setattr(Session, "_scheduler_lookup", lambda self, s, v: found.append(lookup(self, s, v)) or found[-1])
     monkeypatch.setattr(torch.Tensor, "__float__", lambda self: pytest.fail("a host read of a timestep tensor"))
     fd.enable_cache(pipe, config)
-    session = fd._api._session(pipe.transformer)
     eager = _call(pipe)
-    assert session.decided_on == "host"
+    assert fd.decided_on(pipe.transformer) == "host"
     torch._dynamo.reset()
     counter = CompileCounter("eager")
     pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend=counter)

@@ -199,6 +199,15 @@ def cache_state(model: Any, name: str | None = None) -> dict | None:
     return None if session is None else session.state(name)
 
 
+def decided_on(model: Any) -> str | None:
+    """Where the last call's decisions were made: "host" (planned: no torch.cond, no sync), "device"
+    (torch.cond), or None before any call. FirstBlockCache always decides on the device."""
+    session = _session(model)
+    if session is None:
+        raise ValueError(f"model: fastcache is not enabled on this {type(_unwrap(model)).__name__}")
+    return session.decided_on
+
+
 # -- pipelines: one fresh scope per call --------------------------------------------------------------------
 
 _SCOPED_CLASSES: dict[type, type] = {}

@@ -373,7 +373,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             t = family.timestep(timestep)
             _prewarm(model)
             scratch.state, scratch.new = state, {}
-            planned = session.take_planned() if session.plannable else None
+            planned = session.take_planned()
             if isinstance(config, FasterCacheConfig):
                 out, new = _faster_cache_forward(session, original, positions, state, t, planned, args, kwargs)
             else:
