@@ -71,3 +71,30 @@ def test_branch_operand_computed_from_a_transposed_view_compiles_with_inductor()
     compiled = torch.compile(f, fullgraph=True)
     for pred in (True, False):
         torch.testing.assert_close(compiled(x, w, torch.tensor(pred)), f(x, w, torch.tensor(pred)))
+
+
+def test_fbc_split_step_compiles_without_cond_and_matches_the_one_cond_step() -> None:
+    """FBC for CUDA graphs: a compiled head (embed, first block, decision), one host read of the decision,
+    then a compiled tail specialised on it. Neither graph holds a torch.cond (so both can be CUDA-graphed); the
+    tail compiles once per decision value; outputs and counters equal the one-cond step's."""
+    from fastcache.methods import first_block_cache as fbc
+
+    model, config = tiny_dit(), METHODS["fbc"](False)
+    x = noise(False, 0)
+    with torch.no_grad():
+        expected, expected_state = denoise(model, config, x, STEPS, device_decisions=True)
+        torch._dynamo.reset()
+        counter = CompileCounter("inductor")
+        head = torch.compile(lambda s, i: fbc.head_step(config, model, s, i), fullgraph=True, backend=counter)
+        tail = torch.compile(lambda s, h, skip: fbc.tail_step(config, model, s, h, skip), fullgraph=True,
+                             backend=counter)
+
+        def split_step(state, inputs, decision):
+            h = head(state, inputs)
+            return tail(state, h, bool(h.skip))  # the step's one host read
+
+        outs, state = denoise(model, config, x, STEPS, step_fn=split_step, device_decisions=True)
+    assert counter.max_conds_per_call == 0 and counter.graphs <= 3, counter.conds_per_graph
+    assert int(state.num_computed) == int(expected_state.num_computed)
+    assert 1 < int(state.num_computed) < STEPS
+    assert max_diff(expected, outs) <= 1e-5

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastcache import _validate, kernels
-from fastcache.control import branch
+from fastcache.control import Flag, branch
 from fastcache.engine import Plan, as_timesteps, trace
 from fastcache.protocol import (
     CacheableModel,
@@ -82,29 +82,56 @@ def init(config: FirstBlockCacheConfig, model: CacheableModel, inputs: Inputs) -
     )
 
 
-def step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState, inputs: Inputs,
-         decision: None = None) -> tuple[Tensor, FirstBlockCacheState]:
-    """One model call; the skip is decided on the device (`decision` must be None, as in FBC's plan)."""
-    if decision is not None:
-        raise TypeError(f"decision: FirstBlockCache decides on the device; pass None, got {decision!r}")
+class FirstBlockCacheHead(NamedTuple):
+    """What the first block leaves for the rest of the step."""
+
+    streams: Streams  # after the first block
+    aux: Any  # the model's per-call values (timestep embedding, masks, ...)
+    residual: Tensor  # first block's residual, hidden stream
+    ratio: Tensor  # fp32 0-dim: relative change of that residual vs the reference
+    skip: Tensor  # bool 0-dim: skip the remaining blocks (on the device)
+
+
+def head_step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState,
+              inputs: Inputs) -> FirstBlockCacheHead:
+    """The first half of a step: embed, first block, the skip decision (on the device)."""
     check_inputs(state.spec, inputs)
     streams, aux = model.embed(inputs)
     head = model.block(0, streams, aux, call_attention)
     residual = head[0] - streams[0]
     ratio = kernels.absmean_rel_diff(residual, state.ref_residual)
-    skip = (state.count > 0) & (ratio <= config.threshold)
+    return FirstBlockCacheHead(head, aux, residual, ratio, (state.count > 0) & (ratio <= config.threshold))
 
-    def compute(head: Streams, residual: Tensor, ref: Tensor, tails: Streams, n: Tensor) -> tuple:
-        tail = run_blocks(model, 1, head, aux, call_attention)
-        return tail, residual, tuple(t - h for t, h in zip(tail, head)), n + 1
 
-    def reuse(head: Streams, residual: Tensor, ref: Tensor, tails: Streams, n: Tensor) -> tuple:
-        return tuple(h + r for h, r in zip(head, tails)), ref, tails, n
+def tail_step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState,
+              head: FirstBlockCacheHead, skip: Flag) -> tuple[Tensor, FirstBlockCacheState]:
+    """The second half: the remaining blocks, or the cached residuals. `skip` is `head.skip` (a torch.cond on
+    the device) or its value read on the host (`bool(head.skip)`: a plain branch, so a compiled tail has no
+    cond and can be CUDA-graphed, one graph per value; the read is the step's one host sync)."""
+    del config
+
+    def compute(streams: Streams, residual: Tensor, ref: Tensor, tails: Streams, n: Tensor) -> tuple:
+        tail = run_blocks(model, 1, streams, head.aux, call_attention)
+        return tail, residual, tuple(t - h for t, h in zip(tail, streams)), n + 1
+
+    def reuse(streams: Streams, residual: Tensor, ref: Tensor, tails: Streams, n: Tensor) -> tuple:
+        return tuple(h + r for h, r in zip(streams, tails)), ref, tails, n
 
     out_streams, ref, tails, num_computed = branch(
-        skip, reuse, compute, (head, residual, state.ref_residual, state.tail_residuals, state.num_computed))
-    out = model.head(out_streams, aux)
-    return out, FirstBlockCacheState(state.count + 1, num_computed, skip, ratio, ref, tails, state.spec)
+        skip, reuse, compute, (head.streams, head.residual, state.ref_residual, state.tail_residuals,
+                               state.num_computed))
+    out = model.head(out_streams, head.aux)
+    return out, FirstBlockCacheState(state.count + 1, num_computed, head.skip, head.ratio, ref, tails, state.spec)
+
+
+def step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState, inputs: Inputs,
+         decision: None = None) -> tuple[Tensor, FirstBlockCacheState]:
+    """One model call; the skip is decided on the device (`decision` must be None, as in FBC's plan): one
+    torch.cond. For CUDA graphs, run `head_step` and `tail_step` as two compiled functions instead."""
+    if decision is not None:
+        raise TypeError(f"decision: FirstBlockCache decides on the device; pass None, got {decision!r}")
+    head = head_step(config, model, state, inputs)
+    return tail_step(config, model, state, head, head.skip)
 
 
 def computed_fraction(config: FirstBlockCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan,
