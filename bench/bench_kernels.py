@@ -362,6 +362,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=31, help="timed repeats per provider (CPU)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--skip-cpu", action="store_true", help="only the CUDA section")
+    parser.add_argument("--numel", type=int, default=64 * 2**20, help="elements per tensor, CUDA section")
     parser.add_argument(
         "--threads",
         type=int,
@@ -380,7 +381,7 @@ def main() -> None:
         (args.out / "kernels_cpu.md").write_text(cpu_markdown(result))
         print(cpu_markdown(result))
     if torch.cuda.is_available():
-        result = {"machine": machine_info("cuda"), **bench_cuda()}
+        result = {"machine": machine_info("cuda"), **bench_cuda(n=args.numel)}
         (args.out / "kernels_cuda.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out / "kernels_cuda.md").write_text(cuda_markdown(result))
         print(cuda_markdown(result))

@@ -1,0 +1,46 @@
+"""bench/bench_gpu.py's CPU smoke mode: it runs end to end and writes both sections' rows (about 30 s)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_writes_both_sections(tmp_path: Path) -> None:
+    pytest.importorskip("diffusers")
+    units = "flux-small-fbc,engine,engine-ro"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--smoke", "--device", "cpu",
+                           "--units", units, "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    result = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert [u["unit"] for u in result["units"]] == units.split(",")
+    assert all(u["status"] == "done" for u in result["units"]), result["units"]
+    rows = {r["provider"]: r for r in result["dropin"]}
+    assert set(rows) == {"uncached-compiled", "uncached-reduce-overhead", "diffusers-compiled",
+                         "fastcache-compiled", "fastcache-reduce-overhead"}
+    for name in ("uncached-compiled", "diffusers-compiled", "fastcache-compiled"):
+        assert rows[name]["ms_per_step"] > 0 and "error" not in rows[name], rows[name]
+    assert rows["fastcache-reduce-overhead"]["error"] == "n/a on cpu"
+    fastcache = rows["fastcache-compiled"]
+    assert fastcache["conds_per_call"] >= 1  # FBC decides on the device
+    assert 0 < fastcache["computed"] <= 1
+    assert fastcache["graph_breaks"] == 0 and rows["uncached-compiled"]["graphs"] == 1
+
+    engine = {(r["mode"], r["setting"]): r for r in result["engine"]}
+    assert len(engine) == 8
+    default = [r for (mode, _), r in engine.items() if mode == "default"]
+    assert all(r["ms_per_generation"] > 0 and r["graph_breaks"] == 0 for r in default), default
+    assert engine[("default", "uncached")]["speedup_vs_uncached"] == 1.0
+    assert all(r["error"] == "n/a on cpu" for (mode, _), r in engine.items() if mode == "reduce-overhead")
+
+    md = (tmp_path / "gpu_bench.md").read_text()
+    for heading in ("# fastcache GPU benchmark", "## A. Drop-in", "## B. Engine", "## Units"):
+        assert heading in md
+    assert "| flux | small | fbc | fastcache-compiled |" in md
+    assert "| default | FBC threshold 0.05 |" in md
