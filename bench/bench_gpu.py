@@ -49,7 +49,6 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +62,10 @@ from torch.utils._pytree import tree_map
 import fastcache
 import fastcache.diffusers as fd
 from fastcache.diffusers._tiny import TinyCase, case, fbc_threshold
-from fastcache.methods import faster_cache, pyramid_attention_broadcast
+from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
 from fastcache.models.dit import DiT, DiTConfig, cfg_inputs, sampling_timesteps
 from fastcache.protocol import forward
+from fastcache.testing import CompileCounter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTEXTS = {"flux": ("cond",), "wan": ("cond", "uncond"), "cogvideox": ("cond_uncond",)}
@@ -83,8 +83,10 @@ PROVIDERS = {
 }
 ENGINE_DIT = dict(in_channels=4, sample_size=64, patch_size=2, hidden_size=1024, num_heads=16, depth=8)
 SMOKE_DIT = dict(in_channels=4, sample_size=8, patch_size=2, hidden_size=32, num_heads=2, depth=2)
-ENGINE_SETTINGS = ("uncached", "PAB spatial N=2", "FasterCache uncond N=2, wide ranges", "FBC threshold 0.05")
-DEFAULT_UNITS = ("flux-small-fbc,engine,engine-ro,flux-small-pab,flux-large-fbc,flux-large-pab,wan-large-fbc,"
+ENGINE_SETTINGS = ("uncached", "PAB spatial N=2", "FasterCache uncond N=2, wide ranges", "FBC threshold 0.2",
+                   "FBC threshold 0.2, split step")
+SPLIT = ", split step"  # FBC as a compiled head, one host read of the decision, a compiled tail per decision
+DEFAULT_UNITS = ("flux-small-fbc,flux-small-pab,engine,engine-ro,flux-large-fbc,flux-large-pab,wan-large-fbc,"
                  "wan-large-pab,wan-small-fbc,wan-small-pab,cogvideox-small-fastercache")
 SMOKE_UNITS = "flux-small-fbc,wan-small-pab,cogvideox-small-fastercache,engine,engine-ro"
 DEFAULT_ESTIMATE_S = {"small": 45.0, "large": 60.0, "engine": 60.0}
@@ -188,24 +190,6 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[float | No
     sync(device)
     peak = torch.cuda.max_memory_allocated(device)
     return round(peak / 2**20, 1), round((peak - before) / 2**20, 1)
-
-
-def is_cond(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target is torch.ops.higher_order.cond
-
-
-@dataclass
-class CondCounter:
-    """A capture-only dynamo backend: counts `torch.cond` nodes in every graph, then runs the graph as is."""
-
-    top: list[int] = field(default_factory=list)  # per graph: conds run on every call
-    nested: list[int] = field(default_factory=list)  # per graph: conds inside cond branches
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        self.top.append(sum(is_cond(n) for n in gm.graph.nodes))
-        subs = [m for m in gm.modules() if m is not gm and isinstance(m, torch.fx.GraphModule)]
-        self.nested.append(sum(is_cond(n) for m in subs for n in m.graph.nodes))
-        return gm.forward
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -350,17 +334,16 @@ def timed(provider: DropIn | EngineRun) -> float:
 
 def count_conds(tc: TinyCase, contexts: tuple[str, ...], method: str, threshold: float,
                 timesteps: list[float]) -> dict[str, Any]:
-    """`torch.cond` nodes per compiled call of the drop-in: two steps (a context's first call and a later one)
+    """`torch.cond` nodes per compiled call of the drop-in: three steps (a context's first call and later ones)
     through a capture-only compile."""
-    counter = CondCounter()
+    counter = CompileCounter("eager")
     try:
-        DropIn("fastcache-capture", tc, contexts, method, threshold, timesteps[:2], counter).generate()
+        DropIn("fastcache-capture", tc, contexts, method, threshold, timesteps[:3], counter).generate()
     except Exception as error:  # reported with the rows; the timed providers still run
         return dict(conds_error=short_error(error))
     finally:
         torch._dynamo.reset()
-    return dict(conds_per_call=max(counter.top, default=0), conds_per_graph=counter.top,
-                nested_conds=max(counter.nested, default=0))
+    return dict(conds_per_call=counter.max_conds_per_call, conds_per_graph=counter.conds_per_graph)
 
 
 def dropin_unit(model: str, size: str, method: str, args: argparse.Namespace, log: Callable[[str], None],
@@ -487,9 +470,21 @@ class EngineRun:
             self.state0: Any = None
             self.plan: Any = [None] * steps
             self.fraction: Callable[[Any], float] = lambda state: 1.0
+        elif name.endswith(SPLIT):
+            head = torch.compile(lambda s, i: first_block_cache.head_step(config, model, s, i), **compile_options)
+            tail = torch.compile(lambda s, h, skip: first_block_cache.tail_step(config, model, s, h, skip),
+                                 **compile_options)
+
+            def split_step(state: Any, inputs: Any, decision: Any) -> Any:
+                h = head(state, inputs)
+                return tail(state, h, bool(h.skip))  # the step's one host read
+
+            self.step = split_step
         else:
             method = fastcache.make(config)
             self.step = torch.compile(lambda s, i, d: method.step(model, s, i, d), **compile_options)
+        if config is not None:
+            method = fastcache.make(config)  # (the same method: a config's functions are pure)
             # a state is a value (steps never write into it): one initial state serves every generation
             self.state0 = method.init(model, first)
             self.plan = method.plan(self.timesteps)
@@ -523,6 +518,7 @@ def engine_unit(mode: str, args: argparse.Namespace, log: Callable[[str], None],
     if mode == "reduce-overhead":
         options["mode"] = mode
     configs = bench_engine.settings()
+    configs["FBC threshold 0.2" + SPLIT] = configs["FBC threshold 0.2"]
     torch._dynamo.reset()
     counters.clear()
     rows = {name: dict(base, setting=name) for name in ENGINE_SETTINGS}
@@ -656,7 +652,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += dropin_table(result["dropin"]) if result["dropin"] else ["(no unit ran)"]
     lines += ["", f"## B. Engine on the reference DiT ({result['engine_dit']}), fullgraph=True", "",
               "PAB and FasterCache run planned decisions (Python values: one graph per step variant, no "
-              "`torch.cond`); FBC decides on the device (one `torch.cond` per step).", ""]
+              "`torch.cond`); FBC decides on the device: one `torch.cond` per step, or (split step) a compiled "
+              "head, one host read of the decision and a compiled tail per decision (no `torch.cond`).", ""]
     lines += engine_table(result["engine"]) if result["engine"] else ["(no unit ran)"]
     lines += ["", "## Units", "", "| unit | status | s |", "|---|---|---|"]
     lines += [f"| {u['unit']} | {u['status']} | {fmt(u.get('seconds'), '.0f')} |" for u in result["units"]]

@@ -33,14 +33,16 @@ def test_smoke_writes_both_sections(tmp_path: Path) -> None:
     assert fastcache["graph_breaks"] == 0 and rows["uncached-compiled"]["graphs"] == 1
 
     engine = {(r["mode"], r["setting"]): r for r in result["engine"]}
-    assert len(engine) == 8
+    assert len(engine) == 10
     default = [r for (mode, _), r in engine.items() if mode == "default"]
     assert all(r["ms_per_generation"] > 0 and r["graph_breaks"] == 0 for r in default), default
     assert engine[("default", "uncached")]["speedup_vs_uncached"] == 1.0
+    split, one_cond = engine[("default", "FBC threshold 0.2, split step")], engine[("default", "FBC threshold 0.2")]
+    assert split["fraction"] == one_cond["fraction"]  # the same decisions, taken on the host or in a torch.cond
     assert all(r["error"] == "n/a on cpu" for (mode, _), r in engine.items() if mode == "reduce-overhead")
 
     md = (tmp_path / "gpu_bench.md").read_text()
     for heading in ("# fastcache GPU benchmark", "## A. Drop-in", "## B. Engine", "## Units"):
         assert heading in md
     assert "| flux | small | fbc | fastcache-compiled |" in md
-    assert "| default | FBC threshold 0.05 |" in md
+    assert "| default | FBC threshold 0.2, split step |" in md
