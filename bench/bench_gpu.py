@@ -69,11 +69,13 @@ from fastcache.testing import CompileCounter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTEXTS = {"flux": ("cond",), "wan": ("cond", "uncond"), "cogvideox": ("cond_uncond",)}
-SIZES = {  # arguments of `case`; hidden size = 32 * scale, 2 heads (head dim 16 * scale <= 256 keeps flash SDPA)
-    "flux": {"small": dict(scale=4, size=16, layers=4), "large": dict(scale=16, size=64, layers=4)},
-    "wan": {"small": dict(scale=4, size=16, frames=2, layers=4), "large": dict(scale=16, size=64, frames=4, layers=4)},
+SIZES = {  # arguments of `case`; hidden size = heads * 16 * scale (head dim 128 at the large size, as in Flux/Wan)
+    "flux": {"small": dict(scale=4, size=16, layers=4),  # hidden 128, 256 image tokens: launch-bound
+             "large": dict(scale=8, heads=16, size=64, layers=4)},  # hidden 2048, 4096 tokens: compute-bound
+    "wan": {"small": dict(scale=4, size=16, frames=2, layers=4),
+            "large": dict(scale=8, heads=12, size=64, frames=4, layers=4)},  # hidden 1536 (Wan 1.3B), 4096 tokens
     "cogvideox": {"small": dict(scale=4, size=16, frames=2, layers=4),
-                  "large": dict(scale=16, size=64, frames=4, layers=4)},
+                  "large": dict(scale=8, heads=12, size=64, frames=4, layers=4)},
 }
 SMOKE_SIZE = dict(scale=1, size=8, frames=2, layers=2)
 PROVIDERS = {
@@ -641,7 +643,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"{a['repeats']} timed generations per provider (round-robin), medians. Run {result['elapsed_s']:.0f} s "
              f"of a {a['budget_s']:.0f} s budget{' (smoke)' if a['smoke'] else ''}.", "",
              "## A. Drop-in vs diffusers' hooks, compiled", "",
-             "Sizes (`_tiny.case` arguments; hidden = 32 x scale): "
+             "Sizes (`_tiny.case` arguments; hidden = heads (default 2) x 16 x scale): "
              + "; ".join(f"{k} {s}: {v}" for k, sizes in SIZES.items() for s, v in sizes.items()) + ". "
              "ms/step: one step is every CFG pass (Wan: cond + uncond calls; CogVideoX: one batched call). "
              "syncs/step: host syncs seen by `torch.cuda.set_sync_debug_mode('warn')`. peak: "

@@ -3,6 +3,7 @@ and bad input. Compile behaviour is in test_compile.py."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -405,3 +406,27 @@ def test_other_bad_calls() -> None:
     with pytest.raises(ValueError, match="timesteps: must hold at least one"):
         fbc.plan([])
     assert all(isinstance(x, torch.Tensor) for x in tree_leaves(fbc.init(model, inputs)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_reference_dit_runs_in_half_precision_close_to_fp64(dtype: torch.dtype) -> None:
+    """The timestep sinusoids are computed in fp32 and cast to the model's dtype (a half-precision model used
+    to fail: fp32 embedding into a bf16 linear), and every method steps in that dtype."""
+    model = tiny_dit()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    x = noise(False, 0)
+    inputs = cfg_inputs(x, 700.0, LABELS, NULL)
+    with torch.no_grad():
+        exact = forward(copy.deepcopy(model).double(), {k: v.double() if v.is_floating_point() else v
+                                                        for k, v in inputs.items()})
+        half = copy.deepcopy(model).to(dtype)
+        out = forward(half, {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()})
+        assert out.dtype == dtype
+        assert (out.double() - exact).abs().max() <= 0.05 * exact.abs().max()
+        for name in METHODS:
+            method = fastcache.make(METHODS[name](False))
+            state = method.init(half, cfg_inputs(x.to(dtype), 1000.0, LABELS, NULL))
+            step_out, _ = method.step(half, state, cfg_inputs(x.to(dtype), 1000.0, LABELS, NULL), None)
+            assert step_out.dtype == dtype and torch.isfinite(step_out).all()

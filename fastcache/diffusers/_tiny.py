@@ -3,8 +3,8 @@
 For tests and the benchmark: no download, built from configs. `case(name, scale)` returns a `TinyCase`:
 the model, the latent to denoise and `kwargs(latent, t)`, the transformer's arguments at scheduler
 timestep `t` (0..1000), converted to the family's own convention (Flux passes t / 1000, Mochi 1000 - t).
-`scale` widens the models for the benchmark (hidden size = 32 * scale) and `layers` deepens them (blocks per
-block list).
+`scale` widens the models for the benchmark (head dim 16 * scale, hidden size = heads * 16 * scale) and `layers`
+deepens them (blocks per block list).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ def _ts(t: Tensor, batch: int, scale: float = 1.0, offset: float = 0.0) -> Tenso
 
 
 def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 8, seed: int = 0,
-         layers: int = 2) -> TinyCase:
+         layers: int = 2, heads: int = 2) -> TinyCase:
     import diffusers as d
 
     torch.manual_seed(seed)
-    heads, hd = 2, 16 * scale
+    hd = 16 * scale
     dim = heads * hd
     g = torch.Generator().manual_seed(seed + 1)
 

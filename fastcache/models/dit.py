@@ -140,7 +140,8 @@ class DiT(nn.Module):
         hidden = hidden.view(b, f, -1, cfg.hidden_size)
         if self.frame_embed is not None:
             hidden = hidden + self.frame_embed[:, :f]
-        temb = F.silu(self.time_mlp(timestep_embedding(timestep, cfg.hidden_size)))
+        # sinusoids in fp32 (a bf16 angle of t ~ 1000 is off by several radians), then the model's dtype
+        temb = F.silu(self.time_mlp(timestep_embedding(timestep, cfg.hidden_size).to(self.pos_embed.dtype)))
         context = self.label_embed(label).view(b, cfg.condition_tokens, cfg.hidden_size)
         aux = {"temb": temb, "context": context, "frames": f, "height": h, "width": w, "video": video}
         return (hidden,), aux
