@@ -26,11 +26,36 @@ one ulp of each value): relative L2 error ~2e-4 for fp16 and ~1.7e-3 for bf16. W
 the caller on CUDA (`torch.set_float32_matmul_precision("high")`) the fp32 error grows to ~1e-3 relative
 (not measured here), far below what FasterCache's approximation itself changes.
 
-GPU: no Triton kernel on purpose. The split is four GEMMs (inner dims W, H, then K = 2r + 1 <= 51 twice);
-cuBLAS runs them near peak, while a fused Triton kernel would have to keep a whole image per program (60 x 90
-fp32 = 21 KB, 128 x 128 = 64 KB) and could save only the (H, K) intermediates, which are K / W ~ 28 % of the
-input. The split runs only on FasterCache's full steps; the per-skip-step work is the Triton kernel in
-`fastercache_uncond.py`.
+GPU: two implementations of `frequency_split`, chosen per call (`frequency_split(x, impl="matmul" | "triton")`)
+or for every call without `impl` (`set_frequency_split_impl`; "matmul" unless changed). CPU always runs the
+matmuls (the Triton kernel runs on CPU only in the interpreter, through the test-only `interpreter_test_op`).
+`lowpass` always runs the matmuls.
+
+- "matmul": the four products above as torch matmuls (inner dims W, H, then K = 2r + 1 twice; fp32,
+  so no TF32 unless the caller enables it), then the mask multiply, `x - low` and, for fp16 / bf16, the
+  casts: six or more kernel launches, with the (..., H, K) and (..., K, K) intermediates and the fp32 low
+  going through memory.
+- "triton" (`_frequency_split_kernel`): one launch, one program per (H, W) image. Zero-padded power-of-two
+  tiles (W_P, K_P >= 16 as `tl.dot` needs; row blocks of max(16, 8192 / W_P) rows); pass 1 accumulates
+  `B_H x B_W^T` over the row blocks, pass 2 rebuilds each row block of `low` from `M * (...)`, reads that
+  block of x again (normally from L2: the image was just read) and writes `low` and `high = x - low` in x's
+  dtype. All four products use `tl.dot(..., input_precision="ieee")` (fp32, no TF32), so the accuracy above
+  should hold on a GPU too; tested only in the interpreter, against the fp64 FFT (the matmuls' tolerances)
+  and against the matmuls (within 2e-6 * max|x| before rounding to x's dtype). Limit: the (K_P, W_P)
+  basis tile held by a program is at most 16384 fp32 values (64 KB), which every latent size of CogVideoX
+  (60 x 90), Flux (128 x 128) and Wan (60 x 104, 90 x 160) meets; wider images (e.g. 256 x 256) run the
+  matmuls even with impl="triton" (`triton_split_fits`). Compiled for sm_90 in CI
+  (tests/test_kernel_sm90_compile.py): shared memory per program 96 KB at 60 x 90 fp32 (64 KB bf16), 128 KB
+  at 128 x 128, 144 KB at 90 x 160, so one or two programs per SM.
+- It writes the unweighted parts: FasterCache's frequency weights apply on skip steps, in
+  `fastercache_uncond.py`, and the split runs only on full steps.
+
+Which is faster on a GPU is not measured yet: `bench/bench_kernels.py` times both at the CogVideoX, Flux and
+Wan latent shapes (ms, GB/s against a copy); the default stays "matmul" until it says otherwise. What to
+expect (reasoning, not a measurement): the kernel saves launches and the intermediates' round trips, which
+may dominate at these sizes (a whole CogVideoX latent is 4.5 MB fp32), but does its arithmetic as FMA on padded
+tiles (60 x 90 pads to 64 x 128) with few programs per SM, where cuBLAS picks tuned GEMM kernels; block shape
+and warps are untuned first guesses.
 """
 
 from __future__ import annotations
@@ -142,7 +167,7 @@ def _frequency_split_kernel(
     """One program per image: low = B_H^T (M * (B_H x B_W^T)) B_W in fp32, high = x - low.
 
     Pass 1 accumulates Z = B_H x B_W^T (K_P, K_P) over row blocks of x; pass 2 rebuilds each row block of
-    low from M * Z and reads that block of x again (from L2: the image was just read) to write low and high.
+    low from M * Z and reads that block of x again (normally from L2) to write low and high.
     Zero padding (masked loads) keeps every padded row and column out of the sums.
     """
     pid = tl.program_id(0).to(tl.int64)  # int64: image offsets can exceed 2**31
@@ -154,6 +179,7 @@ def _frequency_split_kernel(
     out_off = pid * H * W
     rk = tl.arange(0, K_P)
     rw = tl.arange(0, W_P)
+    x_cols = rw[None, :].to(tl.int64) * x_stride_w  # int64 within an image too: permuted strides can be huge
     rh = tl.arange(0, BLOCK_H)
     k_ok = rk < K
     w_ok = rw < W
@@ -163,7 +189,7 @@ def _frequency_split_kernel(
         rows = h0 + rh
         h_ok = rows < H
         xw_mask = h_ok[:, None] & w_ok[None, :]
-        x = tl.load(x_img + rows[:, None] * x_stride_h + rw[None, :] * x_stride_w, mask=xw_mask, other=0.0)
+        x = tl.load(x_img + rows[:, None].to(tl.int64) * x_stride_h + x_cols, mask=xw_mask, other=0.0)
         t = tl.dot(x.to(tl.float32), tl.trans(bw), input_precision="ieee")  # (BLOCK_H, K_P)
         bh = tl.load(by_ptr + rk[:, None] * H + rows[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
         z = tl.dot(bh, t, acc=z, input_precision="ieee")  # (K_P, K_P)
@@ -175,7 +201,7 @@ def _frequency_split_kernel(
         bh_t = tl.load(by_ptr + rows[:, None] + rk[None, :] * H, mask=h_ok[:, None] & k_ok[None, :], other=0.0)
         u = tl.dot(bh_t, z, input_precision="ieee")  # (BLOCK_H, K_P)
         low = tl.dot(u, bw, input_precision="ieee")  # (BLOCK_H, W_P)
-        x = tl.load(x_img + rows[:, None] * x_stride_h + rw[None, :] * x_stride_w, mask=xw_mask, other=0.0)
+        x = tl.load(x_img + rows[:, None].to(tl.int64) * x_stride_h + x_cols, mask=xw_mask, other=0.0)
         high = x.to(tl.float32) - low
         out = out_off + rows[:, None] * W + rw[None, :]
         tl.store(low_ptr + out, low.to(low_ptr.dtype.element_ty), mask=xw_mask)

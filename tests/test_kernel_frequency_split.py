@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch._dynamo.testing
 from fastcache.kernels import (
     fastercache_uncond,
     frequency_split,
@@ -258,3 +259,18 @@ def test_choosing_the_implementation():
     with pytest.raises(ValueError, match="impl"):
         frequency_split(x, impl="cublas")
     torch.library.opcheck(torch.ops.fastcache.frequency_split.default, (x, "triton"))
+
+
+def test_a_compiled_caller_follows_the_default_implementation():
+    """The module default is read inside the compiled frame: guarded on, so a change recompiles once."""
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: frequency_split(x * 2), fullgraph=True, backend=counter)
+    x = torch.randn(2, 8, 8)
+    try:
+        for impl, frames in [("matmul", 1), ("matmul", 1), ("triton", 2), ("matmul", 2)]:
+            split_module.set_frequency_split_impl(impl)
+            compiled(x)
+            assert counter.frame_count == frames, impl
+    finally:
+        split_module.set_frequency_split_impl("matmul")
