@@ -13,7 +13,9 @@ the repeats, warm-up excluded.
 
 GPU section (only when CUDA is available; run `python bench/bench_kernels.py` on a CUDA machine with triton
 installed and TRITON_INTERPRET unset): each Triton kernel's GB/s against the device's copy bandwidth
-(`torch.clone`), the eager composite and the compiled composite; the frequency split against torch.fft.
+(`torch.clone`), the eager composite and the compiled composite; the frequency split's two CUDA
+implementations (`impl="matmul"`: four torch matmuls; `impl="triton"`: the fused Triton kernel) in ms and GB/s
+against a copy, at the CogVideoX, Flux and Wan latent shapes, with torch.fft's split for scale.
 `triton.testing.do_bench`, with inputs rotated over more than twice the L2 cache so every call reads DRAM.
 
 Writes `bench/results/kernels_cpu.{json,md}` (and `kernels_cuda.{json,md}` on CUDA) with the machine, the
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -35,10 +38,13 @@ from pathlib import Path
 
 import torch
 from fastcache.kernels import absmean_rel_diff, extrapolate, fastercache_uncond, frequency_split
+from fastcache.kernels.frequency_split import triton_split_config, triton_split_fits
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENTS = {"cogvideox": (13, 16, 60, 90), "flux": (1, 16, 128, 128)}
 RESIDUALS = {"flux_hidden": (1, 4096, 3072)}
+# GPU frequency split: the latents above and Wan 2.1's (21 latent frames, 16 channels) at 480p and 720p.
+SPLIT_SHAPES = {**LATENTS, "wan_480p": (21, 16, 60, 104), "wan_720p": (21, 16, 90, 160)}
 
 
 # ---------------------------------------------------------------- diffusers' FFT formulation (the baseline)
@@ -292,23 +298,51 @@ def cuda_elementwise_rows(dtype, dev, n, l2_bytes, ms) -> list[dict]:
     return rows
 
 
-def cuda_split_row(shape, dev, ms) -> dict:
-    x = torch.randn(shape, device=dev)
+def cuda_split_row(shape, dev, l2_bytes, ms) -> dict:
+    """frequency_split at one fp32 latent shape: the matmul path vs the Triton kernel (ms, GB/s against a
+    copy), plus torch.fft's split (and its inverse round trip) for scale. Inputs rotate over 2x L2."""
+    n = math.prod(shape)
+    nbytes = n * 4
+    make = rotating(lambda: (torch.randn(shape, device=dev),), nbytes, l2_bytes)
     mask = disc_mask(shape[-2], shape[-1], dev)
+    x = make()[0]
+    # Same results (fp32, summation order apart) before timing anything.
+    (m_low, m_high), (t_low, t_high) = frequency_split(x, impl="matmul"), frequency_split(x, impl="triton")
+    max_diff = max((m_low - t_low).abs().max().item(), (m_high - t_high).abs().max().item())
 
-    def fft_roundtrip():
+    def fft_roundtrip(x):
         return tuple(torch.fft.ifft2(torch.fft.ifftshift(s)).real for s in fft_split(x, mask))
 
-    t = {
-        "fastcache": ms(lambda: frequency_split(x)),
-        "torch_fft": ms(lambda: fft_split(x, mask)),
-        "torch_fft_roundtrip": ms(fft_roundtrip),
+    providers = {
+        "matmul": lambda x: frequency_split(x, impl="matmul"),
+        "triton": lambda x: frequency_split(x, impl="triton"),
+        "torch_fft": lambda x: fft_split(x, mask),
+        "torch_fft_roundtrip": fft_roundtrip,
+        "copy": lambda x: x.clone(),
     }
-    return {"op": "frequency_split", "shape": list(shape), **{f"{k}_ms": round(v, 4) for k, v in t.items()}}
+    t = {k: ms(lambda fn=fn: fn(*make())) for k, fn in providers.items()}
+    split_bytes = 3 * nbytes  # read x, write low and high
+    copy_gbs = 2 * nbytes / t["copy"] / 1e6
+    height, width = shape[-2], shape[-1]
+    return {
+        "op": "frequency_split",
+        "shape": list(shape),
+        "dtype": "float32",
+        "triton_fits": triton_split_fits(height, width),  # False: impl="triton" ran the matmuls
+        "triton_config": triton_split_config(height, width),
+        **{f"{k}_ms": round(v, 4) for k, v in t.items()},
+        "matmul_gbs": round(split_bytes / t["matmul"] / 1e6, 1),
+        "triton_gbs": round(split_bytes / t["triton"] / 1e6, 1),
+        "copy_gbs": round(copy_gbs, 1),
+        "triton_speedup": round(t["matmul"] / t["triton"], 2),
+        "max_abs_diff": max_diff,
+        "max_abs_x": x.abs().max().item(),
+    }
 
 
 def bench_cuda(dev: torch.device | None = None, n: int = 64 * 2**20, ms: Callable | None = None) -> dict:
-    """GB/s of each Triton kernel vs copy bandwidth, eager and compiled composites; split vs torch.fft.
+    """GB/s of each Triton kernel vs copy bandwidth, eager and compiled composites; the split's two implementations
+    (matmul, triton) vs copy, and torch.fft for scale.
 
     `n` elements per tensor (default 64M: 256 MB in fp32). `dev` and `ms` exist to smoke-test this function
     on CPU; on CUDA the timer is `triton.testing.do_bench` (median).
@@ -326,9 +360,9 @@ def bench_cuda(dev: torch.device | None = None, n: int = 64 * 2**20, ms: Callabl
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         rows += cuda_elementwise_rows(dtype, dev, n, l2_bytes, ms)
-    for shape in LATENTS.values():
-        rows.append(cuda_split_row(shape, dev, ms))
-    return {"numel": n, "l2_bytes": l2_bytes, "shapes": LATENTS, "rows": rows}
+    for shape in SPLIT_SHAPES.values():
+        rows.append(cuda_split_row(shape, dev, l2_bytes, ms))
+    return {"numel": n, "l2_bytes": l2_bytes, "shapes": SPLIT_SHAPES, "rows": rows}
 
 
 def cuda_markdown(result: dict) -> str:
@@ -342,18 +376,29 @@ def cuda_markdown(result: dict) -> str:
         "| op | dtype / shape | fastcache | eager | compiled | copy GB/s | fastcache / copy |",
         "|---|---|---|---|---|---|---|",
     ]
+    splits = [r for r in result["rows"] if r["op"] == "frequency_split"]
     for r in result["rows"]:
-        if r["op"] == "frequency_split":
-            shape = "x".join(map(str, r["shape"]))
-            lines.append(
-                f"| frequency_split | {shape} | {r['fastcache_ms']} ms | fft split {r['torch_fft_ms']} ms, "
-                f"+ifft {r['torch_fft_roundtrip_ms']} ms | - | - | - |"
-            )
-        else:
+        if r["op"] != "frequency_split":
             lines.append(
                 f"| {r['op']} | {r['dtype']} | {r['fastcache_gbs']} GB/s | {r['eager_gbs']} GB/s | "
                 f"{r['compiled_gbs']} GB/s | {r['copy_gbs']} | {r['fraction_of_copy']} |"
             )
+    lines += [
+        "",
+        "frequency_split, fp32 (bytes: read x, write low and high; copy: `clone` of x):",
+        "",
+        "| shape | matmul ms | triton ms | triton / matmul speedup | matmul GB/s | triton GB/s | copy GB/s | "
+        "fft split ms | fft + ifft ms | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in splits:
+        shape = "x".join(map(str, r["shape"]))
+        triton_ms = f"{r['triton_ms']}" if r["triton_fits"] else f"{r['triton_ms']} (matmul: too wide)"
+        lines.append(
+            f"| {shape} | {r['matmul_ms']} | {triton_ms} | {r['triton_speedup']}x | {r['matmul_gbs']} | "
+            f"{r['triton_gbs']} | {r['copy_gbs']} | {r['torch_fft_ms']} | {r['torch_fft_roundtrip_ms']} | "
+            f"{r['max_abs_diff']:.2e} (max abs x {r['max_abs_x']:.1f}) |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,8 @@ op. Importing this package needs neither triton nor a GPU and changes no global 
 setting.
 
 - `absmean_rel_diff`, `absmean_sums`, `rel_diff_from_sums`: the First-Block-Cache skip predicate.
-- `frequency_split`, `lowpass`: FasterCache's low/high frequency split, in real space (no complex tensors).
+- `frequency_split`, `lowpass`: FasterCache's low/high frequency split, in real space (no complex tensors);
+  on CUDA the split runs four matmuls or one fused Triton kernel (`impl=`, `set_frequency_split_impl`).
 - `fastercache_uncond`: FasterCache's skip-step reconstruction of the unconditional branch.
 - `extrapolate`: FasterCache's attention approximation.
 """
@@ -23,10 +24,12 @@ from .extrapolate import extrapolate, extrapolate_reference
 from .fastercache_uncond import fastercache_uncond, fastercache_uncond_reference
 from .frequency_split import (
     frequency_split,
+    frequency_split_impl,
     frequency_split_reference,
     lowpass,
     lowpass_radius,
     lowpass_reference,
+    set_frequency_split_impl,
 )
 
 __all__ = [
@@ -39,9 +42,11 @@ __all__ = [
     "fastercache_uncond",
     "fastercache_uncond_reference",
     "frequency_split",
+    "frequency_split_impl",
     "frequency_split_reference",
     "lowpass",
     "lowpass_radius",
     "lowpass_reference",
     "rel_diff_from_sums",
+    "set_frequency_split_impl",
 ]

@@ -26,22 +26,60 @@ one ulp of each value): relative L2 error ~2e-4 for fp16 and ~1.7e-3 for bf16. W
 the caller on CUDA (`torch.set_float32_matmul_precision("high")`) the fp32 error grows to ~1e-3 relative
 (not measured here), far below what FasterCache's approximation itself changes.
 
-GPU: no Triton kernel on purpose. The split is four GEMMs (inner dims W, H, then K = 2r + 1 <= 51 twice);
-cuBLAS runs them near peak, while a fused Triton kernel would have to keep a whole image per program (60 x 90
-fp32 = 21 KB, 128 x 128 = 64 KB) and could save only the (H, K) intermediates, which are K / W ~ 28 % of the
-input. The split runs only on FasterCache's full steps; the per-skip-step work is the Triton kernel in
-`fastercache_uncond.py`.
+GPU: two implementations of `frequency_split`, chosen per call (`frequency_split(x, impl="matmul" | "triton")`)
+or for every call without `impl` (`set_frequency_split_impl`; "matmul" unless changed). CPU always runs the
+matmuls (the Triton kernel runs on CPU only in the interpreter, through the test-only `interpreter_test_op`).
+`lowpass` always runs the matmuls.
+
+- "matmul": the four products above as torch matmuls (inner dims W, H, then K = 2r + 1 twice; fp32,
+  so no TF32 unless the caller enables it), then the mask multiply, `x - low` and, for fp16 / bf16, the
+  casts: six or more kernel launches, with the (..., H, K) and (..., K, K) intermediates and the fp32 low
+  going through memory.
+- "triton" (`_frequency_split_kernel`): one launch, one program per (H, W) image. Zero-padded power-of-two
+  tiles (W_P, K_P >= 16 as `tl.dot` needs; row blocks of max(16, 8192 / W_P) rows); pass 1 accumulates
+  `B_H x B_W^T` over the row blocks, pass 2 rebuilds each row block of `low` from `M * (...)`, reads that
+  block of x again (normally from L2: the image was just read) and writes `low` and `high = x - low` in x's
+  dtype. All four products use `tl.dot(..., input_precision="ieee")` (fp32, no TF32), so the accuracy above
+  should hold on a GPU too; tested only in the interpreter, against the fp64 FFT (the matmuls' tolerances)
+  and against the matmuls (within 2e-6 * max|x| before rounding to x's dtype). Limit: the (K_P, W_P)
+  basis tile held by a program is at most 16384 fp32 values (64 KB), which every latent size of CogVideoX
+  (60 x 90), Flux (128 x 128) and Wan (60 x 104, 90 x 160) meets; wider images (e.g. 256 x 256) run the
+  matmuls even with impl="triton" (`triton_split_fits`). Compiled for sm_90 in CI
+  (tests/test_kernel_sm90_compile.py): shared memory per program 96 KB at 60 x 90 fp32 (64 KB bf16), 128 KB
+  at 128 x 128, 144 KB at 90 x 160, so one or two programs per SM.
+- It writes the unweighted parts: FasterCache's frequency weights apply on skip steps, in
+  `fastercache_uncond.py`, and the split runs only on full steps.
+
+Which is faster on a GPU is not measured yet: `bench/bench_kernels.py` times both at the CogVideoX, Flux and
+Wan latent shapes (ms, GB/s against a copy); the default stays "matmul" until it says otherwise. What to
+expect (reasoning, not a measurement): the kernel saves launches and the intermediates' round trips, which
+may dominate at these sizes (a whole CogVideoX latent is 4.5 MB fp32), but does its arithmetic as FMA on padded
+tiles (60 x 90 pads to 64 x 128) with few programs per SM, where cuBLAS picks tuned GEMM kernels; block shape
+and warps are untuned first guesses.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ._checks import check_tensor
+from ._triton import HAS_TRITON, device_guard, interpreter_op, require_triton, tl, triton
+
+# The two implementations of the split on CUDA (CPU always runs "matmul"; see the module docstring).
+FREQUENCY_SPLIT_IMPLS = ("matmul", "triton")
+# The default for `frequency_split(x)` on CUDA. "matmul" until a GPU benchmark (bench/bench_kernels.py, the
+# `frequency_split` rows) shows the Triton kernel faster: change it with `set_frequency_split_impl`.
+_split_impl = "matmul"
+
+# Triton kernel limits: every fp32 tile a program holds (the (K_P, W_P) basis and a (BLOCK_H, W_P) row block
+# of the image) stays within 16384 elements = 64 KB; images are processed in row blocks, so H is free.
+_MAX_TILE = 16384
+_ROW_BLOCK_ELEMENTS = 8192
 
 
 def lowpass_radius(height: int, width: int) -> int:
@@ -103,6 +141,139 @@ def _frequency_split_torch(x: Tensor) -> tuple[Tensor, Tensor]:
     return low.to(x.dtype), high.to(x.dtype)
 
 
+# ------------------------------------------------------------------------------------------- Triton kernel
+@triton.jit
+def _frequency_split_kernel(
+    x_ptr,  # input (..., H, W), any float dtype, addressed through (lead*, stride_h, stride_w)
+    by_ptr,  # fp32 (K, H) contiguous: B_H
+    bx_ptr,  # fp32 (K, W) contiguous: B_W
+    m_ptr,  # fp32 (K, K) contiguous: the masked fold weights M
+    low_ptr,  # out, contiguous (..., H, W), x's dtype
+    high_ptr,  # out, contiguous (..., H, W), x's dtype
+    H,
+    W,
+    K,
+    lead1,  # sizes of leading dims 1 and 2 (dim 0 is implied by the grid)
+    lead2,
+    x_stride0,  # strides of the 3 (merged) leading dims, then of the rows and columns
+    x_stride1,
+    x_stride2,
+    x_stride_h,
+    x_stride_w,
+    W_P: tl.constexpr,  # power of two >= max(W, 16)
+    K_P: tl.constexpr,  # power of two >= max(K, 16)
+    BLOCK_H: tl.constexpr,  # rows per block, power of two >= 16
+):
+    """One program per image: low = B_H^T (M * (B_H x B_W^T)) B_W in fp32, high = x - low.
+
+    Pass 1 accumulates Z = B_H x B_W^T (K_P, K_P) over row blocks of x; pass 2 rebuilds each row block of
+    low from M * Z and reads that block of x again (normally from L2) to write low and high.
+    Zero padding (masked loads) keeps every padded row and column out of the sums.
+    """
+    pid = tl.program_id(0).to(tl.int64)  # int64: image offsets can exceed 2**31
+    i2 = pid % lead2
+    rest = pid // lead2
+    i1 = rest % lead1
+    i0 = rest // lead1
+    x_img = x_ptr + i0 * x_stride0 + i1 * x_stride1 + i2 * x_stride2
+    out_off = pid * H * W
+    rk = tl.arange(0, K_P)
+    rw = tl.arange(0, W_P)
+    x_cols = rw[None, :].to(tl.int64) * x_stride_w  # int64 within an image too: permuted strides can be huge
+    rh = tl.arange(0, BLOCK_H)
+    k_ok = rk < K
+    w_ok = rw < W
+    bw = tl.load(bx_ptr + rk[:, None] * W + rw[None, :], mask=k_ok[:, None] & w_ok[None, :], other=0.0)
+    z = tl.zeros((K_P, K_P), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        rows = h0 + rh
+        h_ok = rows < H
+        xw_mask = h_ok[:, None] & w_ok[None, :]
+        x = tl.load(x_img + rows[:, None].to(tl.int64) * x_stride_h + x_cols, mask=xw_mask, other=0.0)
+        t = tl.dot(x.to(tl.float32), tl.trans(bw), input_precision="ieee")  # (BLOCK_H, K_P)
+        bh = tl.load(by_ptr + rk[:, None] * H + rows[None, :], mask=k_ok[:, None] & h_ok[None, :], other=0.0)
+        z = tl.dot(bh, t, acc=z, input_precision="ieee")  # (K_P, K_P)
+    z *= tl.load(m_ptr + rk[:, None] * K + rk[None, :], mask=k_ok[:, None] & k_ok[None, :], other=0.0)
+    for h0 in range(0, H, BLOCK_H):
+        rows = h0 + rh
+        h_ok = rows < H
+        xw_mask = h_ok[:, None] & w_ok[None, :]
+        bh_t = tl.load(by_ptr + rows[:, None] + rk[None, :] * H, mask=h_ok[:, None] & k_ok[None, :], other=0.0)
+        u = tl.dot(bh_t, z, input_precision="ieee")  # (BLOCK_H, K_P)
+        low = tl.dot(u, bw, input_precision="ieee")  # (BLOCK_H, W_P)
+        x = tl.load(x_img + rows[:, None].to(tl.int64) * x_stride_h + x_cols, mask=xw_mask, other=0.0)
+        high = x.to(tl.float32) - low
+        out = out_off + rows[:, None] * W + rw[None, :]
+        tl.store(low_ptr + out, low.to(low_ptr.dtype.element_ty), mask=xw_mask)
+        tl.store(high_ptr + out, high.to(high_ptr.dtype.element_ty), mask=xw_mask)
+
+
+def _pad16(n: int) -> int:
+    """Power of two >= max(n, 16): `tl.dot` needs every dim >= 16."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def triton_split_config(height: int, width: int) -> tuple[int, int, int, int] | None:
+    """`(W_P, K_P, BLOCK_H, num_warps)` for the Triton split of an (H, W) image, or None where it does not fit.
+
+    Fits when the (K_P, W_P) basis tile holds at most 16384 fp32 values (64 KB), e.g. W <= 256 with
+    K = 2 min(H, W) // 5 + 1 <= 64; H is free (row blocks of at most 8192 values, at least 16 rows).
+    Not tuned on a GPU: the block shape and warps are first guesses.
+    """
+    k = 2 * lowpass_radius(height, width) + 1
+    w_p, k_p = _pad16(width), _pad16(k)
+    if w_p * k_p > _MAX_TILE:
+        return None
+    block_h = max(16, min(_pad16(height), _ROW_BLOCK_ELEMENTS // w_p))
+    num_warps = 8 if block_h * w_p > 4096 or w_p * k_p > 4096 else 4
+    return w_p, k_p, block_h, num_warps
+
+
+def triton_split_fits(height: int, width: int) -> bool:
+    """Whether the Triton kernel handles (H, W) images; elsewhere impl="triton" runs the matmul path."""
+    return triton_split_config(height, width) is not None
+
+
+def _image_layout(x: Tensor) -> tuple[Tensor, list[int], list[int]]:
+    """x, its leading dims merged to 3 `(sizes, strides)` (padded at the front); a contiguous copy when more
+    than 3 leading dims cannot merge."""
+    sizes = [s for s in x.shape[:-2] if s != 1]
+    strides = [st for s, st in zip(x.shape[:-2], x.stride()[:-2]) if s != 1]
+    i = len(sizes) - 2
+    while i >= 0:
+        if strides[i] == strides[i + 1] * sizes[i + 1]:
+            sizes[i] *= sizes.pop(i + 1)
+            strides[i] = strides.pop(i + 1)
+        i -= 1
+    if len(sizes) > 3:
+        x = x.contiguous()
+        return x, [1, 1, x.numel() // (x.shape[-2] * x.shape[-1])], [0, 0, x.shape[-2] * x.shape[-1]]
+    pad = 3 - len(sizes)
+    return x, [1] * pad + sizes, [0] * pad + strides
+
+
+def _frequency_split_triton(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Host launcher: one program per (H, W) image, contiguous outputs in x's dtype."""
+    require_triton()
+    height, width = x.shape[-2], x.shape[-1]
+    config = triton_split_config(height, width)
+    if config is None:
+        raise ValueError(f"frequency_split: the Triton kernel does not handle {height} x {width} images")
+    w_p, k_p, block_h, num_warps = config
+    by, bx, weights = _lowpass_basis(height, width, x.device)
+    low = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    high = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x, lead, lead_strides = _image_layout(x)
+    images = lead[0] * lead[1] * lead[2]
+    with device_guard(x):
+        _frequency_split_kernel[(images,)](
+            x, by, bx, weights, low, high, height, width, by.shape[0], lead[1], lead[2],
+            *lead_strides, x.stride(-2), x.stride(-1),
+            W_P=w_p, K_P=k_p, BLOCK_H=block_h, num_warps=num_warps,
+        )  # fmt: skip
+    return low, high
+
+
 def _disc_mask(height: int, width: int) -> Tensor:
     """diffusers' boolean mask on the fftshift-ed spectrum (H, W)."""
     r = lowpass_radius(height, width)
@@ -135,13 +306,32 @@ def _lowpass_fake(x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("fastcache::frequency_split", mutates_args=())
-def frequency_split_op(x: Tensor) -> tuple[Tensor, Tensor]:
+def frequency_split_op(x: Tensor, impl: str = "matmul") -> tuple[Tensor, Tensor]:
+    return _frequency_split_torch(x)  # CPU: always the matmuls (the kernel needs a GPU or the interpreter)
+
+
+@frequency_split_op.register_kernel("cuda")
+def _frequency_split_cuda(x: Tensor, impl: str = "matmul") -> tuple[Tensor, Tensor]:
+    if impl == "triton" and HAS_TRITON and triton_split_fits(x.shape[-2], x.shape[-1]):
+        return _frequency_split_triton(x)
     return _frequency_split_torch(x)
 
 
 @frequency_split_op.register_fake
-def _frequency_split_fake(x: Tensor) -> tuple[Tensor, Tensor]:
+def _frequency_split_fake(x: Tensor, impl: str = "matmul") -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@functools.cache
+def interpreter_test_op() -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """TEST ONLY: a CPU custom op `fastcache_test::frequency_split` that launches the real Triton kernel.
+
+    Needs `TRITON_INTERPRET=1` set before triton is imported; lets a test run the kernel (also inside a
+    compiled graph) on CPU. No input validation; sizes where `triton_split_fits` is False raise.
+    """
+    return interpreter_op(
+        "frequency_split", _frequency_split_kernel, _frequency_split_triton, lambda x: _frequency_split_fake(x)
+    )
 
 
 def _check_image(x: object, fn: str) -> None:
@@ -170,11 +360,34 @@ def lowpass(x: Tensor) -> Tensor:
     return torch.ops.fastcache.lowpass(x)
 
 
-def frequency_split(x: Tensor) -> tuple[Tensor, Tensor]:
+def set_frequency_split_impl(impl: str) -> None:
+    """Choose what `frequency_split(x)` runs on CUDA when called without `impl`: "matmul" (the default) or
+    "triton". Read when `frequency_split` is called (a compiled caller guards on it and recompiles after a
+    change); CPU always runs the matmuls.
+    """
+    global _split_impl
+    _split_impl = _check_impl(impl)
+
+
+def frequency_split_impl() -> str:
+    """The implementation `frequency_split(x)` runs on CUDA when called without `impl`."""
+    return _split_impl
+
+
+def _check_impl(impl: object) -> str:
+    if impl not in FREQUENCY_SPLIT_IMPLS:
+        raise ValueError(f"frequency_split: impl must be one of {FREQUENCY_SPLIT_IMPLS}, got {impl!r}")
+    return impl
+
+
+def frequency_split(x: Tensor, impl: str | None = None) -> tuple[Tensor, Tensor]:
     """Split `x` into FasterCache's low and high frequency parts, both in real space.
 
     Args:
         x: float32, float16 or bfloat16 tensor (..., H, W), any leading dims and strides, not empty.
+        impl: on CUDA, "matmul" (four torch matmuls and an elementwise pass) or "triton" (one fused Triton
+            kernel; images too wide for it, see `triton_split_fits`, run the matmuls). None: the module
+            default, "matmul" unless changed with `set_frequency_split_impl`. CPU always runs the matmuls.
 
     Returns:
         `(low, high)`, contiguous, x's shape and dtype: `low = lowpass(x)`, `high = x - low` (in fp32, then
@@ -182,10 +395,11 @@ def frequency_split(x: Tensor) -> tuple[Tensor, Tensor]:
 
     Raises:
         TypeError: x is not a tensor.
-        ValueError: fewer than 2 dims, empty, or an unsupported dtype.
+        ValueError: fewer than 2 dims, empty, an unsupported dtype, or an unknown impl.
 
     Example:
         >>> d_low, d_high = frequency_split((uncond - cond).float())  # FasterCache full-step state
     """
     _check_image(x, "frequency_split")
-    return torch.ops.fastcache.frequency_split(x)
+    impl = _check_impl(_split_impl if impl is None else impl)
+    return torch.ops.fastcache.frequency_split(x, impl)

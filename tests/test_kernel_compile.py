@@ -27,6 +27,8 @@ from fastcache.kernels import (
 from fastcache.kernels.extrapolate import interpreter_test_op as extrapolate_interpreter_op
 from fastcache.kernels.fastercache_uncond import interpreter_test_op as uncond_interpreter_op
 
+split_interpreter_op = sys.modules[frequency_split.__module__].interpreter_test_op
+
 
 def engine_like_step(c, u, r, r_ref, d_low, d_high, w_low, w_high, w_attn, f_prev):
     """Every public op once, wired roughly as the engine will use them."""
@@ -75,11 +77,13 @@ def test_triton_kernels_inside_compiled_graph_via_interpreter():
     absmean_op = absmean_module.interpreter_test_op()
     uncond_op = uncond_interpreter_op()
     extrapolate_op = extrapolate_interpreter_op()
+    split_op = split_interpreter_op()
 
     def step(c, d_low, d_high, w_low, w_high, f_prev, w_attn, r, r_ref):
         ratio = rel_diff_from_sums(absmean_op(r, r_ref))
         uncond, new_low, new_high = uncond_op(c, d_low, d_high, w_low, w_high)
-        return ratio, uncond, new_low, new_high, extrapolate_op(uncond, f_prev, w_attn)
+        full_low, full_high = split_op(uncond - c)
+        return ratio, uncond, new_low, new_high, extrapolate_op(uncond, f_prev, w_attn), full_low, full_high
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -96,6 +100,8 @@ def test_triton_kernels_inside_compiled_graph_via_interpreter():
     torch.testing.assert_close(got[3].double(), ref[2], atol=1e-6, rtol=1e-6)
     expected = extrapolate_reference(got[1], args[5], w_attn)
     torch.testing.assert_close(got[4].double(), expected, atol=2e-2, rtol=2e-2)
+    for g, ref in zip(got[5:], frequency_split_reference(got[1] - c_bf16), strict=True):
+        torch.testing.assert_close(g.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=2.0**-7)
 
 
 def test_new_weight_values_do_not_recompile():
@@ -141,6 +147,7 @@ def test_import_without_triton_changes_no_global_setting():
         x = torch.randn(2, 9, 10)
         w = torch.tensor(1.1)
         k.absmean_rel_diff(x, x + 1); k.frequency_split(x); k.fastercache_uncond(x, x, x, w, w)
+        k.frequency_split(x, impl="triton")
         k.extrapolate(x, x, w)
         try:
             k.absmean.interpreter_test_op()

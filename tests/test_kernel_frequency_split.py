@@ -4,10 +4,12 @@ own FasterCache split, over sizes 1..128, leading dims, dtypes, strides and spec
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import pytest
 import torch
+import torch._dynamo.testing
 from fastcache.kernels import (
     fastercache_uncond,
     frequency_split,
@@ -18,6 +20,8 @@ from fastcache.kernels import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+split_module = sys.modules[frequency_split.__module__]  # the package exports the function under the module's name
 
 # dtype: (atol as a fraction of max|x|, rtol). fp32 is held to the 1e-5 target; fp16 / bf16 are computed in
 # fp32 and rounded once to their dtype, so one ulp of each value (2^-10, 2^-7) bounds their error.
@@ -163,3 +167,110 @@ def test_opcheck_and_no_aliasing():
     one = torch.randn(1, 1)  # radius 0 and H = W = 1: low == x numerically, but never the same storage
     for out in (*frequency_split(one), lowpass(one)):
         assert out.untyped_storage().data_ptr() != one.untyped_storage().data_ptr()
+
+
+# ------------------------------------------------------------- the Triton kernel, run by the interpreter
+# Every (H, W) image is one program instance (~3-6 ms each in the interpreter): few images, small sizes, and
+# one CogVideoX-sized latent.
+TRITON_CASES = [
+    # (lead, h, w, dtype, layout)
+    ((), 8, 8, torch.float32, "contiguous"),  # r = 1, K = 3 -> 16
+    ((2, 3), 17, 31, torch.float32, "permuted"),  # odd sizes, leading dims that do not merge
+    ((3,), 5, 7, torch.float16, "transposed"),  # column-major images
+    ((2,), 40, 33, torch.bfloat16, "sliced"),  # a column stride of 2
+    ((1, 2), 1, 1, torch.float32, "contiguous"),  # r = 0: low == x
+    ((4,), 3, 300, torch.float16, "contiguous"),  # W_P = 512
+    ((2,), 130, 20, torch.bfloat16, "contiguous"),  # H beyond one row block: 2 blocks of 128
+    ((1, 2), 60, 90, torch.float32, "contiguous"),  # CogVideoX latent: 64 x 128 tile, K = 25 -> 32
+]
+
+
+@pytest.mark.parametrize("lead, h, w, dtype, layout", TRITON_CASES)
+def test_triton_split_matches_fp64_fft(lead, h, w, dtype, layout):
+    op = split_module.interpreter_test_op()
+    x = make(lead, h, w, dtype, layout, torch.Generator().manual_seed(h * w))
+    low, high = op(x)
+    assert_split_close(x, low, high)
+    # Against the matmul path: the same fp32 math summed in another order (~1e-7 apart), then one rounding to
+    # x's dtype that may go either way (one ulp).
+    m_low, m_high = frequency_split(x)
+    atol = 2e-6 * x.abs().max().item() + 1e-30
+    torch.testing.assert_close(low, m_low, atol=atol, rtol=TOLERANCES[dtype][1])
+    torch.testing.assert_close(high, m_high, atol=atol, rtol=TOLERANCES[dtype][1])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, on NaN / inf
+def test_triton_split_special_values_and_leading_dims():
+    x = torch.randn(3, 2, 10, 12, generator=torch.Generator().manual_seed(0))
+    x[1] = 0.0
+    x[0, 1, 4, 5] = math.nan
+    x[2, 0, 0, 0] = math.inf
+    low, high = split_module.interpreter_test_op()(x)
+    assert (low[1] == 0).all() and (high[1] == 0).all()
+    assert not torch.isfinite(low[0, 1]).any() and not torch.isfinite(low[2, 0]).any()  # as the FFT's
+    for i, j in [(0, 0), (2, 1)]:  # images without special values are untouched by their neighbours
+        assert_split_close(x[i, j], low[i, j], high[i, j])
+
+
+def test_triton_split_limits():
+    """The kernel holds the (K_P, W_P) basis tile in at most 16384 fp32 values: every latent size that
+    matters fits; wider images (and impl="triton" for them) run the matmuls."""
+    fits = split_module.triton_split_fits
+    for h, w in [(60, 90), (60, 104), (90, 160), (128, 128), (8, 8), (1, 1), (4096, 64)]:
+        assert fits(h, w), (h, w)
+    assert split_module.triton_split_config(60, 90) == (128, 32, 64, 8)
+    assert split_module.triton_split_config(128, 128) == (128, 64, 64, 8)
+    assert not fits(256, 256) and not fits(2, 2000) and not fits(160, 320)
+
+
+def test_cuda_dispatch_runs_the_chosen_implementation(monkeypatch):
+    """The CUDA implementation's choice, exercised on CPU tensors (the kernel runs in the interpreter)."""
+    calls = []
+    kernel_launcher = split_module._frequency_split_triton
+    monkeypatch.setattr(split_module, "_frequency_split_triton", lambda x: calls.append(x.shape) or kernel_launcher(x))
+    x = torch.randn(2, 12, 10, generator=torch.Generator().manual_seed(0))
+    expected = frequency_split(x)
+    for impl, launched in [("matmul", []), ("triton", [x.shape])]:
+        calls.clear()
+        got = split_module._frequency_split_cuda(x, impl)
+        assert calls == launched, impl
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=0)
+    calls.clear()
+    wide = torch.randn(2, 2000)  # does not fit the kernel: the matmuls
+    for g, e in zip(split_module._frequency_split_cuda(wide, "triton"), frequency_split(wide)):
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+    assert calls == []
+
+
+def test_choosing_the_implementation():
+    x = torch.randn(2, 9, 11, generator=torch.Generator().manual_seed(0))
+    assert split_module.frequency_split_impl() == "matmul"  # the default until a GPU benchmark says otherwise
+    try:
+        split_module.set_frequency_split_impl("triton")
+        assert split_module.frequency_split_impl() == "triton"
+        low, high = frequency_split(x)  # CPU: the matmuls whatever the choice
+        torch.testing.assert_close(low, frequency_split(x, impl="matmul")[0], atol=0, rtol=0)
+        with pytest.raises(ValueError, match="impl"):
+            split_module.set_frequency_split_impl("fft")
+        assert split_module.frequency_split_impl() == "triton"
+    finally:
+        split_module.set_frequency_split_impl("matmul")
+    with pytest.raises(ValueError, match="impl"):
+        frequency_split(x, impl="cublas")
+    torch.library.opcheck(torch.ops.fastcache.frequency_split.default, (x, "triton"))
+
+
+def test_a_compiled_caller_follows_the_default_implementation():
+    """The module default is read inside the compiled frame: guarded on, so a change recompiles once."""
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: frequency_split(x * 2), fullgraph=True, backend=counter)
+    x = torch.randn(2, 8, 8)
+    try:
+        for impl, frames in [("matmul", 1), ("matmul", 1), ("triton", 2), ("matmul", 2)]:
+            split_module.set_frequency_split_impl(impl)
+            compiled(x)
+            assert counter.frame_count == frames, impl
+    finally:
+        split_module.set_frequency_split_impl("matmul")
