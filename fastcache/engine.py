@@ -3,7 +3,7 @@
 A method is built from its config (optax style): `method = fastcache.make(config)` returns pure functions
 
     state = method.init(model, inputs)                  # a pytree of tensors, shapes fixed by `inputs`
-    plan = method.plan(timesteps)                       # per-step decisions, printable
+    plan = method.plan(timesteps)                       # per-step decisions, printable (device=: weights' device)
     out, state = method.step(model, state, inputs, plan[i])   # or decision=None: decided on the device
     method.computed_fraction(model, inputs, plan, state)      # share of the model's FLOPs actually run
 
@@ -64,7 +64,7 @@ def _hashable(decision: Any) -> Any:
 class CacheMethod(NamedTuple):
     config: Any
     init: Callable[[CacheableModel, Inputs], Any]
-    plan: Callable[[Tensor | Sequence[float]], Plan]
+    plan: Callable[..., Plan]  # (timesteps, device=None)
     step: Callable[..., tuple[Tensor, Any]]
     computed_fraction: Callable[[CacheableModel, Inputs, Plan, Any], float]
 

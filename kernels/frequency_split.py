@@ -26,8 +26,9 @@ one ulp of each value): relative L2 error ~2e-4 for fp16 and ~1.7e-3 for bf16. W
 the caller on CUDA (`torch.set_float32_matmul_precision("high")`) the fp32 error grows to ~1e-3 relative
 (not measured here), far below what FasterCache's approximation itself changes.
 
-GPU: two implementations of `frequency_split`, chosen per call (`frequency_split(x, impl="matmul" | "triton")`)
-or for every call without `impl` (`set_frequency_split_impl`; "matmul" unless changed). CPU always runs the
+GPU: two implementations of `frequency_split`, chosen per call (`frequency_split(x, impl="auto" | "matmul" |
+"triton")`) or for every call without `impl` (`set_frequency_split_impl`; "auto" unless changed: the one
+measured faster at the image's tile size, below). CPU always runs the
 matmuls (the Triton kernel runs on CPU only in the interpreter, through the test-only `interpreter_test_op`).
 `lowpass` always runs the matmuls.
 
@@ -50,12 +51,13 @@ matmuls (the Triton kernel runs on CPU only in the interpreter, through the test
 - It writes the unweighted parts: FasterCache's frequency weights apply on skip steps, in
   `fastercache_uncond.py`, and the split runs only on full steps.
 
-Which is faster on a GPU is not measured yet: `bench/bench_kernels.py` times both at the CogVideoX, Flux and
-Wan latent shapes (ms, GB/s against a copy); the default stays "matmul" until it says otherwise. What to
-expect (reasoning, not a measurement): the kernel saves launches and the intermediates' round trips, which
-may dominate at these sizes (a whole CogVideoX latent is 4.5 MB fp32), but does its arithmetic as FMA on padded
-tiles (60 x 90 pads to 64 x 128) with few programs per SM, where cuBLAS picks tuned GEMM kernels; block shape
-and warps are untuned first guesses.
+Measured on one H100 (torch 2.11, triton 3.6; `bench/bench_kernels.py`, `bench/results/kernels_cuda.md`, fp32,
+do_bench medians, outputs equal): Triton 0.054 vs matmul 0.058 ms at 13x16x60x90 (1.07x) and 0.078 vs 0.167 ms at
+21x16x60x104 (2.15x), both with a 32 x 128 basis tile; matmul 0.059 vs Triton 0.432 ms at 1x16x128x128 and
+0.140 vs 2.98 ms at 21x16x90x160 (64 x 128 and 64 x 256 tiles: the kernel's tiles outgrow its registers and
+it runs 7-20x slower). So "auto" picks Triton up to a 32 x 128 tile (`auto_picks_triton`) and the matmuls
+beyond; at its best the kernel reaches 324 GB/s, a quarter of a copy (1257 GB/s) at that size: the tiles
+are small (13-21 x 16 images) and block shape and warps are untuned first guesses.
 """
 
 from __future__ import annotations
@@ -70,11 +72,14 @@ from torch import Tensor
 from ._checks import check_tensor
 from ._triton import HAS_TRITON, device_guard, interpreter_op, require_triton, tl, triton
 
-# The two implementations of the split on CUDA (CPU always runs "matmul"; see the module docstring).
-FREQUENCY_SPLIT_IMPLS = ("matmul", "triton")
-# The default for `frequency_split(x)` on CUDA. "matmul" until a GPU benchmark (bench/bench_kernels.py, the
-# `frequency_split` rows) shows the Triton kernel faster: change it with `set_frequency_split_impl`.
-_split_impl = "matmul"
+# The implementations of the split on CUDA (CPU always runs "matmul"; see the module docstring).
+FREQUENCY_SPLIT_IMPLS = ("auto", "matmul", "triton")
+# The default for `frequency_split(x)` on CUDA: "auto" runs whichever was faster at that tile size on an H100
+# (bench/results/kernels_cuda.md, fp32: Triton 1.07x at 60x90 and 2.15x at 60x104, where the (K_P, W_P) basis
+# tile is 32 x 128; matmul 7x faster at 128x128 (64 x 128) and 20x at 90x160 (64 x 256), where the kernel's
+# tiles no longer fit its registers). Change it with `set_frequency_split_impl`.
+_split_impl = "auto"
+_AUTO_TRITON_MAX_TILE = 4096  # K_P * W_P up to which "auto" picks the Triton kernel
 
 # Triton kernel limits: every fp32 tile a program holds (the (K_P, W_P) basis and a (BLOCK_H, W_P) row block
 # of the image) stays within 16384 elements = 64 KB; images are processed in row blocks, so H is free.
@@ -312,9 +317,18 @@ def frequency_split_op(x: Tensor, impl: str = "matmul") -> tuple[Tensor, Tensor]
 
 @frequency_split_op.register_kernel("cuda")
 def _frequency_split_cuda(x: Tensor, impl: str = "matmul") -> tuple[Tensor, Tensor]:
+    if impl == "auto":
+        impl = "triton" if auto_picks_triton(x.shape[-2], x.shape[-1]) else "matmul"
     if impl == "triton" and HAS_TRITON and triton_split_fits(x.shape[-2], x.shape[-1]):
         return _frequency_split_triton(x)
     return _frequency_split_torch(x)
+
+
+def auto_picks_triton(height: int, width: int) -> bool:
+    """Whether impl="auto" runs the Triton kernel for (H, W) images on CUDA (measured faster up to a 32 x 128
+    basis tile, slower from 64 x 128)."""
+    config = triton_split_config(height, width)
+    return HAS_TRITON and config is not None and config[0] * config[1] <= _AUTO_TRITON_MAX_TILE
 
 
 @frequency_split_op.register_fake
@@ -361,9 +375,9 @@ def lowpass(x: Tensor) -> Tensor:
 
 
 def set_frequency_split_impl(impl: str) -> None:
-    """Choose what `frequency_split(x)` runs on CUDA when called without `impl`: "matmul" (the default) or
-    "triton". Read when `frequency_split` is called (a compiled caller guards on it and recompiles after a
-    change); CPU always runs the matmuls.
+    """Choose what `frequency_split(x)` runs on CUDA when called without `impl`: "auto" (the default: the one
+    measured faster at the image's size), "matmul" or "triton". Read when `frequency_split` is called (a
+    compiled caller guards on it and recompiles after a change); CPU always runs the matmuls.
     """
     global _split_impl
     _split_impl = _check_impl(impl)
@@ -385,9 +399,10 @@ def frequency_split(x: Tensor, impl: str | None = None) -> tuple[Tensor, Tensor]
 
     Args:
         x: float32, float16 or bfloat16 tensor (..., H, W), any leading dims and strides, not empty.
-        impl: on CUDA, "matmul" (four torch matmuls and an elementwise pass) or "triton" (one fused Triton
-            kernel; images too wide for it, see `triton_split_fits`, run the matmuls). None: the module
-            default, "matmul" unless changed with `set_frequency_split_impl`. CPU always runs the matmuls.
+        impl: on CUDA, "matmul" (four torch matmuls and an elementwise pass), "triton" (one fused Triton
+            kernel; images too wide for it, see `triton_split_fits`, run the matmuls) or "auto" (the one
+            measured faster at this size, `auto_picks_triton`). None: the module default, "auto" unless
+            changed with `set_frequency_split_impl`. CPU always runs the matmuls.
 
     Returns:
         `(low, high)`, contiguous, x's shape and dtype: `low = lowpass(x)`, `high = x - low` (in fp32, then

@@ -430,3 +430,14 @@ def test_reference_dit_runs_in_half_precision_close_to_fp64(dtype: torch.dtype) 
             state = method.init(half, cfg_inputs(x.to(dtype), 1000.0, LABELS, NULL))
             step_out, _ = method.step(half, state, cfg_inputs(x.to(dtype), 1000.0, LABELS, NULL), None)
             assert step_out.dtype == dtype and torch.isfinite(step_out).all()
+
+
+def test_fastercache_plan_makes_its_weights_on_the_model_device() -> None:
+    """The kernels read a step's weights on the data's device: a plan made for a GPU model must hold them
+    there (made once when planning; a CPU weight with CUDA data was an error inside the compiled step)."""
+    method = fastcache.make(METHODS["fastercache"](False))
+    on_meta = method.plan([1000.0, 600.0, 200.0], device="meta")
+    assert {d.w_low.device.type for d in on_meta} == {"meta"} == {d.w_attention.device.type for d in on_meta}
+    default = method.plan(torch.linspace(1000, 0, 3))
+    assert {d.w_high.device.type for d in default} == {"cpu"}
+    assert [bool(d.skip_uncond) for d in on_meta] == [bool(d.skip_uncond) for d in method.plan([1000, 600, 200])]

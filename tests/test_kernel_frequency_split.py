@@ -230,7 +230,7 @@ def test_cuda_dispatch_runs_the_chosen_implementation(monkeypatch):
     monkeypatch.setattr(split_module, "_frequency_split_triton", lambda x: calls.append(x.shape) or kernel_launcher(x))
     x = torch.randn(2, 12, 10, generator=torch.Generator().manual_seed(0))
     expected = frequency_split(x)
-    for impl, launched in [("matmul", []), ("triton", [x.shape])]:
+    for impl, launched in [("matmul", []), ("triton", [x.shape]), ("auto", [x.shape])]:
         calls.clear()
         got = split_module._frequency_split_cuda(x, impl)
         assert calls == launched, impl
@@ -245,7 +245,7 @@ def test_cuda_dispatch_runs_the_chosen_implementation(monkeypatch):
 
 def test_choosing_the_implementation():
     x = torch.randn(2, 9, 11, generator=torch.Generator().manual_seed(0))
-    assert split_module.frequency_split_impl() == "matmul"  # the default until a GPU benchmark says otherwise
+    assert split_module.frequency_split_impl() == "auto"  # the faster one at each size, measured on an H100
     try:
         split_module.set_frequency_split_impl("triton")
         assert split_module.frequency_split_impl() == "triton"
@@ -255,7 +255,7 @@ def test_choosing_the_implementation():
             split_module.set_frequency_split_impl("fft")
         assert split_module.frequency_split_impl() == "triton"
     finally:
-        split_module.set_frequency_split_impl("matmul")
+        split_module.set_frequency_split_impl("auto")
     with pytest.raises(ValueError, match="impl"):
         frequency_split(x, impl="cublas")
     torch.library.opcheck(torch.ops.fastcache.frequency_split.default, (x, "triton"))
@@ -273,4 +273,11 @@ def test_a_compiled_caller_follows_the_default_implementation():
             compiled(x)
             assert counter.frame_count == frames, impl
     finally:
-        split_module.set_frequency_split_impl("matmul")
+        split_module.set_frequency_split_impl("auto")
+
+
+def test_auto_picks_the_implementation_measured_faster_at_each_latent_size():
+    """bench/results/kernels_cuda.md (H100): Triton faster at 60x90 and 60x104 (32 x 128 basis tiles), the
+    matmuls at 128x128 and 90x160 (64 x 128 and 64 x 256)."""
+    picks = {size: split_module.auto_picks_triton(*size) for size in [(60, 90), (60, 104), (128, 128), (90, 160)]}
+    assert picks == {(60, 90): True, (60, 104): True, (128, 128): False, (90, 160): False}

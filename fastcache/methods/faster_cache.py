@@ -154,12 +154,19 @@ def decide(config: FasterCacheConfig, count: Tensor, t: Tensor) -> FasterCacheDe
     )
 
 
-def plan(config: FasterCacheConfig, timesteps: Tensor | Sequence[float]) -> Plan:
+def plan(config: FasterCacheConfig, timesteps: Tensor | Sequence[float], device: torch.device | str | None = None
+         ) -> Plan:
+    """The decisions of every step. Their weights are 0-dim tensors on `device` (default: the timesteps' device,
+    CPU for a list): the kernels read them from the data's device, so plan on the device the model runs on
+    (made once here, never copied per step)."""
+    if device is None:
+        device = timesteps.device if isinstance(timesteps, Tensor) else torch.device("cpu")
     t = as_timesteps(timesteps).float()
     d = decide(config, torch.arange(len(t)), t)
+    w_low, w_high, w_attention = (w.to(device) for w in (d.w_low, d.w_high, d.w_attention))
     decisions = tuple(
         FasterCacheDecision(bool(d.first[i]), bool(d.skip_uncond[i]), bool(d.approx_spatial[i]),
-                            bool(d.approx_temporal[i]), d.w_low[i], d.w_high[i], d.w_attention[i])
+                            bool(d.approx_temporal[i]), w_low[i], w_high[i], w_attention[i])
         for i in range(len(t)))
     rows = {} if config.is_guidance_distilled else {"uncond": letters(d.skip_uncond, "S", "F")}
     for kind, flags in zip(CACHED_KINDS, (d.approx_spatial, d.approx_temporal)):

@@ -57,9 +57,10 @@ class FirstBlockCacheState(NamedTuple):
     spec: dict[str, Tensor]
 
 
-def plan(config: FirstBlockCacheConfig, timesteps: Tensor | Sequence[float]) -> Plan:
+def plan(config: FirstBlockCacheConfig, timesteps: Tensor | Sequence[float],
+         device: torch.device | str | None = None) -> Plan:
     """FBC decides from data on the device: every entry is None and the row shows '?'."""
-    del config
+    del config, device
     n = len(as_timesteps(timesteps))
     return Plan((None,) * n, {"blocks": "?" * n})
 

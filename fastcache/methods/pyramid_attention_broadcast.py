@@ -114,7 +114,10 @@ def decide(config: PyramidAttentionBroadcastConfig, count: Tensor, t: Tensor) ->
     return PABDecision(*(should_compute(config, kind, count, t) for kind in ATTENTION_KINDS))
 
 
-def plan(config: PyramidAttentionBroadcastConfig, timesteps: Tensor | Sequence[float]) -> Plan:
+def plan(config: PyramidAttentionBroadcastConfig, timesteps: Tensor | Sequence[float],
+         device: torch.device | str | None = None) -> Plan:
+    """The decisions of every step (Python bools; `device` is accepted for a uniform API and unused)."""
+    del device
     t = as_timesteps(timesteps)
     count = torch.arange(len(t))
     flags = {kind: should_compute(config, kind, count, t) for kind in ATTENTION_KINDS}
