@@ -55,6 +55,7 @@ from typing import Any
 import bench_engine
 import torch
 from bench_diffusers import _config as diffusers_config
+from bench_diffusers import own_frame
 from torch import Tensor
 from torch._dynamo.utils import counters
 from torch.utils._pytree import tree_map
@@ -210,21 +211,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- A: drop-in providers
-def own_frame(model: torch.nn.Module, tag: str) -> Callable[..., Any]:
-    """`model(...)` behind a function with a code object of its own, to compile instead of the model.
-
-    dynamo keeps its caches and its skip marks per code object. Compiled directly, every provider's top frame
-    is the diffusers model's own `forward`; once diffusers' hooks under fullgraph=False fail to resume after a
-    graph break, dynamo marks that frame to run eagerly, for every model of the class: the uncached provider
-    then ran eagerly too (measured on CPU). With its own top frame, a provider only inlines the shared code.
-    """
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return model(*args, **kwargs)
-
-    call.__code__ = call.__code__.replace(co_name=f"call_{tag.replace('-', '_')}")
-    return call
-
-
 def to_device(tc: TinyCase, device: torch.device, dtype: torch.dtype) -> TinyCase:
     """`tc` on `device`: model and latent in `dtype`; the constant call arguments are moved once (floats in
     `dtype` except position ids, which stay fp32); a host-float timestep becomes a device scalar made by a

@@ -153,6 +153,16 @@ def enable_cache(model_or_pipeline: Any, config: Any) -> None:
     model.__dict__[SESSION_ATTR] = session
     model.__dict__["cache_context"] = lambda name, **kwargs: session.context(name)
     model.__dict__["_reset_stateful_cache"] = lambda recurse=True: session.reset()
+    model.__dict__["enable_cache"] = lambda *args, **kwargs: _refuse_diffusers_cache(model)
+
+
+# what enable_cache sets on the transformer instance (shadowing diffusers' CacheMixin methods)
+INSTANCE_ATTRS = (SESSION_ATTR, "cache_context", "_reset_stateful_cache", "enable_cache")
+
+
+def _refuse_diffusers_cache(model: nn.Module) -> None:
+    raise ValueError(f"model: fastcache is enabled on this {type(model).__name__}; call "
+                     "fastcache.disable_cache(model) before diffusers' own enable_cache")
 
 
 def disable_cache(model_or_pipeline: Any) -> None:
@@ -160,9 +170,11 @@ def disable_cache(model_or_pipeline: Any) -> None:
     if _is_pipeline(model_or_pipeline):
         pipe = model_or_pipeline
         base = type(pipe).__dict__.get("_fastcache_base")
+        model = _unwrap(pipe.transformer)
+        if base is None and _session(model) is None:
+            raise ValueError(f"pipeline: fastcache is not enabled on this {type(pipe).__name__} or its transformer")
         if base is not None:
             pipe.__class__ = base
-        model = _unwrap(pipe.transformer)
         if _session(model) is not None:
             disable_cache(model)
         return
@@ -171,7 +183,7 @@ def disable_cache(model_or_pipeline: Any) -> None:
     if session is None:
         raise ValueError(f"model: fastcache is not enabled on this {type(model).__name__}")
     session.unwrap_all()
-    for attr in (SESSION_ATTR, "cache_context", "_reset_stateful_cache"):
+    for attr in INSTANCE_ATTRS:
         model.__dict__.pop(attr, None)
 
 
@@ -219,6 +231,8 @@ def _scope_pipeline(pipe: Any, session: Session) -> None:
     if scoped is None:
         def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
             session = _session(self.transformer)
+            if session is None:  # its transformer was replaced, or disabled through a pipeline sharing it
+                return base.__call__(self, *args, **kwargs)
             running, session.pipeline = session.pipeline, self
             try:
                 with session.scope():

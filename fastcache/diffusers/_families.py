@@ -86,8 +86,9 @@ BLOCKS: dict[str, BlockIO] = {
 
 
 def family_of(model: torch.nn.Module) -> Family:
+    """The family of `model`'s class or of its nearest supported base class (a user's subclass)."""
     name = type(model).__name__
-    family = FAMILIES.get(name)
+    family = next((FAMILIES[c.__name__] for c in type(model).__mro__ if c.__name__ in FAMILIES), None)
     if family is None:
         raise TypeError(f"model: fastcache has no adapter for {name}; supported diffusers transformers: "
                         f"{', '.join(sorted(FAMILIES))}")

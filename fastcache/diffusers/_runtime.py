@@ -175,6 +175,7 @@ class Session:
         self._host_timesteps: tuple[Any, list[float]] | None = None
         # FirstBlockCache: whether each block's output goes straight to the next block (checked on first calls)
         self.fbc_chained = True
+        self.restarted = False  # set by a forward that met a new input shape (see denoiser_wrapper)
 
     # -- installing wrappers --
     def wrap(self, module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
@@ -226,6 +227,11 @@ class Session:
             self.scopes.pop()
             self._load(previous)
 
+    def __deepcopy__(self, memo: dict) -> Session:
+        # a copied model would keep forwards that close over the original's modules
+        raise TypeError(f"copy.deepcopy of a {type(self.model).__name__} with fastcache enabled: call "
+                        "fastcache.disable_cache(model) first, copy, then enable_cache on each")
+
     def reset(self) -> None:
         self.scopes[-1] = {}
         self.slot.state, self.calls = None, 0
@@ -244,6 +250,8 @@ class Session:
         self.pending = DEVICE if t is None else host_decision(self.config, self.calls, t)
 
     def _count_calls(self) -> None:
+        if self.restarted:  # the call met a new input shape and started the context's state afresh
+            self.calls, self.restarted = 0, False
         if self.pending == CONSUMED:
             self.calls += 1
         elif self.pending == SEVERAL:
@@ -337,6 +345,14 @@ def classify_sites(model: nn.Module, config: Any) -> dict[str, tuple[nn.Module, 
     prefilter = None
     if isinstance(config, FasterCacheConfig):
         prefilter = faster_cache.SPATIAL_IDENTIFIERS + faster_cache.TEMPORAL_IDENTIFIERS
+    attention = [name for name, module in model.named_modules() if isinstance(module, _ATTENTION_CLASSES)]
+    for kind in enabled:
+        field_name = f"{kind}_attention_block_identifiers"
+        idents = getattr(config, field_name)
+        if not any(re.search(p, name) for p in idents for name in attention):
+            some = ", ".join(attention[:4]) + (", ..." if len(attention) > 4 else "")
+            raise ValueError(f"config.{field_name}: {idents} match no attention module of {type(model).__name__} "
+                             f"(its attention modules: {some})")
     sites: dict[str, tuple[nn.Module, str]] = {}
     for name, module in model.named_modules():
         if not isinstance(module, _ATTENTION_CLASSES):
@@ -367,6 +383,12 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             state = slot.state
+            # a zero-byte record of the input: a new shape, dtype or device (a new resolution, or a call that
+            # failed half-way) starts the context afresh instead of meeting the old state
+            spec = _spec(_arg(positions, "hidden_states", args, kwargs))
+            if state is not None and not _same_spec(state["spec"], spec):
+                state = None
+                session.restarted = True
             timestep = _arg(positions, "timestep", args, kwargs)
             if not isinstance(timestep, Tensor):
                 timestep = torch.as_tensor(timestep if timestep is not None else 0.0)
@@ -385,7 +407,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                 out = original(*args, **kwargs)
                 new = dict(scratch.new)
             count = (torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["count"])
-            new["count"] = count + 1
+            new["count"], new["spec"] = count + 1, spec
             # canonical strides for every state tensor: the next call guards on them (a size-1 batch dim
             # keeps arbitrary strides, which recompiled FasterCache twice), and inductor asserts them
             slot.state = tree_map(lambda x: _canonical(x) if isinstance(x, Tensor) else x, new)
@@ -395,6 +417,16 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
         return forward
 
     return make
+
+
+def _spec(hidden: Any) -> Tensor | None:
+    return hidden.new_empty((0, *hidden.shape)) if isinstance(hidden, Tensor) else None
+
+
+def _same_spec(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
 
 
 def pab_wrapper(session: Session, name: str, kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -1,0 +1,110 @@
+"""The drop-in's lifecycle off the happy path: copies, shared and replaced transformers, diffusers' own
+enable_cache, a new shape after a failed call, subclasses, identifiers that match nothing. Each case either
+works as a user would expect or fails before any compute with an error that says what to do."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import diffusers  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
+
+import fastcache.diffusers as fd  # noqa: E402
+from fastcache.diffusers._tiny import case  # noqa: E402
+from tests.test_diffusers_pipeline import _call, _pipeline  # noqa: E402
+
+FBC = fd.FirstBlockCacheConfig(threshold=0.3)
+
+
+def test_deepcopy_of_an_enabled_transformer_is_refused() -> None:
+    """A copy would run the original's wrapped modules (the wrappers are closures over them): refuse it."""
+    model = case("wan").model.eval()
+    fd.enable_cache(model, FBC)
+    with pytest.raises(TypeError, match="deepcopy.*disable_cache"):
+        copy.deepcopy(model)
+    fd.disable_cache(model)
+    copy.deepcopy(model)  # fine once disabled
+
+
+def test_disabling_one_pipeline_leaves_a_sharing_pipeline_running_uncached() -> None:
+    a = _pipeline()
+    b = FluxPipeline(**{**a.components, "scheduler": FlowMatchEulerDiscreteScheduler()})
+    uncached = _call(b)
+    fd.enable_cache(a, FBC)
+    fd.enable_cache(b, FBC)
+    fd.disable_cache(a)  # the transformer they share is no longer cached
+    assert _call(b).equal(uncached)
+    fd.disable_cache(b)
+    assert type(b) is FluxPipeline
+
+
+def test_replacing_the_transformer_after_enable_runs_the_new_one_uncached() -> None:
+    pipe = _pipeline()
+    fd.enable_cache(pipe, FBC)
+    pipe.transformer = case("flux").model.eval()  # the same weights as _pipeline()'s, no cache
+    assert _call(pipe).equal(_call(_pipeline()))
+    fd.disable_cache(pipe)
+
+
+def test_diffusers_enable_cache_after_fastcache_is_refused() -> None:
+    model = case("wan").model.eval()
+    fd.enable_cache(model, FBC)
+    with pytest.raises(ValueError, match="fastcache"):
+        model.enable_cache(diffusers.FirstBlockCacheConfig(threshold=0.3))
+    fd.disable_cache(model)
+    model.enable_cache(diffusers.FirstBlockCacheConfig(threshold=0.3))  # diffusers' own, once fastcache is off
+    model.disable_cache()
+
+
+def test_a_new_shape_in_a_context_starts_that_context_afresh() -> None:
+    """A call that failed half-way, or a new resolution or batch in the same context, must not meet the old
+    state: the context starts again, as a first call (before: `absmean_sums: b has shape ...`)."""
+    tc = case("wan")
+    model = tc.model.eval()
+    big = torch.randn(1, 4, 2, 16, 16, generator=torch.Generator().manual_seed(5))
+    fd.enable_cache(model, FBC)
+    with torch.no_grad():
+        with model.cache_context("cond"):
+            model(**tc.kwargs(tc.latent, torch.tensor(900.0)))
+        with model.cache_context("cond"):
+            out = model(**tc.kwargs(big, torch.tensor(800.0)))[0]
+        fd.reset_cache(model)
+        with model.cache_context("cond"):
+            fresh = model(**tc.kwargs(big, torch.tensor(800.0)))[0]
+    fd.disable_cache(model)
+    assert out.equal(fresh)
+
+
+def test_disable_on_a_pipeline_with_nothing_enabled_is_an_error() -> None:
+    with pytest.raises(ValueError, match="not enabled"):
+        fd.disable_cache(_pipeline())
+
+
+def test_a_subclass_of_a_supported_transformer_is_supported() -> None:
+    base = case("wan").model.eval()
+    subclass = type("MyWan", (type(base),), {})
+    model = subclass.from_config(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    fd.enable_cache(model, FBC)
+    fd.disable_cache(model)
+
+
+@pytest.mark.parametrize(("config", "field"), [
+    (fd.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                        spatial_attention_block_identifiers=("no_such_block",)),
+     "spatial_attention_block_identifiers"),
+    (fd.FasterCacheConfig(spatial_attention_block_skip_range=2, is_guidance_distilled=True, tensor_format="BCFHW",
+                          spatial_attention_block_identifiers=("^nothing.*attn",)),
+     "spatial_attention_block_identifiers"),
+])
+def test_identifiers_that_match_no_attention_module_are_errors(config, field: str) -> None:
+    model = case("wan").model.eval()
+    with pytest.raises(ValueError, match=field):
+        fd.enable_cache(model, config)
+    assert "forward" not in model.__dict__  # nothing left half-enabled
