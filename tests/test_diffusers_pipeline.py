@@ -3,6 +3,8 @@ fastcache enabled on the pipeline and the transformer compiled with fullgraph=Tr
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -135,3 +137,53 @@ def test_flux_pipeline_pab_is_planned_on_the_host_without_a_sync(usage: str, mon
     assert counter.max_conds_per_call == 0 and counter.graphs <= 3, counter.conds_per_graph
     if usage == "diffusers-callback":
         assert len(found) == 2 * STEPS and None not in found, found
+
+
+def _cogvideox_pipeline():
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4)
+    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=case("cogvideox").model.eval(),
+                             scheduler=CogVideoXDDIMScheduler())
+
+
+def _cogvideox_call(pipe, prompts: int, guidance_scale: float) -> torch.Tensor:
+    embeds = torch.randn(prompts, 8, 32, generator=torch.Generator().manual_seed(1))
+    return pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), guidance_scale=guidance_scale,
+                num_frames=5, height=64, width=64, num_inference_steps=8, output_type="latent",
+                max_sequence_length=8, generator=torch.Generator().manual_seed(0)).frames
+
+
+@pytest.mark.parametrize("prompts", [1, 2])
+def test_fastercache_with_cfg_off_runs_as_guidance_distilled(prompts: int) -> None:
+    """CogVideoXPipeline with guidance_scale=1 batches separate prompts, not [uncond; cond]: FasterCache must not
+    rebuild one prompt from another (2 prompts) nor crash (1 prompt, an odd batch). The drop-in detects CFG off
+    and runs the attention approximation only, exactly as with is_guidance_distilled=True."""
+    pipe = _cogvideox_pipeline()
+    config = fd.FasterCacheConfig(spatial_attention_block_skip_range=2, unconditional_batch_skip_range=2,
+                                  spatial_attention_timestep_skip_range=(-1, 1001),
+                                  unconditional_batch_timestep_skip_range=(-1, 1001), tensor_format="BFCHW")
+    uncached = _cogvideox_call(pipe, prompts, 1.0)
+    fd.enable_cache(pipe, config)
+    out = _cogvideox_call(pipe, prompts, 1.0)
+    fd.disable_cache(pipe)
+    fd.enable_cache(pipe, dataclasses.replace(config, is_guidance_distilled=True))
+    distilled = _cogvideox_call(pipe, prompts, 1.0)
+    fd.disable_cache(pipe)
+    assert out.equal(distilled)
+    assert 0 < (out - uncached).abs().max() < 0.5 * uncached.abs().max()
+
+
+def test_fastercache_refuses_an_odd_batch_before_any_compute() -> None:
+    tc = case("cogvideox")
+    model = tc.model.eval()
+    fd.enable_cache(model, fd.FasterCacheConfig(tensor_format="BFCHW"))
+    kwargs = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 2 else v
+              for k, v in tc.kwargs(tc.latent, torch.tensor(500.0)).items()}
+    with pytest.raises(ValueError, match="is_guidance_distilled"), model.cache_context("cond_uncond"):
+        model(**kwargs)
+    fd.disable_cache(model)

@@ -14,6 +14,7 @@ inside the graph. No branch of a `torch.cond` mutates Python state: wrappers sto
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import warnings
@@ -170,6 +171,11 @@ class Session:
         # Planned decisions: PAB's and FasterCache's rules depend only on the call count and the timestep, so
         # when the timestep is known on the host at a context's entry the decision is made there, eagerly.
         self.plannable = isinstance(config, (PyramidAttentionBroadcastConfig, FasterCacheConfig))
+        # FasterCache with CFG off (a pipeline called with guidance_scale <= 1): the batch holds separate
+        # prompts, not [uncond; cond]; run as for a guidance-distilled model (attention approximation only)
+        self.cfg_off = False
+        self.distilled_config = (dataclasses.replace(config, is_guidance_distilled=True)
+                                 if isinstance(config, FasterCacheConfig) else None)
         self.pending: Any = None
         self.decided_on: str | None = None  # "host" or "device": where the last call's decision was made
         self._host_timesteps: tuple[Any, list[float]] | None = None
@@ -244,10 +250,16 @@ class Session:
     # -- planned decisions (eager, at a context's entry) --
     def _plan_next_call(self) -> None:
         self.pending = None
+        if self.distilled_config is not None:
+            self.cfg_off = self.pipeline is not None and not _runs_cfg(self.pipeline)
         if not self.plannable:
             return
         t = self.host_timestep()
-        self.pending = DEVICE if t is None else host_decision(self.config, self.calls, t)
+        self.pending = DEVICE if t is None else host_decision(self.method_config(), self.calls, t)
+
+    def method_config(self) -> Any:
+        """The config the rules run with: FasterCache with CFG off runs as guidance-distilled."""
+        return self.distilled_config if self.cfg_off else self.config
 
     def _count_calls(self) -> None:
         if self.restarted:  # the call met a new input shape and started the context's state afresh
@@ -318,6 +330,16 @@ class Session:
         index = (value.storage_offset() - timesteps.storage_offset()) // max(timesteps.stride(0), 1)
         host = self._host_copy(timesteps)
         return host[index] if 0 <= index < len(host) else None
+
+
+def _runs_cfg(pipeline: Any) -> bool:
+    """Whether a running pipeline batches CFG: its `do_classifier_free_guidance`, else `guidance_scale > 1`
+    (CogVideoX has only the latter)."""
+    flag = getattr(pipeline, "do_classifier_free_guidance", None)
+    if isinstance(flag, bool):
+        return flag
+    scale = getattr(pipeline, "_guidance_scale", None)
+    return scale is None or float(scale) > 1.0
 
 
 def host_decision(config: Any, calls: int, t: float) -> tuple:
@@ -706,7 +728,12 @@ def _halves(names: tuple[str, ...], args: tuple, kwargs: dict, batch: int) -> tu
 def _faster_cache_forward(session: Session, original: Callable[..., Any], positions: dict[str, int], state: Any,
                           t: Tensor, planned: PlannedFasterCache | None, args: tuple,
                           kwargs: dict) -> tuple[Any, dict]:
-    config, scratch = session.config, session.scratch
+    config, scratch = session.method_config(), session.scratch
+    hidden = _arg(positions, "hidden_states", args, kwargs)
+    if not config.is_guidance_distilled and hidden.shape[0] % 2:
+        raise ValueError(f"FasterCacheConfig: a batch of {hidden.shape[0]} is not [uncond; cond] halves: is CFG off? "
+                         "enable_cache on the pipeline (it then detects guidance_scale <= 1) or set "
+                         "is_guidance_distilled=True")
     return_dict = kwargs.pop("return_dict", True) if "return_dict" in positions else None
     if return_dict is not None:
         kwargs["return_dict"] = False
@@ -726,7 +753,6 @@ def _faster_cache_forward(session: Session, original: Callable[..., Any], positi
         new = dict(scratch.new)
         sample = _output_tensor(out)
     else:
-        hidden = _arg(positions, "hidden_states", args, kwargs)
         batch = hidden.shape[0]
         (u_args, u_kwargs), (c_args, c_kwargs) = _halves(BATCHED_KWARGS + session.family.extra_batched_kwargs, args,
                                                         kwargs, batch)
