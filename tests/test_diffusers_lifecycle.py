@@ -108,3 +108,42 @@ def test_identifiers_that_match_no_attention_module_are_errors(config, field: st
     with pytest.raises(ValueError, match=field):
         fd.enable_cache(model, config)
     assert "forward" not in model.__dict__  # nothing left half-enabled
+
+
+def test_per_token_timesteps_decide_at_the_denoising_timestep() -> None:
+    """Wan 2.2 TI2V passes one timestep per token, the conditioning frame's tokens at 0. Without a callback the
+    drop-in decides on the device from the model's `timestep` argument: the maximum over tokens, not its first
+    element (which made PAB compute at every step). Same outputs as diffusers' PAB with the pipeline's callback."""
+    tc = case("wan", frames=2)
+    tokens = 2 * (8 // 2) * (8 // 2)  # frames x patches (patch 1x2x2)
+    clock: dict = {}
+
+    def per_token(t: torch.Tensor) -> dict:
+        kwargs = tc.kwargs(tc.latent, t)
+        timestep = torch.full((1, tokens), float(t))
+        timestep[:, : tokens // 2] = 0.0  # the first frame is the (clean) conditioning frame
+        return {**kwargs, "timestep": timestep}
+
+    def run(model) -> list[torch.Tensor]:
+        outs, x = [], tc.latent.clone()
+        for t in torch.linspace(1000, 0, 10):
+            clock["t"] = t
+            with torch.no_grad(), model.cache_context("cond"):
+                outs.append(model(**{**per_token(t), "hidden_states": x}, return_dict=False)[0])
+            x = x - 0.05 * outs[-1]
+        return outs
+
+    model = tc.model.eval()
+    model.enable_cache(diffusers.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, current_timestep_callback=lambda: clock["t"]))
+    expected = run(model)
+    model.disable_cache()
+    fd.enable_cache(model, fd.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2))
+    got = run(model)
+    where = fd.decided_on(model)
+    fd.disable_cache(model)
+    uncached = run(model)
+    assert where == "device"
+    assert max((a - b).abs().max() for a, b in zip(expected, uncached)) > 1e-4, "PAB must have reused something"
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -187,3 +187,46 @@ def test_fastercache_refuses_an_odd_batch_before_any_compute() -> None:
     with pytest.raises(ValueError, match="is_guidance_distilled"), model.cache_context("cond_uncond"):
         model(**kwargs)
     fd.disable_cache(model)
+
+
+def test_wan22_two_denoisers_are_both_cached_each_with_its_own_state() -> None:
+    """Wan 2.2 A14B runs `transformer` above the boundary timestep and `transformer_2` below it: enable_cache on
+    the pipeline caches both (before: `transformer_2` was left uncached without a word), each with its own
+    states, and equals caching each transformer by hand with the same per-pipeline-call resets."""
+    from diffusers import WanPipeline
+
+    def pipeline() -> WanPipeline:
+        return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                           transformer=case("wan", seed=0).model.eval(), transformer_2=case("wan", seed=1).model.eval(),
+                           boundary_ratio=0.5)
+
+    def run(pipe: WanPipeline) -> torch.Tensor:
+        embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1))
+        return pipe(prompt_embeds=embeds, negative_prompt_embeds=-embeds, guidance_scale=3.0, num_frames=5,
+                    height=64, width=64, num_inference_steps=10, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).frames
+
+    config = fd.FirstBlockCacheConfig(threshold=0.3)
+    pipe = pipeline()
+    fd.enable_cache(pipe, config)
+    computed = {}
+
+    def record(p, step, timestep, kwargs):
+        for name in ("transformer", "transformer_2"):
+            state = fd.cache_state(getattr(p, name), "cond")
+            computed[name] = None if state is None else int(state["num_computed"])
+        return kwargs
+
+    embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1))
+    cached = pipe(prompt_embeds=embeds, negative_prompt_embeds=-embeds, guidance_scale=3.0, num_frames=5, height=64,
+                  width=64, num_inference_steps=10, output_type="latent", generator=torch.Generator().manual_seed(0),
+                  callback_on_step_end=record).frames
+    fd.disable_cache(pipe)
+    assert set(computed) == {"transformer", "transformer_2"} and all(computed.values()), computed
+
+    by_hand = pipeline()  # the same two transformers, each enabled on its own
+    fd.enable_cache(by_hand.transformer, config)
+    fd.enable_cache(by_hand.transformer_2, config)
+    expected = run(by_hand)
+    assert cached.equal(expected)
+    assert not cached.equal(run(pipeline())), "FBC must have skipped something"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -106,8 +107,10 @@ def enable_cache(model_or_pipeline: Any, config: Any) -> None:
 
     Args:
         model_or_pipeline: a supported diffusers transformer (see `SUPPORTED_MODELS`), possibly wrapped by
-            torch.compile, or a pipeline with a `transformer` component. With a pipeline every call of the
-            pipeline also starts from fresh cache states (and restores the previous ones at its end).
+            torch.compile, or a pipeline: then every denoiser it calls is cached (`transformer`, and
+            `transformer_2` where it has one, each with its own states), every call of the pipeline starts
+            from fresh cache states (and restores the previous ones at its end), and its scheduler gives the
+            timesteps that PAB and FasterCache plan with.
         config: fastcache's or diffusers' `PyramidAttentionBroadcastConfig`, `FasterCacheConfig` or
             `FirstBlockCacheConfig`.
 
@@ -124,16 +127,24 @@ def enable_cache(model_or_pipeline: Any, config: Any) -> None:
         pipe = model_or_pipeline
         if type(pipe).__dict__.get("_fastcache_scoped"):
             raise ValueError(f"pipeline: fastcache is already enabled on this {type(pipe).__name__}")
-        model = _unwrap(pipe.transformer)
-        session = _session(model)
         fc_config = to_fastcache_config(config)
-        if session is None:
-            enable_cache(model, fc_config)
+        models = _denoisers(pipe)
+        for model in models:  # check every denoiser before enabling any
             session = _session(model)
-        elif session.config != fc_config:  # a second pipeline sharing the transformer: same method only
-            raise ValueError("pipeline: its transformer already has fastcache enabled with a different config "
-                             f"({type(session.config).__name__}); disable it first")
-        _scope_pipeline(pipe, session)
+            if session is not None and session.config != fc_config:  # shared with another pipeline: same method
+                raise ValueError("pipeline: its transformer already has fastcache enabled with a different config "
+                                 f"({type(session.config).__name__}); disable it first")
+        enabled = []
+        try:
+            for model in models:
+                if _session(model) is None:
+                    enable_cache(model, fc_config)
+                    enabled.append(model)
+        except BaseException:
+            for model in enabled:
+                disable_cache(model)
+            raise
+        _scope_pipeline(pipe, [_session(model) for model in models])
         return
     model = _unwrap(model_or_pipeline)
     if not isinstance(model, nn.Module):
@@ -156,6 +167,7 @@ def enable_cache(model_or_pipeline: Any, config: Any) -> None:
     model.__dict__["enable_cache"] = lambda *args, **kwargs: _refuse_diffusers_cache(model)
 
 
+DENOISERS = ("transformer", "transformer_2")  # pipeline components that enable_cache(pipe) caches
 # what enable_cache sets on the transformer instance (shadowing diffusers' CacheMixin methods)
 INSTANCE_ATTRS = (SESSION_ATTR, "cache_context", "_reset_stateful_cache", "enable_cache")
 
@@ -170,12 +182,12 @@ def disable_cache(model_or_pipeline: Any) -> None:
     if _is_pipeline(model_or_pipeline):
         pipe = model_or_pipeline
         base = type(pipe).__dict__.get("_fastcache_base")
-        model = _unwrap(pipe.transformer)
-        if base is None and _session(model) is None:
+        cached = [model for model in _denoisers(pipe) if _session(model) is not None]
+        if base is None and not cached:
             raise ValueError(f"pipeline: fastcache is not enabled on this {type(pipe).__name__} or its transformer")
         if base is not None:
             pipe.__class__ = base
-        if _session(model) is not None:
+        for model in cached:
             disable_cache(model)
         return
     model = _unwrap(model_or_pipeline)
@@ -198,11 +210,12 @@ def cache_context(model: Any, name: str | None) -> Any:
 
 def reset_cache(model_or_pipeline: Any) -> None:
     """Forget every context state of the current scope (the next call of each context starts afresh)."""
-    target = model_or_pipeline.transformer if _is_pipeline(model_or_pipeline) else model_or_pipeline
-    session = _session(target)
-    if session is None:
-        raise ValueError(f"model: fastcache is not enabled on this {type(_unwrap(target)).__name__}")
-    session.reset()
+    targets = _denoisers(model_or_pipeline) if _is_pipeline(model_or_pipeline) else [model_or_pipeline]
+    sessions = [_session(target) for target in targets]
+    if not targets or any(session is None for session in sessions):
+        raise ValueError(f"model: fastcache is not enabled on this {type(_unwrap(model_or_pipeline)).__name__}")
+    for session in sessions:
+        session.reset()
 
 
 def cache_state(model: Any, name: str | None = None) -> dict | None:
@@ -225,27 +238,30 @@ def decided_on(model: Any) -> str | None:
 _SCOPED_CLASSES: dict[type, type] = {}
 
 
-def _scope_pipeline(pipe: Any, session: Session) -> None:
+def _denoisers(pipe: Any) -> list[nn.Module]:
+    """The pipeline's denoisers: `transformer`, and `transformer_2` where it has one (Wan 2.2 A14B)."""
+    return [_unwrap(model) for name in DENOISERS if (model := getattr(pipe, name, None)) is not None]
+
+
+def _scope_pipeline(pipe: Any, sessions: list[Session]) -> None:
     base = type(pipe)
     scoped = _SCOPED_CLASSES.get(base)
     if scoped is None:
         def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-            session = _session(self.transformer)
-            if session is None:  # its transformer was replaced, or disabled through a pipeline sharing it
+            # a denoiser replaced, or disabled through a pipeline sharing it, runs uncached
+            running = [s for s in (_session(model) for model in _denoisers(self)) if s is not None]
+            with contextlib.ExitStack() as stack:
+                for session in running:
+                    stack.enter_context(session.running(self))
                 return base.__call__(self, *args, **kwargs)
-            running, session.pipeline = session.pipeline, self
-            try:
-                with session.scope():
-                    return base.__call__(self, *args, **kwargs)
-            finally:
-                session.pipeline = running
 
         # Same name and module as the pipeline's class, so logs and save_pretrained are unchanged.
         scoped = type(base.__name__, (base,), {"__call__": __call__, "_fastcache_scoped": True,
                                                 "_fastcache_base": base, "__module__": base.__module__})
         _SCOPED_CLASSES[base] = scoped
     pipe.__class__ = scoped
-    session.pipelines.append(pipe)
+    for session in sessions:
+        session.pipelines.append(pipe)
 
 
 # -- diffusers' own function names --------------------------------------------------------------------------

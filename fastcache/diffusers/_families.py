@@ -42,9 +42,13 @@ class Family:
     extra_batched_kwargs: tuple[str, ...] = ()
 
     def timestep(self, value: Tensor) -> Tensor:
-        """The current timestep as a 0-dim fp32 tensor, 0..1000; no host sync."""
-        t = value.reshape(-1)[0].float() if value.dim() else value.float()
-        return t * self.timestep_scale + self.timestep_offset
+        """The denoising timestep as a 0-dim fp32 tensor, 0..1000, on the device (no host sync).
+
+        Per-token timesteps (Wan 2.2 TI2V with `expand_timesteps`: the conditioning frame's tokens at 0; LTX
+        conditioning: `min(t, (1 - mask) * 1000)`) and per-sample ones hold the denoising timestep as their
+        largest value in the 0..1000 convention: the maximum over every element."""
+        t = value.float() * self.timestep_scale + self.timestep_offset
+        return t.amax() if t.dim() else t
 
 
 FAMILIES: dict[str, Family] = {f.model_class: f for f in (

@@ -238,6 +238,16 @@ class Session:
         raise TypeError(f"copy.deepcopy of a {type(self.model).__name__} with fastcache enabled: call "
                         "fastcache.disable_cache(model) first, copy, then enable_cache on each")
 
+    @contextmanager
+    def running(self, pipeline: Any) -> Iterator[None]:
+        """One pipeline call: fresh context states, and the pipeline's scheduler as the timestep source."""
+        previous, self.pipeline = self.pipeline, pipeline
+        try:
+            with self.scope():
+                yield
+        finally:
+            self.pipeline = previous
+
     def reset(self) -> None:
         self.scopes[-1] = {}
         self.slot.state, self.calls = None, 0
