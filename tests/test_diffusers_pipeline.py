@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 
 import fastcache.diffusers as fd  # noqa: E402
 from fastcache.diffusers._tiny import case  # noqa: E402
+from fastcache.methods.faster_cache import plan as fc_plan  # noqa: E402
 
 
 def _pipeline() -> FluxPipeline:
@@ -230,3 +231,55 @@ def test_wan22_two_denoisers_are_both_cached_each_with_its_own_state() -> None:
     expected = run(by_hand)
     assert cached.equal(expected)
     assert not cached.equal(run(pipeline())), "FBC must have skipped something"
+
+
+def _guide_config(pipe, **changes):
+    """diffusers' caching guide, verbatim (FasterCache on CogVideoX), with `changes` applied."""
+    import diffusers
+
+    fields = dict(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
+                  current_timestep_callback=lambda: pipe.current_timestep, attention_weight_callback=lambda _: 0.3,
+                  unconditional_batch_skip_range=5, unconditional_batch_timestep_skip_range=(-1, 781),
+                  tensor_format="BFCHW")
+    return diffusers.FasterCacheConfig(**{**fields, **changes})
+
+
+def test_diffusers_caching_guide_fastercache_runs_as_written_and_compiles_its_constants() -> None:
+    """The guide's FasterCacheConfig, only `pipe.transformer.enable_cache(config)` changed to
+    `fastcache.enable_cache(pipe.transformer, config)`: diffusers' module-taking callbacks are accepted, the
+    outputs equal diffusers' own hooks, and compiled with fullgraph=True the constant weight is a constant
+    (graphs <= planned variants + 1, no torch.cond: the decisions are planned from `pipe.current_timestep`)."""
+    from fastcache.testing import CompileCounter
+
+    pipe = _cogvideox_pipeline()
+    config = _guide_config(pipe)
+    uncached = _cogvideox_call(pipe, 1, 6.0)
+    pipe.transformer.enable_cache(config)
+    expected = _cogvideox_call(pipe, 1, 6.0)
+    pipe.transformer.disable_cache()
+    assert (expected - uncached).abs().max() > 1e-4, "FasterCache must have changed something"
+
+    fd.enable_cache(pipe.transformer, _guide_config(pipe))  # (diffusers filled its defaults into `config`)
+    eager = _cogvideox_call(pipe, 1, 6.0)
+    torch._dynamo.reset()
+    counter = CompileCounter("eager")
+    pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend=counter)
+    compiled = _cogvideox_call(pipe, 1, 6.0)
+    pipe.transformer = pipe.transformer._orig_mod
+    fd.disable_cache(pipe.transformer)
+    atol = 2e-6 * float(expected.abs().max())  # the latents reach ~50; FFT vs real-space split, fp32
+    torch.testing.assert_close(eager, expected, atol=atol, rtol=0)
+    torch.testing.assert_close(compiled, expected, atol=atol, rtol=0)
+    plan = fc_plan(fd.to_fastcache_config(_guide_config(pipe, attention_weight_callback=None)),
+                   pipe.scheduler.timesteps)
+    assert counter.max_conds_per_call == 0 and counter.graphs <= plan.variants() + 1, counter.conds_per_graph
+
+
+def test_a_diffusers_weight_callback_that_changes_warns_once() -> None:
+    pipe = _cogvideox_pipeline()
+    weights = iter(torch.linspace(0.2, 0.4, 100).tolist())
+    fd.enable_cache(pipe.transformer, _guide_config(pipe, attention_weight_callback=lambda _: next(weights)))
+    with pytest.warns(UserWarning, match="attention_weight_callback returned a new value") as caught:
+        _cogvideox_call(pipe, 1, 6.0)
+    fd.disable_cache(pipe.transformer)
+    assert sum("new value" in str(w.message) for w in caught) == 1

@@ -10,15 +10,12 @@ from torch import nn
 
 from fastcache.diffusers._families import family_of
 from fastcache.diffusers._runtime import BATCHED_KWARGS, SESSION_ATTR, Session, install
-from fastcache.methods.faster_cache import TENSOR_FORMATS, FasterCacheConfig
+from fastcache.methods.faster_cache import MODULE_CALLBACK_FIELDS, TENSOR_FORMATS, FasterCacheConfig, ModuleCallback
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
 
 FASTCACHE_CONFIGS = (PyramidAttentionBroadcastConfig, FasterCacheConfig, FirstBlockCacheConfig)
 _BY_DIFFUSERS_NAME = {cls.__name__: cls for cls in FASTCACHE_CONFIGS}
-# diffusers' FasterCache weight callbacks take the module and return a Python float: a compiled forward
-# would guard on that float (a recompile per new value), so they are refused rather than silently dropped.
-_MODULE_CALLBACKS = ("attention_weight_callback", "low_frequency_weight_callback", "high_frequency_weight_callback")
 
 
 # -- configs ------------------------------------------------------------------------------------------------
@@ -44,10 +41,10 @@ def to_fastcache_config(config: Any) -> Any:
                 raise ValueError(f"config.{f.name}: fastcache splits diffusers' default batched inputs "
                                  f"{BATCHED_KWARGS}, got {tuple(value)}")
             continue
-        if f.name in _MODULE_CALLBACKS and value is not None:
-            raise ValueError(f"config.{f.name}: diffusers' callbacks take the module and return a Python "
-                             "float, which torch.compile guards on; use fastcache.FasterCacheConfig, whose "
-                             "callbacks take the timestep tensor")
+        if f.name in MODULE_CALLBACK_FIELDS and value is not None:
+            # diffusers' callbacks take a module: the drop-in evaluates them on the host at each call
+            kwargs[f.name] = ModuleCallback(value)
+            continue
         if f.name not in known:
             default = f.default if f.default is not dataclasses.MISSING else None
             if value != default:

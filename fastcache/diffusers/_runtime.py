@@ -174,6 +174,15 @@ class Session:
         # FasterCache with CFG off (a pipeline called with guidance_scale <= 1): the batch holds separate
         # prompts, not [uncond; cond]; run as for a guidance-distilled model (attention approximation only)
         self.cfg_off = False
+        # diffusers' module callbacks (FasterCache weights) run on the host at each context entry: the rules on
+        # the device see the config without them, and the forward takes their values (`host_weights`)
+        self.module_callbacks = {name: value.fn for name in faster_cache.MODULE_CALLBACK_FIELDS
+                                 if isinstance(value := getattr(config, name, None), faster_cache.ModuleCallback)}
+        self.host_weights: dict[str, float] | None = None
+        self._warned_weights = False
+        if self.module_callbacks:
+            config = dataclasses.replace(config, **dict.fromkeys(self.module_callbacks))
+        self.device_config = config
         self.distilled_config = (dataclasses.replace(config, is_guidance_distilled=True)
                                  if isinstance(config, FasterCacheConfig) else None)
         self.pending: Any = None
@@ -262,14 +271,35 @@ class Session:
         self.pending = None
         if self.distilled_config is not None:
             self.cfg_off = self.pipeline is not None and not _runs_cfg(self.pipeline)
+        if self.module_callbacks:
+            self._evaluate_module_callbacks()
         if not self.plannable:
             return
         t = self.host_timestep()
         self.pending = DEVICE if t is None else host_decision(self.method_config(), self.calls, t)
 
     def method_config(self) -> Any:
-        """The config the rules run with: FasterCache with CFG off runs as guidance-distilled."""
-        return self.distilled_config if self.cfg_off else self.config
+        """The config the rules run with: FasterCache with CFG off runs as guidance-distilled; diffusers' module
+        callbacks are left out (their values come from `host_weights`)."""
+        return self.distilled_config if self.cfg_off else self.device_config
+
+    def _evaluate_module_callbacks(self) -> None:
+        """diffusers calls its weight callbacks with the attention module (attention weight) or the denoiser
+        (frequency weights) and uses the float they return: done here, eagerly. The compiled forward reads the
+        floats, so a constant compiles once; a value that changes recompiles at every new value."""
+        attention = next(iter(self.sites), None)
+        values = {}
+        for name, fn in self.module_callbacks.items():
+            module = self.model.get_submodule(attention) if name == "attention_weight_callback" and attention else \
+                self.model
+            values[name] = float(fn(module))
+        if self.host_weights is not None and values != self.host_weights and not self._warned_weights:
+            self._warned_weights = True
+            changed = ", ".join(n for n in values if values[n] != self.host_weights.get(n))
+            warnings.warn(f"fastcache: diffusers' {changed} returned a new value: under torch.compile each new "
+                          "value is a new graph (a recompile). fastcache.FasterCacheConfig takes callbacks of the "
+                          "timestep tensor, which never recompile", stacklevel=4)
+        self.host_weights = values
 
     def _count_calls(self) -> None:
         if self.restarted:  # the call met a new input shape and started the context's state afresh
@@ -340,6 +370,10 @@ class Session:
         index = (value.storage_offset() - timesteps.storage_offset()) // max(timesteps.stride(0), 1)
         host = self._host_copy(timesteps)
         return host[index] if 0 <= index < len(host) else None
+
+
+WEIGHT_FIELDS = {"attention_weight_callback": "w_attention", "low_frequency_weight_callback": "w_low",
+                 "high_frequency_weight_callback": "w_high"}
 
 
 def _runs_cfg(pipeline: Any) -> bool:
@@ -756,6 +790,12 @@ def _faster_cache_forward(session: Session, original: Callable[..., Any], positi
         decision = decision._replace(first=True, skip_uncond=False, approx_spatial=False, approx_temporal=False)
     elif planned is not None:  # the host's flags (Python bools: no torch.cond); the weights stay tensors
         decision = decision._replace(first=False, **planned._asdict())
+    if session.module_callbacks:  # diffusers' callbacks of a module: their floats, evaluated at the entry
+        weights = session.host_weights
+        if weights is None:  # called outside any cache_context: evaluate them here (traced)
+            weights = {name: float(fn(session.model)) for name, fn in session.module_callbacks.items()}
+        decision = decision._replace(**{WEIGHT_FIELDS[name]: torch.full((), value, device=t.device)
+                                        for name, value in weights.items()})
     scratch.decision = decision
 
     if config.is_guidance_distilled:

@@ -47,6 +47,21 @@ SPATIAL_IDENTIFIERS = ("^blocks.*attn", "^transformer_blocks.*attn", "^single_tr
 TEMPORAL_IDENTIFIERS = ("^temporal_transformer_blocks.*attn",)
 
 WeightCallback = Callable[[Tensor], Tensor | float]
+MODULE_CALLBACK_FIELDS = ("attention_weight_callback", "low_frequency_weight_callback",
+                          "high_frequency_weight_callback")
+
+
+@dataclass(frozen=True)
+class ModuleCallback:
+    """A weight callback in diffusers' form: it takes a module and returns a Python float
+    (`attention_weight_callback=lambda _: 0.3`). The diffusers drop-in evaluates it on the host at each call
+    (with the hooked attention module, or the denoiser for the frequency weights), so a constant compiles to a
+    constant; the engine has no module to give it and needs a callback of the timestep instead."""
+
+    fn: Callable[[Any], float]
+
+    def __call__(self, module: Any) -> float:
+        return self.fn(module)
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,9 @@ class FasterCacheState(NamedTuple):
 
 
 def _weight(callback: WeightCallback | None, default: Callable[[Tensor], Tensor], t: Tensor) -> Tensor:
+    if isinstance(callback, ModuleCallback):
+        raise TypeError("FasterCacheConfig: a ModuleCallback (diffusers' callback of a module) is evaluated by the "
+                        "diffusers drop-in only; the engine needs a callback of the timestep tensor")
     value = default(t) if callback is None else callback(t)
     return torch.as_tensor(value, dtype=torch.float32, device=t.device).expand(t.shape).clone()
 
