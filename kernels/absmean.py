@@ -237,7 +237,8 @@ def rel_diff_from_sums(sums: Tensor) -> Tensor:
             all-reduced).
 
     Returns:
-        A 0-dim tensor of sums' dtype on sums' device. NaN in the sums stays NaN; note `nan <= thr` is False.
+        A 0-dim tensor of sums' dtype on sums' device: `+inf` where a sum is infinite (an overflow never reads
+        as a small change); NaN in the sums stays NaN; note `nan <= thr` and `inf <= thr` are False.
     """
     if not isinstance(sums, torch.Tensor):
         raise TypeError(f"rel_diff_from_sums: sums must be a torch.Tensor, got {type(sums).__name__}")
@@ -247,8 +248,10 @@ def rel_diff_from_sums(sums: Tensor) -> Tensor:
             f"got {sums.dtype} {tuple(sums.shape)}"
         )
     num, den = sums.unbind(0)
-    # 0 / 0 would be NaN: +inf keeps "nothing to compare against" on the compute side of any threshold.
-    return torch.where(den == 0, torch.full_like(den, float("inf")), num / den)
+    # 0 / 0 would be NaN: +inf keeps "nothing to compare against" on the compute side of any threshold. An
+    # overflowed sum (inf) would make any ratio look small (x / inf = 0): +inf there too. NaN stays NaN.
+    unusable = (den == 0) | torch.isinf(den) | torch.isinf(num)
+    return torch.where(unusable, torch.full_like(den, float("inf")), num / den)
 
 
 def absmean_rel_diff(a: Tensor, b: Tensor) -> Tensor:

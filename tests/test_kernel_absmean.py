@@ -119,7 +119,7 @@ def test_special_values(impl):
         r = ratio(a, b)
         assert torch.isnan(r) or r.item() == math.inf, (a, b, r)
         assert not bool(r <= 1e30)
-    assert torch.isnan(ratio(x, with_inf))  # inf / inf
+    assert ratio(x, with_inf).item() == math.inf  # inf / inf: an infinite sum is never a small change
 
 
 def test_rel_diff_from_sums():
@@ -163,3 +163,18 @@ def test_outputs_do_not_alias_inputs():
     a = torch.randn(4, 4)
     out = absmean_sums(a, a)
     assert out.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_an_overflowed_sum_is_never_a_small_change(impl):
+    """a=[0, 2e38], b=[2e38, 2e38]: sum|b| overflows fp32 to inf, and x / inf = 0 read as "no change" (a skip).
+    An infinite sum gives +inf (compute), like no reference at all."""
+    a = torch.tensor([0.0, 2e38])
+    b = torch.tensor([2e38, 2e38])
+    if impl == "torch":
+        ratio = absmean_rel_diff(a, b)
+    else:
+        ratio = rel_diff_from_sums(absmean_mod._absmean_sums_triton(a, b))
+    assert torch.isinf(ratio) and ratio > 0
+    assert torch.isinf(rel_diff_from_sums(torch.tensor([float("inf"), 1.0])))
+    assert torch.isnan(rel_diff_from_sums(torch.tensor([float("nan"), 1.0])))
