@@ -16,7 +16,7 @@ from fastcache.diffusers import (
     disable_cache,
     enable_cache,
 )
-from fastcache.engine import CacheMethod, Plan, make, trace
+from fastcache.engine import CacheMethod, Plan, load_state, make, trace
 from fastcache.methods.faster_cache import FasterCacheConfig, FasterCacheDecision, FasterCacheState
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig, FirstBlockCacheState
 from fastcache.methods.pyramid_attention_broadcast import (
@@ -48,6 +48,7 @@ __all__ = [
     "cache_context",
     "disable_cache",
     "enable_cache",
+    "load_state",
     "make",
     "trace",
 ]

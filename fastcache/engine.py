@@ -107,6 +107,17 @@ def make(config: Any) -> CacheMethod:
                                  for name in ("init", "plan", "step", "computed_fraction")))
 
 
+def load_state(f: Any) -> Any:
+    """`torch.load(f, weights_only=True)` of a saved state (`torch.save(state, f)`): the state classes are
+    allowed for that one load only (no global change to torch's safe list)."""
+    from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
+
+    allowed = [pyramid_attention_broadcast.PABState, faster_cache.FasterCacheState,
+               first_block_cache.FirstBlockCacheState]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(f, weights_only=True)
+
+
 def as_timesteps(timesteps: Tensor | Sequence[float]) -> Tensor:
     t = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().reshape(-1)
     if t.numel() == 0:

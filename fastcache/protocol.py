@@ -109,3 +109,17 @@ def check_inputs(spec: Mapping[str, Tensor], inputs: Inputs) -> None:
                 f"inputs[{name!r}]: the state was built for shape/dtype/device {expected}, got {got}; "
                 "call init again for a new shape, dtype, device or batch size"
             )
+
+
+def check_state(state: object, expected: type, method: str) -> None:
+    """Refuse a state made by another method's `init` (its fields would be read as something else)."""
+    if not isinstance(state, expected):
+        raise TypeError(f"state: {method} steps a {expected.__name__} made by its own init, "
+                        f"got {type(state).__name__}")
+
+
+def check_sites(cached: Mapping[str, object], sites: Mapping[str, str]) -> None:
+    """Refuse a state whose cache was built for another model's attention sites."""
+    if set(cached) != set(sites):
+        raise ValueError(f"state: its cache holds attention sites {sorted(cached)}, this model's hooked sites are "
+                         f"{sorted(sites)}; call init with this model")

@@ -441,3 +441,36 @@ def test_fastercache_plan_makes_its_weights_on_the_model_device() -> None:
     default = method.plan(torch.linspace(1000, 0, 3))
     assert {d.w_high.device.type for d in default} == {"cpu"}
     assert [bool(d.skip_uncond) for d in on_meta] == [bool(d.skip_uncond) for d in method.plan([1000, 600, 200])]
+
+
+def test_a_state_of_another_method_or_model_is_refused_by_name() -> None:
+    model, other = tiny_dit(), tiny_dit(video=True)
+    x = noise(False, 0)
+    inputs = cfg_inputs(x, 500.0, LABELS, NULL)
+    pab = fastcache.make(METHODS["pab"](False))
+    fbc = fastcache.make(METHODS["fbc"](False))
+    with pytest.raises(TypeError, match="PABState.*FirstBlockCacheState"):
+        pab.step(model, fbc.init(model, inputs), inputs, None)
+    video_inputs = cfg_inputs(noise(True, 0), 500.0, LABELS, NULL)
+    pab_video = fastcache.make(METHODS["pab"](True))
+    with pytest.raises(ValueError, match="attention sites"):
+        pab_video.step(model, pab_video.init(other, video_inputs)._replace(spec=pab.init(model, inputs).spec),
+                       inputs, None)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_saved_state_loads_with_weights_only(name: str, tmp_path) -> None:
+    """`torch.save(state)` then `fastcache.load_state` (torch.load with weights_only=True, the state classes
+    allowed for that load only): the same state, and the next step gives the same output."""
+    model, config = tiny_dit(), METHODS[name](False)
+    method = fastcache.make(config)
+    inputs = cfg_inputs(noise(False, 0), 900.0, LABELS, NULL)
+    _, state = method.step(model, method.init(model, inputs), inputs, None)
+    torch.save(state, tmp_path / "state.pt")
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        torch.load(tmp_path / "state.pt", weights_only=True)  # torch's own safe list is left as it was
+    loaded = fastcache.load_state(tmp_path / "state.pt")
+    assert type(loaded) is type(state)
+    assert all(a.equal(b) for a, b in zip(tree_leaves(loaded), tree_leaves(state), strict=True))
+    nxt = cfg_inputs(noise(False, 0), 800.0, LABELS, NULL)
+    assert method.step(model, loaded, nxt, None)[0].equal(method.step(model, state, nxt, None)[0])

@@ -39,7 +39,16 @@ from fastcache.engine import (
     trace,
     zeros_like_meta,
 )
-from fastcache.protocol import CacheableModel, Inputs, check_inputs, check_model, forward, input_spec
+from fastcache.protocol import (
+    CacheableModel,
+    Inputs,
+    check_inputs,
+    check_model,
+    check_sites,
+    check_state,
+    forward,
+    input_spec,
+)
 
 TENSOR_FORMATS = ("BCFHW", "BFCHW", "BCHW")
 CACHED_KINDS = ("spatial", "temporal")
@@ -249,7 +258,9 @@ def _attend(sites: dict[str, str], decision: FasterCacheDecision, windows: dict[
 def step(config: FasterCacheConfig, model: CacheableModel, state: FasterCacheState, inputs: Inputs,
          decision: FasterCacheDecision | None = None) -> tuple[Tensor, FasterCacheState]:
     """One model call on [uncond; cond] inputs. `decision`: the plan's entry, or None to decide on device."""
+    check_state(state, FasterCacheState, "FasterCache")
     check_inputs(state.spec, inputs)
+    check_sites(state.windows, config.hooked_sites(model))
     if decision is None:
         decision = decide(config, state.count, model.cache_timestep(inputs))
     sites = config.hooked_sites(model)

@@ -31,6 +31,7 @@ from fastcache.protocol import (
     call_attention,
     check_inputs,
     check_model,
+    check_state,
     input_spec,
     run_blocks,
 )
@@ -96,6 +97,7 @@ class FirstBlockCacheHead(NamedTuple):
 def head_step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState,
               inputs: Inputs) -> FirstBlockCacheHead:
     """The first half of a step: embed, first block, the skip decision (on the device)."""
+    check_state(state, FirstBlockCacheState, "FirstBlockCache")
     check_inputs(state.spec, inputs)
     streams, aux = model.embed(inputs)
     head = model.block(0, streams, aux, call_attention)

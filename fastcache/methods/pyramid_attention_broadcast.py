@@ -37,6 +37,8 @@ from fastcache.protocol import (
     Inputs,
     check_inputs,
     check_model,
+    check_sites,
+    check_state,
     forward,
     input_spec,
 )
@@ -158,7 +160,9 @@ def attend_with_cache(
 def step(config: PyramidAttentionBroadcastConfig, model: CacheableModel, state: PABState, inputs: Inputs,
          decision: PABDecision | None = None) -> tuple[Tensor, PABState]:
     """One model call. `decision`: the plan's entry for this call, or None to decide on the device."""
+    check_state(state, PABState, "PyramidAttentionBroadcast")
     check_inputs(state.spec, inputs)
+    check_sites(state.cache, config.hooked_sites(model))
     if decision is None:
         decision = decide(config, state.count, model.cache_timestep(inputs))
     new_cache = dict(state.cache)
