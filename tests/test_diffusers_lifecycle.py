@@ -147,3 +147,31 @@ def test_per_token_timesteps_decide_at_the_denoising_timestep() -> None:
     assert max((a - b).abs().max() for a, b in zip(expected, uncached)) > 1e-4, "PAB must have reused something"
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_fbc_never_reuses_a_nan_from_a_later_block() -> None:
+    """A NaN from the last block's feed-forward lands in the cached residual; the first block's ratio does not
+    see it, and every later call used to reuse it. Now the skip is refused on the device (no sync) and counted."""
+    tc = case("wan")
+    model = tc.model.eval()
+    poisoned: list[bool] = []
+
+    def nan_once(module, args, output):
+        if not poisoned:
+            poisoned.append(True)
+            return output * float("nan")
+        return output
+
+    fd.enable_cache(model, fd.FirstBlockCacheConfig(threshold=1e9))  # skip whenever allowed
+    handle = model.blocks[-1].ffn.register_forward_hook(nan_once)
+    outs = []
+    with torch.no_grad():
+        for t in (900.0, 800.0, 700.0, 600.0):
+            with model.cache_context("cond"):
+                outs.append(model(**tc.kwargs(tc.latent, torch.tensor(t)), return_dict=False)[0])
+    state = fd.cache_state(model, "cond")
+    handle.remove()
+    fd.disable_cache(model)
+    assert not torch.isfinite(outs[0]).all()
+    assert all(torch.isfinite(o).all() for o in outs[1:])
+    assert int(state["refused"]) == 1 and int(state["num_computed"]) == 2 and bool(state["skipped"])

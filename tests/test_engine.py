@@ -474,3 +474,31 @@ def test_a_saved_state_loads_with_weights_only(name: str, tmp_path) -> None:
     assert all(a.equal(b) for a, b in zip(tree_leaves(loaded), tree_leaves(state), strict=True))
     nxt = cfg_inputs(noise(False, 0), 800.0, LABELS, NULL)
     assert method.step(model, loaded, nxt, None)[0].equal(method.step(model, state, nxt, None)[0])
+
+
+def test_fbc_never_reuses_non_finite_tail_residuals_and_counts_the_refusals() -> None:
+    """A NaN from a late block lands in the cached tail residuals; the first block's ratio does not see it, so
+    every later step used to reuse it (10/10 outputs NaN). Now a skip over non-finite residuals is refused on
+    the device (no sync): the step computes, and `refused` counts it."""
+    model = tiny_dit()
+    block, poisoned = model.block, []
+
+    def nan_once_in_the_last_block(index, streams, aux, attend):
+        out = block(index, streams, aux, attend)
+        if index == model.num_blocks - 1 and not poisoned:
+            poisoned.append(index)
+            out = (out[0] * float("nan"), *out[1:])
+        return out
+
+    method = fastcache.make(fastcache.FirstBlockCacheConfig(threshold=1e9))  # skip whenever allowed
+    inputs = cfg_inputs(noise(False, 0), 500.0, LABELS, NULL)
+    outs = []
+    with torch.no_grad():
+        state = method.init(model, inputs)
+        model.block = nan_once_in_the_last_block
+        for _ in range(4):
+            out, state = method.step(model, state, inputs)
+            outs.append(out)
+    assert not torch.isfinite(outs[0]).all()  # the NaN itself
+    assert all(torch.isfinite(o).all() for o in outs[1:])
+    assert int(state.refused) == 1 and int(state.num_computed) == 2 and bool(state.skipped)

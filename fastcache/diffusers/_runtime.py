@@ -632,14 +632,19 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
                 if state is None:
                     scratch.skip, ref, ratio = False, residual, residual.new_full((), float("inf")).float()
                     computed = torch.ones((), dtype=torch.int64, device=residual.device)
+                    refused = torch.zeros((), dtype=torch.int64, device=residual.device)
                 else:
                     ratio = kernels.absmean_rel_diff(residual, state["ref"])
-                    # NaN never counts as small: compute (diffusers would skip on NaN)
-                    scratch.skip = ratio <= config.threshold
+                    # NaN never counts as small: compute (diffusers would skip on NaN); nor are cached residuals
+                    # holding a NaN or Inf (from a later block) ever reused: the call computes, and is counted
+                    small = ratio <= config.threshold
+                    finite = _all_true(tuple(state["finite"].values()), residual.device)
+                    scratch.skip = small & finite
                     ref = select(scratch.skip, state["ref"], residual)
                     computed = state["num_computed"] + (~scratch.skip).long()
+                    refused = state["refused"] + (small & ~finite).long()
                 scratch.new.update(ref=ref, ratio=ratio, skipped=torch.as_tensor(scratch.skip),
-                                   num_computed=computed)
+                                   num_computed=computed, refused=refused)
                 scratch.starts[segment], scratch.passed[segment], scratch.deferred[segment] = streams, streams, []
                 return out
             if role.first:
@@ -667,8 +672,9 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
             start = scratch.starts[segment]
             deferred = tuple(scratch.deferred[segment]) if defer else ()
             old = None if state is None else state["res"][segment]
+            old_finite = None if state is None else state["finite"][segment]
 
-            def compute(old: Any, start: Any, *ts: Tensor) -> tuple:
+            def compute(old: Any, old_finite: Any, start: Any, *ts: Tensor) -> tuple:
                 streams, used = start, 0
                 for call in deferred:
                     streams = call.replay(streams, ts[used:used + len(call.tensors)])
@@ -677,19 +683,23 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
                 if deferred:
                     own_args, own_kwargs = _with_streams(io, positions, own_args, own_kwargs, streams)
                 out = original(*own_args, **own_kwargs)
-                return out, tuple(_sub(o, s) for o, s in zip(_streams(io, out), start))
+                res = tuple(_sub(o, s) for o, s in zip(_streams(io, out), start))
+                return out, res, _all_true(tuple(torch.isfinite(r).all() for r in res if r is not None),
+                                           start[0].device)
 
-            def reuse(old: Any, start: Any, *ts: Tensor) -> tuple:
+            def reuse(old: Any, old_finite: Any, start: Any, *ts: Tensor) -> tuple:
                 own = ts[sum(len(call.tensors) for call in deferred):]
                 streams = _input_streams(io, positions, *rebuild(own))
-                return _as_output(io, tuple(_add(s, r) for s, r in zip(streams, old))), old
+                return _as_output(io, tuple(_add(s, r) for s, r in zip(streams, old))), old, old_finite
 
             operands = tuple(t for call in deferred for t in call.tensors) + tensors
             if state is None:
-                out, res = compute(None, start, *operands)
+                out, res, finite = compute(None, None, start, *operands)
             else:
-                out, res = _cond_streams(scratch.skip, reuse, compute, io, old, (old, start, *operands))
+                out, res, finite = _cond_streams(scratch.skip, reuse, compute, io, old,
+                                                 (old, old_finite, start, *operands))
             scratch.new.setdefault("res", {})[segment] = res
+            scratch.new.setdefault("finite", {})[segment] = finite
             return out
 
         return forward
@@ -699,7 +709,8 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
 
 def _cond_streams(pred: Any, reuse: Callable[..., tuple], compute: Callable[..., tuple], io: BlockIO,
                   old: tuple, operands: tuple) -> tuple:
-    """`_cond` for a segment's last block, whose branches return (block output, residuals). torch.cond
+    """`_cond` for a segment's last block, whose branches return (block output, residuals, whether the
+    residuals are finite). torch.cond
     refuses None outputs, and a block may return None for a stream (SD3's last block drops the text stream):
     the branches return the present streams only, and the Nones are put back after. The present streams are
     those with a stored residual (a stream that is None in the output has a None residual)."""
@@ -707,15 +718,22 @@ def _cond_streams(pred: Any, reuse: Callable[..., tuple], compute: Callable[...,
 
     def packed(fn: Callable[..., tuple]) -> Callable[..., tuple]:
         def run(*ops: Any) -> tuple:
-            out, res = fn(*ops)
+            out, res, finite = fn(*ops)
             return (tuple(x for x, p in zip(_streams(io, out), present) if p),
-                    tuple(x for x, p in zip(res, present) if p))
+                    tuple(x for x, p in zip(res, present) if p), finite)
         return run
 
-    streams, res = _cond(pred, packed(reuse), packed(compute), operands)
+    streams, res, finite = _cond(pred, packed(reuse), packed(compute), operands)
     streams, res = iter(streams), iter(res)
     return (_as_output(io, tuple(next(streams) if p else None for p in present)),
-            tuple(next(res) if p else None for p in present))
+            tuple(next(res) if p else None for p in present), finite)
+
+
+def _all_true(flags: tuple[Tensor, ...], device: torch.device) -> Tensor:
+    """One 0-dim bool tensor: all `flags` hold (True for none)."""
+    if not flags:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack(flags).all()
 
 
 # -- FasterCache --------------------------------------------------------------------------------------------

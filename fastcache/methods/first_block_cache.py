@@ -55,6 +55,8 @@ class FirstBlockCacheState(NamedTuple):
     ratio: Tensor  # fp32, the last call's relative residual change (inf when there was no reference)
     ref_residual: Tensor  # head residual of the last computed call
     tail_residuals: tuple[Tensor, ...]  # per stream: tail_out - head_out of the last computed call
+    tails_finite: Tensor  # bool, whether those residuals are all finite (a NaN or Inf is never reused)
+    refused: Tensor  # int64, calls that would have skipped but computed because the residuals were not finite
     spec: dict[str, Tensor]
 
 
@@ -80,6 +82,8 @@ def init(config: FirstBlockCacheConfig, model: CacheableModel, inputs: Inputs) -
         ratio=torch.full((), float("inf"), device=device),
         ref_residual=tr.head_streams[0].zeros(),
         tail_residuals=tuple(meta.zeros() for meta in tr.head_streams),
+        tails_finite=torch.ones((), dtype=torch.bool, device=device),
+        refused=torch.zeros((), dtype=torch.int64, device=device),
         spec=input_spec(inputs),
     )
 
@@ -92,6 +96,7 @@ class FirstBlockCacheHead(NamedTuple):
     residual: Tensor  # first block's residual, hidden stream
     ratio: Tensor  # fp32 0-dim: relative change of that residual vs the reference
     skip: Tensor  # bool 0-dim: skip the remaining blocks (on the device)
+    refused: Tensor  # bool 0-dim: small enough to skip, but the cached residuals are not finite
 
 
 def head_step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState,
@@ -103,7 +108,8 @@ def head_step(config: FirstBlockCacheConfig, model: CacheableModel, state: First
     head = model.block(0, streams, aux, call_attention)
     residual = head[0] - streams[0]
     ratio = kernels.absmean_rel_diff(residual, state.ref_residual)
-    return FirstBlockCacheHead(head, aux, residual, ratio, (state.count > 0) & (ratio <= config.threshold))
+    small = (state.count > 0) & (ratio <= config.threshold)
+    return FirstBlockCacheHead(head, aux, residual, ratio, small & state.tails_finite, small & ~state.tails_finite)
 
 
 def tail_step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState,
@@ -113,18 +119,25 @@ def tail_step(config: FirstBlockCacheConfig, model: CacheableModel, state: First
     cond and can be CUDA-graphed, one graph per value; the read is the step's one host sync)."""
     del config
 
-    def compute(streams: Streams, residual: Tensor, ref: Tensor, tails: Streams, n: Tensor) -> tuple:
+    def compute(streams: Streams, residual: Tensor, ref: Tensor, tails: Streams, n: Tensor, finite: Tensor) -> tuple:
         tail = run_blocks(model, 1, streams, head.aux, call_attention)
-        return tail, residual, tuple(t - h for t, h in zip(tail, streams)), n + 1
+        new_tails = tuple(t - h for t, h in zip(tail, streams))
+        return tail, residual, new_tails, n + 1, all_finite(new_tails)
 
-    def reuse(streams: Streams, residual: Tensor, ref: Tensor, tails: Streams, n: Tensor) -> tuple:
-        return tuple(h + r for h, r in zip(streams, tails)), ref, tails, n
+    def reuse(streams: Streams, residual: Tensor, ref: Tensor, tails: Streams, n: Tensor, finite: Tensor) -> tuple:
+        return tuple(h + r for h, r in zip(streams, tails)), ref, tails, n, finite
 
-    out_streams, ref, tails, num_computed = branch(
+    out_streams, ref, tails, num_computed, finite = branch(
         skip, reuse, compute, (head.streams, head.residual, state.ref_residual, state.tail_residuals,
-                               state.num_computed))
+                               state.num_computed, state.tails_finite))
     out = model.head(out_streams, head.aux)
-    return out, FirstBlockCacheState(state.count + 1, num_computed, head.skip, head.ratio, ref, tails, state.spec)
+    return out, FirstBlockCacheState(state.count + 1, num_computed, head.skip, head.ratio, ref, tails, finite,
+                                     state.refused + head.refused.long(), state.spec)
+
+
+def all_finite(tensors: Streams) -> Tensor:
+    """One 0-dim bool: every element of every tensor is finite (a reduction each, on the device)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 def step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState, inputs: Inputs,
