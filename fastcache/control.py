@@ -71,7 +71,9 @@ def select(pred: Flag, a: Tensor, b: Tensor) -> Tensor:
 
 
 def in_open_range(t: Tensor, bounds: tuple[float, float]) -> Tensor:
-    """`lo < t < hi`, strict on both ends as in diffusers."""
+    """`lo < t < hi`, strict on both ends as in diffusers; in fp32 whatever t's dtype (bf16 against a Python
+    bound would compare in bf16), the rule plans use too (`engine.as_timesteps`)."""
+    t = t.float()
     return (t > bounds[0]) & (t < bounds[1])
 
 

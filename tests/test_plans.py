@@ -144,3 +144,27 @@ def test_pab_plan_equals_diffusers_hook(n: int, bounds: tuple[int, int], timeste
     cfg = fastcache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=n,
                                                     spatial_attention_timestep_skip_range=bounds)
     assert fastcache.make(cfg).plan(timesteps).rows["spatial"] == observed
+
+
+near_bounds = st.tuples(st.sampled_from([100.0, 640.0, 641.0, 681.0, 800.0]),
+                        st.floats(-2.0, 2.0, allow_nan=False).map(lambda e: round(e, 6)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(offsets=st.lists(near_bounds, min_size=1, max_size=8), dtype=st.sampled_from(["float32", "bfloat16"]))
+def test_planned_and_on_device_decisions_agree_near_the_bounds(offsets, dtype) -> None:
+    """One rounding rule: timesteps rounded to the dtype they come in, compared in fp32, when planned and on
+    the device. Before: PAB (100, 800) at t=100.000001 reused when planned (fp64) and computed on the device
+    (fp32); FasterCache at a bf16 t=639 skipped when planned and not on the device (bf16 comparison)."""
+    t = torch.tensor([b + e for b, e in offsets], dtype=getattr(torch, dtype))
+    count = torch.arange(len(t))
+    pab_cfg = fastcache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                                        spatial_attention_timestep_skip_range=(100, 800))
+    fc_cfg = fastcache.FasterCacheConfig(unconditional_batch_skip_range=2, tensor_format="BCHW")
+    pab_plan = pyramid_attention_broadcast.plan(pab_cfg, t)
+    fc_plan = faster_cache.plan(fc_cfg, t)
+    for i in range(len(t)):
+        on_device = pyramid_attention_broadcast.decide(pab_cfg, count[i], t[i])
+        assert pab_plan[i].spatial == bool(on_device.spatial), (float(t[i]), i)
+        d = faster_cache.decide(fc_cfg, count[i], t[i])
+        assert (fc_plan[i].skip_uncond, fc_plan[i].approx_spatial) == (bool(d.skip_uncond), bool(d.approx_spatial))

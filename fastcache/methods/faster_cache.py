@@ -188,7 +188,7 @@ def plan(config: FasterCacheConfig, timesteps: Tensor | Sequence[float], device:
     (made once here, never copied per step)."""
     if device is None:
         device = timesteps.device if isinstance(timesteps, Tensor) else torch.device("cpu")
-    t = as_timesteps(timesteps).float()
+    t = as_timesteps(timesteps)
     d = decide(config, torch.arange(len(t)), t)
     w_low, w_high, w_attention = (w.to(device) for w in (d.w_low, d.w_high, d.w_attention))
     decisions = tuple(
