@@ -22,7 +22,7 @@ import fastcache.diffusers as fd  # noqa: E402
 from fastcache.diffusers._families import FAMILIES  # noqa: E402
 from fastcache.diffusers._runtime import fbc_roles  # noqa: E402
 from fastcache.diffusers._tiny import CASES as CASES_ALL  # noqa: E402
-from fastcache.diffusers._tiny import case, denoise  # noqa: E402
+from fastcache.diffusers._tiny import case, denoise, fbc_threshold  # noqa: E402
 from fastcache.methods import faster_cache as fc  # noqa: E402
 from fastcache.methods import pyramid_attention_broadcast as pab  # noqa: E402
 from fastcache.testing import CompileCounter  # noqa: E402
@@ -30,11 +30,11 @@ from fastcache.testing import CompileCounter  # noqa: E402
 TIMESTEPS = torch.linspace(1000, 0, 10)
 
 
-def _config(method: str, clock: dict, distilled: bool = False):
+def _config(method: str, clock: dict, distilled: bool = False, threshold: float = 0.4):
     """`clock["t"]` is the loop's timestep: diffusers' `current_timestep_callback` usage, which lets the drop-in
-    plan PAB's and FasterCache's decisions on the host."""
+    plan PAB's and FasterCache's decisions on the host. FBC's threshold comes from `_fbc_threshold`."""
     if method == "fbc":
-        return fd.FirstBlockCacheConfig(threshold=0.4)
+        return fd.FirstBlockCacheConfig(threshold=threshold)
     if method == "pab":
         return fd.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
                                                   cross_attention_block_skip_range=3,
@@ -42,6 +42,18 @@ def _config(method: str, clock: dict, distilled: bool = False):
     return fd.FasterCacheConfig(spatial_attention_block_skip_range=2, unconditional_batch_skip_range=3,
                                 tensor_format="BFCHW", is_guidance_distilled=distilled,
                                 current_timestep_callback=lambda: clock["t"])
+
+
+def _fbc_threshold(tc, contexts: tuple[str, ...]) -> float:
+    """A threshold between two observed ratios of this family's tiny model, so that a run both skips and
+    computes (a fixed threshold never skipped on Flux2 and always skipped on Wan, LTX, Latte and Allegro)."""
+    return fbc_threshold(tc, TIMESTEPS, contexts)
+
+
+def _assert_skips_and_computes(model, contexts: tuple[str, ...]) -> None:
+    for name in contexts:
+        computed = int(fd.cache_state(model, name)["num_computed"])
+        assert 1 < computed < len(TIMESTEPS), f"context {name}: {computed} of {len(TIMESTEPS)} calls computed"
 
 
 def _graph_bound(config) -> int:
@@ -73,11 +85,14 @@ def test_fullgraph_compile(name: str, method: str, contexts: tuple[str, ...]) ->
     tc = case(name)
     model = tc.model.eval()
     clock: dict = {}
-    config = _config(method.split("-")[0], clock, distilled=method.endswith("distilled"))
+    threshold = _fbc_threshold(tc, contexts) if method == "fbc" else 0.0
+    config = _config(method.split("-")[0], clock, distilled=method.endswith("distilled"), threshold=threshold)
     if method.startswith("fc") and name != "cogvideox":
         config = dataclasses.replace(config, tensor_format="BCFHW")
     fd.enable_cache(model, config)
     eager = denoise(model, tc, TIMESTEPS, contexts, clock=clock)
+    if method == "fbc":
+        _assert_skips_and_computes(model, contexts)  # so that both compiled branches are compared
     fd.reset_cache(model)
 
     torch._dynamo.reset()
@@ -142,13 +157,15 @@ def test_every_family_captures_fullgraph(name: str, method: str) -> None:
     tc = case(name)
     model = tc.model.eval()
     clock: dict = {}
-    config = _config(method, clock)
+    contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
+    config = _config(method, clock, threshold=_fbc_threshold(tc, contexts) if method == "fbc" else 0.0)
     if method == "fc":
         config = dataclasses.replace(config, tensor_format=FAMILIES[type(model).__name__].layout)
-    contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
     fd.enable_cache(model, config)
     segments = {role.segment for _, role in fbc_roles(model, FAMILIES[type(model).__name__])}
     eager = denoise(model, tc, TIMESTEPS, contexts, clock=clock)
+    if method == "fbc":
+        _assert_skips_and_computes(model, contexts)
     fd.reset_cache(model)
     torch._dynamo.reset()
     counters.clear()
