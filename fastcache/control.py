@@ -21,15 +21,30 @@ T = TypeVar("T")
 
 def _without_aliases(fn: Callable[..., T]) -> Callable[..., T]:
     # torch.cond refuses branch outputs that alias its operands (a reused cache entry is exactly that):
-    # copy those outputs, and only those.
+    # copy those outputs, and only those. Every output also gets canonical contiguous strides: the two
+    # branches must agree on strides, and torch 2.13 fails merging a size-1 dim's arbitrary stride (a video
+    # with one channel) even where the stride expressions print equal.
     def wrapped(*operands: Any) -> T:
         leaves = tree_leaves(operands)
         out = fn(*operands)
         # identity, not id(): id() would make dynamo guard on the objects and recompile every call
-        return tree_map(lambda x: x.clone() if isinstance(x, Tensor) and any(x is leaf for leaf in leaves) else x,
-                        out)
+        return tree_map(lambda x: (x.clone(memory_format=torch.contiguous_format)
+                                   if any(x is leaf for leaf in leaves) else canonical(x))
+                        if isinstance(x, Tensor) else x, out)
 
     return wrapped
+
+
+def canonical(x: Tensor) -> Tensor:
+    """`x` with the strides of a new contiguous tensor (a copy only when they differ). `.contiguous()` is not
+    enough: it keeps the stride of a size-1 dim, which torch.cond and dynamo's guards also compare."""
+    expected, step = [], 1
+    for size in reversed(x.shape):
+        expected.append(step)
+        step *= size
+    if tuple(x.stride()) == tuple(reversed(expected)):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def branch(pred: Flag, true_fn: Callable[..., T], false_fn: Callable[..., T], operands: tuple) -> T:

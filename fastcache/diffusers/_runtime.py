@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fastcache import kernels
-from fastcache.control import branch, select
+from fastcache.control import branch, canonical, select
 from fastcache.diffusers._families import BLOCKS, BlockIO, Family
 from fastcache.methods import faster_cache, pyramid_attention_broadcast
 from fastcache.methods.faster_cache import FasterCacheConfig
@@ -79,7 +79,7 @@ def _dense(fn: Callable[..., Any]) -> Callable[..., Any]:
             # which cond refuses as output aliasing: give each its own storage
             return tree_map(lambda x: x.clone(memory_format=torch.contiguous_format)
                             if isinstance(x, Tensor) else x, out)
-        return tree_map(lambda x: _canonical(x) if isinstance(x, Tensor) else x, out)
+        return tree_map(lambda x: canonical(x) if isinstance(x, Tensor) else x, out)
 
     return wrapped
 
@@ -92,17 +92,6 @@ def _own(tree: Any) -> Any:
         return tree_map(lambda x: x.clone(memory_format=torch.contiguous_format)
                         if isinstance(x, Tensor) else x, tree)
     return tree
-
-
-def _canonical(x: Tensor) -> Tensor:
-    # `.contiguous()` is not enough: it keeps the stride of a size-1 dim, which cond also compares
-    expected, step = [], 1
-    for size in reversed(x.shape):
-        expected.append(step)
-        step *= size
-    if tuple(x.stride()) == tuple(reversed(expected)):
-        return x
-    return x.clone(memory_format=torch.contiguous_format)
 
 
 def _cond(pred: Any, true_fn: Callable[..., Any], false_fn: Callable[..., Any], operands: tuple) -> Any:
@@ -476,7 +465,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             new["count"], new["spec"] = count + 1, spec
             # canonical strides for every state tensor: the next call guards on them (a size-1 batch dim
             # keeps arbitrary strides, which recompiled FasterCache twice), and inductor asserts them
-            slot.state = tree_map(lambda x: _canonical(x) if isinstance(x, Tensor) else x, new)
+            slot.state = tree_map(lambda x: canonical(x) if isinstance(x, Tensor) else x, new)
             scratch.state, scratch.new, scratch.decision = None, {}, None
             return out
 
