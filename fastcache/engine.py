@@ -197,6 +197,9 @@ def trace(model: CacheableModel, inputs: Inputs) -> ModelTrace:
         with FlopCounterMode(display=False) as counter:
             out = model.head(streams, aux)
         head_flops = counter.get_total_flops()
+    # Under torch.autocast the casts of the weights made on fake tensors went into autocast's weight cache,
+    # and the model's next real forward would read them back (it returned a FakeTensor): drop them.
+    torch.clear_autocast_cache()
     return ModelTrace(site_outputs, site_flops, head_streams, _meta(out, device), embed_flops,
                       tuple(block_flops), head_flops)
 

@@ -90,14 +90,34 @@ def check_model(model: object) -> CacheableModel:
     return model
 
 
+AUTOCAST = "(autocast)"  # the spec entry recording the autocast dtype the state was built under
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def input_spec(inputs: Inputs) -> dict[str, Tensor]:
-    """Zero-byte tensors that remember each input's shape, dtype and device inside a state."""
-    return {name: torch.empty((*value.shape, 0), dtype=value.dtype, device=value.device)
+    """Zero-byte tensors that remember each input's shape, dtype and device inside a state, and the autocast
+    dtype in force (the cached outputs have the dtype the model computes in)."""
+    spec = {name: torch.empty((*value.shape, 0), dtype=value.dtype, device=value.device)
             for name, value in inputs.items()}
+    device = next(iter(inputs.values())).device
+    autocast = _autocast_dtype(device)
+    if autocast is not None:
+        spec[AUTOCAST] = torch.empty(0, dtype=autocast, device=device)
+    return spec
 
 
 def check_inputs(spec: Mapping[str, Tensor], inputs: Inputs) -> None:
     """Refuse inputs that differ from those the state was built for: its cached tensors would be stale."""
+    device = next(iter(inputs.values())).device
+    built, now = spec.get(AUTOCAST), _autocast_dtype(device)
+    if (None if built is None else built.dtype) != now:
+        raise ValueError(f"state: built with autocast {None if built is None else built.dtype}, stepped with "
+                         f"autocast {now}: the cached outputs would have the wrong dtype; call init under the "
+                         "same torch.autocast as step")
+    spec = {name: value for name, value in spec.items() if name != AUTOCAST}
     if set(spec) != set(inputs):
         raise ValueError(f"inputs: the state was built for inputs {sorted(spec)}, got {sorted(inputs)}")
     for name, value in inputs.items():

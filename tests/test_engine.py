@@ -502,3 +502,26 @@ def test_fbc_never_reuses_non_finite_tail_residuals_and_counts_the_refusals() ->
     assert not torch.isfinite(outs[0]).all()  # the NaN itself
     assert all(torch.isfinite(o).all() for o in outs[1:])
     assert int(state.refused) == 1 and int(state.num_computed) == 2 and bool(state.skipped)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_autocast_init_leaks_nothing_and_a_mismatched_autocast_is_refused(name: str) -> None:
+    """init under torch.autocast used to leave fake tensors in autocast's weight cache (the model's next
+    forward returned a FakeTensor). A state built without autocast and stepped under it (fp32 cache, bf16
+    outputs) is refused by name, and the same autocast for both runs, compiled on the device too."""
+    model, config = tiny_dit(), METHODS[name](False)
+    method = fastcache.make(config)
+    inputs = cfg_inputs(noise(False, 0), 500.0, LABELS, NULL)
+    with torch.no_grad():
+        plain_state = method.init(model, inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            state = method.init(model, inputs)
+            out = forward(model, inputs)
+            assert type(out) is torch.Tensor and out.dtype == torch.bfloat16
+            with pytest.raises(ValueError, match="autocast"):
+                method.step(model, plain_state, inputs, None)
+            torch._dynamo.reset()
+            step = torch.compile(lambda s, i: method.step(model, s, i, None), fullgraph=True, backend="eager")
+            for t in (900.0, 800.0, 700.0):
+                out, state = step(state, cfg_inputs(noise(False, 0), t, LABELS, NULL))
+            assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
