@@ -104,3 +104,40 @@ def test_return_dict_and_contexts_are_separate_states() -> None:
     assert int(fd.cache_state(model, "cond")["count"]) == 1
     assert int(fd.cache_state(model, "uncond")["count"]) == 2
     fd.disable_cache(model)
+
+
+def test_supported_models_are_the_twelve_families_each_with_a_tiny_case() -> None:
+    from fastcache.diffusers._tiny import CASES
+
+    assert len(fd.SUPPORTED_MODELS) == 12
+    built = {type(case(name).model).__name__ for name in CASES}
+    assert built == set(fd.SUPPORTED_MODELS)
+    assert all(hasattr(diffusers, name) for name in fd.SUPPORTED_MODELS)
+
+
+def test_apply_functions_are_diffusers_names_for_enable_cache() -> None:
+    import fastcache
+
+    model = case("wan").model.eval()
+    fastcache.apply_first_block_cache(model, diffusers.FirstBlockCacheConfig(threshold=0.2))
+    assert fd.cache_state(model, None) is None and SESSION_ATTR in model.__dict__
+    fd.disable_cache(model)
+    with pytest.raises(TypeError, match="FirstBlockCacheConfig"):
+        fastcache.apply_first_block_cache(model, diffusers.PyramidAttentionBroadcastConfig())
+
+
+def test_skipped_blocks_really_do_not_run() -> None:
+    """FirstBlockCache skipping: every block after the first returns its input and records its call, and one
+    torch.cond (eager: one host read) decides; on a skip none of those blocks' attention or feed-forward runs."""
+    tc = case("wan", layers=3)
+    model = tc.model.eval()
+    runs = {i: 0 for i in range(len(model.blocks))}
+    for i, block in enumerate(model.blocks):
+        block.ffn.register_forward_hook(lambda m, a, o, i=i: runs.__setitem__(i, runs[i] + 1))
+    fd.enable_cache(model, fd.FirstBlockCacheConfig(threshold=1e9))  # skip whenever a reference exists
+    with torch.no_grad():
+        for t in (900.0, 800.0, 700.0):
+            with model.cache_context("cond"):
+                model(**tc.kwargs(tc.latent, torch.tensor(t)))
+    fd.disable_cache(model)
+    assert runs == {0: 3, 1: 1, 2: 1}, runs
