@@ -1,11 +1,17 @@
 """The drop-in at run time: one session per transformer, instance-level forward wrappers, tensor state.
 
-Why it compiles with `fullgraph=True`: every per-step value the wrappers read inside the forward is a
-tensor (the call counter, the timestep taken from the model's own `timestep` argument, cached outputs,
-residuals), decisions are the engine's `decide` rules evaluated on those tensors, and skipping is
-`fastcache.control.branch` (`torch.cond`: the branch not taken does not run). The only Python values the
-compiled forward reads are structural (whether the active context already has a state), so a context's
-first call compiles one graph and every later call of any context reuses a second one.
+Why it compiles with `fullgraph=True` and few host syncs:
+- PAB and FasterCache decide on the host when they can: a context's entry (`cache_context`, eager, outside the
+  compiled forward) evaluates their rules for that call from the host call count and the timestep (the config's
+  `current_timestep_callback`, or the running pipeline's scheduler), and hands the decision over in
+  `Session.pending`. The compiled forward reads it as a Python value: dynamo guards on it, one graph per
+  distinct decision, no `torch.cond`, no sync. Where no timestep is known on the host, the same rules run on
+  the device from the model's own `timestep` argument, with a `torch.cond` per hooked site.
+- FirstBlockCache decides from data, once per block segment: every block after the first returns its input and
+  records its call, and the segment's last block takes one `torch.cond` that replays them all or adds the
+  cached residual (one sync per segment on a GPU, not one per block).
+- Every other per-step value the wrappers read is a tensor (counters, cached outputs, residuals); the other
+  Python values are structural (whether the context has a state, its input shape), so graphs stay few.
 
 Context switching (`cache_context`) and pipeline scopes run eagerly, outside the compiled forward: they swap
 which state the single `slot` holds, so the context name itself is never read (and never guarded on)
