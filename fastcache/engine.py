@@ -122,8 +122,7 @@ def as_timesteps(timesteps: Tensor | Sequence[float]) -> Tensor:
     """The timesteps as a 1-D fp32 CPU tensor: rounded to the dtype they come in (a bf16 schedule keeps its
     bf16 values), then compared in fp32 by every rule, as the same rules do on the device (`in_open_range`):
     one rounding rule, so planned and on-device decisions agree."""
-    t = torch.as_tensor(timesteps).detach().cpu().reshape(-1)
-    t = t.float() if t.is_floating_point() or t.numel() == 0 else t.double().float()
+    t = torch.as_tensor(timesteps).detach().cpu().reshape(-1).float()
     if t.numel() == 0:
         raise ValueError("timesteps: must hold at least one timestep")
     if not torch.isfinite(t).all():

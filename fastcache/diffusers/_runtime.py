@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from fastcache import kernels
 from fastcache.control import branch, canonical, select
 from fastcache.diffusers._families import BLOCKS, BlockIO, Family
-from fastcache.methods import faster_cache, pyramid_attention_broadcast
+from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
 from fastcache.methods.faster_cache import FasterCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PABDecision, PyramidAttentionBroadcastConfig
@@ -282,12 +282,7 @@ class Session:
         """diffusers calls its weight callbacks with the attention module (attention weight) or the denoiser
         (frequency weights) and uses the float they return: done here, eagerly. The compiled forward reads the
         floats, so a constant compiles once; a value that changes recompiles at every new value."""
-        attention = next(iter(self.sites), None)
-        values = {}
-        for name, fn in self.module_callbacks.items():
-            module = self.model.get_submodule(attention) if name == "attention_weight_callback" and attention else \
-                self.model
-            values[name] = float(fn(module))
+        values = self.module_callback_values()
         if self.host_weights is not None and values != self.host_weights and not self._warned_weights:
             self._warned_weights = True
             changed = ", ".join(n for n in values if values[n] != self.host_weights.get(n))
@@ -295,6 +290,16 @@ class Session:
                           "value is a new graph (a recompile). fastcache.FasterCacheConfig takes callbacks of the "
                           "timestep tensor, which never recompile", stacklevel=4)
         self.host_weights = values
+
+    def module_callback_values(self) -> dict[str, float]:
+        """Each module callback called as diffusers calls it: the attention weight with a hooked attention
+        module, the frequency weights with the denoiser."""
+        attention = next(iter(self.sites), None)
+        values = {}
+        for name, fn in self.module_callbacks.items():
+            hooked = name == "attention_weight_callback" and attention is not None
+            values[name] = float(fn(self.model.get_submodule(attention) if hooked else self.model))
+        return values
 
     def _count_calls(self) -> None:
         if self.restarted:  # the call met a new input shape and started the context's state afresh
@@ -679,8 +684,7 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
                     own_args, own_kwargs = _with_streams(io, positions, own_args, own_kwargs, streams)
                 out = original(*own_args, **own_kwargs)
                 res = tuple(_sub(o, s) for o, s in zip(_streams(io, out), start))
-                return out, res, _all_true(tuple(torch.isfinite(r).all() for r in res if r is not None),
-                                           start[0].device)
+                return out, res, first_block_cache.all_finite(tuple(r for r in res if r is not None))
 
             def reuse(old: Any, old_finite: Any, start: Any, *ts: Tensor) -> tuple:
                 own = ts[sum(len(call.tensors) for call in deferred):]
@@ -806,7 +810,7 @@ def _faster_cache_forward(session: Session, original: Callable[..., Any], positi
     if session.module_callbacks:  # diffusers' callbacks of a module: their floats, evaluated at the entry
         weights = session.host_weights
         if weights is None:  # called outside any cache_context: evaluate them here (traced)
-            weights = {name: float(fn(session.model)) for name, fn in session.module_callbacks.items()}
+            weights = session.module_callback_values()
         decision = decision._replace(**{WEIGHT_FIELDS[name]: torch.full((), value, device=t.device)
                                         for name, value in weights.items()})
     scratch.decision = decision
