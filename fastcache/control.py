@@ -92,6 +92,15 @@ def in_open_range(t: Tensor, bounds: tuple[float, float]) -> Tensor:
     return (t > bounds[0]) & (t < bounds[1])
 
 
+def all_finite(tree: Any) -> Tensor:
+    """One 0-dim bool: every element of every tensor in `tree` is finite (a reduction each, on the device, no
+    sync). A cached value that fails it is never reused."""
+    leaves = [x for x in tree_leaves(tree) if isinstance(x, Tensor)]
+    if not leaves:
+        raise ValueError("all_finite: no tensor given")
+    return torch.stack([torch.isfinite(x).all() for x in leaves]).all()
+
+
 def as_flag(value: Tensor) -> Flag:
     """A 0-dim bool tensor as it travels in a planned decision: a Python bool."""
     return bool(value)

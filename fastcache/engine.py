@@ -203,6 +203,16 @@ def trace(model: CacheableModel, inputs: Inputs) -> ModelTrace:
                       tuple(block_flops), head_flops)
 
 
+def check_planned_reuse(count: Tensor, reuses: bool, method: str) -> None:
+    """Refuse, in eager mode, a planned decision that reuses a cache no call of this state has filled yet (it
+    holds init's zeros): plan entries are meant for the step index they were planned for. One host read of
+    the count, so compiled steps skip the check (they trust the plan)."""
+    if reuses and not torch.compiler.is_compiling() and int(count) == 0:
+        raise ValueError(f"decision: {method}'s planned decision reuses cached values, but this state has not "
+                         "computed any yet (its first call); pass plan[0] for the first call of a state, or "
+                         "decision=None")
+
+
 def zeros_like_meta(meta: Any) -> Any:
     return tree_map(lambda m: m.zeros(), meta, is_leaf=lambda m: isinstance(m, TensorMeta))
 

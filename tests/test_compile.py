@@ -101,19 +101,20 @@ def test_fbc_split_step_compiles_without_cond_and_matches_the_one_cond_step() ->
 
 
 @pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
-def test_fastercache_decided_on_the_device_captures_fullgraph(video: bool) -> None:
+def test_fastercache_decided_on_the_device_compiles_fullgraph_with_inductor(video: bool) -> None:
     """FasterCache with decision=None (nested torch.conds: the unconditional skip, then each attention site)
-    captures with fullgraph=True and matches eager. The BCFHW video used to fail inside cond on a size-1 dim's
-    stride; branch outputs now get canonical strides. (Inductor and aot_eager still refuse this nesting as
-    possible output aliasing: an open issue, so this case is checked at dynamo capture.)"""
+    compiles with fullgraph=True and inductor, once, and matches eager. Three failures this pins: the BCFHW
+    video's size-1 dim stride inside cond (branch outputs get canonical strides); batch halves made outside the
+    skip branch reaching cond as operands aliasing the inputs (aot_autograd: "cond_true might be aliasing");
+    inductor dropping the copy of the window's conditional half as a no-op clone (storage offset mismatch)."""
     model, config = tiny_dit(video), METHODS["fastercache"](video)
     method = fastcache.make(config)
     x = noise(video, 0)
     with torch.no_grad():
         eager, _ = denoise(model, config, x, 8, device_decisions=True)
         torch._dynamo.reset()
-        counter = CompileCounter("eager")
+        counter = CompileCounter("inductor")
         step = torch.compile(lambda s, i, d: method.step(model, s, i, d), fullgraph=True, backend=counter)
         compiled, _ = denoise(model, config, x, 8, step_fn=step, device_decisions=True)
     assert counter.graphs == 1 and counter.max_conds_per_call >= 1
-    assert max_diff(eager, compiled) == 0.0
+    assert max_diff(eager, compiled) <= 1e-5

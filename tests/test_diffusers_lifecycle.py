@@ -175,3 +175,51 @@ def test_fbc_never_reuses_a_nan_from_a_later_block() -> None:
     assert not torch.isfinite(outs[0]).all()
     assert all(torch.isfinite(o).all() for o in outs[1:])
     assert int(state["refused"]) == 1 and int(state["num_computed"]) == 2 and bool(state["skipped"])
+
+
+@pytest.mark.parametrize("path", ["device", "planned"])
+@pytest.mark.parametrize("name, method", [("wan", "pab"), ("cogvideox", "fastercache")])
+def test_pab_and_fastercache_never_reuse_a_nan_attention_output_on_the_device(name: str, method: str,
+                                                                              path: str) -> None:
+    """The first block's attention returns NaN once (inside the attention module, so the NaN is what gets
+    cached). PAB and FasterCache used to reuse it until their next computed step. On the device (no timestep on
+    the host) each reuse or skip over a non-finite cached value computes instead (the finiteness joins the cond
+    it already had) and is counted in `nonfinite`; planned (timestep on the host) the reuse is a plain `if`,
+    so it is only counted (refusing it would be a host sync)."""
+    tc = case(name)
+    model = tc.model.eval()
+    poisoned: list[bool] = []
+
+    def nan_once(module, args, output):
+        if not poisoned:
+            poisoned.append(True)
+            return output * float("nan")
+        return output
+
+    clock = {"t": 500.0}
+    callback = (lambda: clock["t"]) if path == "planned" else None
+    config = (diffusers.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                                        current_timestep_callback=callback)
+              if method == "pab" else
+              diffusers.FasterCacheConfig(spatial_attention_block_skip_range=2, current_timestep_callback=callback,
+                                          tensor_format="BFCHW"))
+    fd.enable_cache(model, config)
+    first_attention = next(m for n, m in model.named_modules() if n.endswith("blocks.0.attn1"))
+    handle = first_attention.to_out[0].register_forward_hook(nan_once)
+    ctx = "cond_uncond" if tc.cfg_batched else "cond"
+    outs = []
+    with torch.no_grad():
+        for _ in range(4):
+            with model.cache_context(ctx):
+                outs.append(model(**tc.kwargs(tc.latent, torch.tensor(clock["t"])), return_dict=False)[0])
+    state = fd.cache_state(model, ctx)
+    where = fd.decided_on(model)
+    handle.remove()
+    fd.disable_cache(model)
+    assert where == ("host" if path == "planned" else "device")
+    assert not torch.isfinite(outs[0]).all()
+    assert int(state["nonfinite"]) >= 1
+    if path == "device":
+        assert all(torch.isfinite(o).all() for o in outs[1:])
+    else:
+        assert not torch.isfinite(outs[1]).all()

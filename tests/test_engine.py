@@ -4,6 +4,7 @@ and bad input. Compile behaviour is in test_compile.py."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -525,3 +526,96 @@ def test_autocast_init_leaks_nothing_and_a_mismatched_autocast_is_refused(name: 
             for t in (900.0, 800.0, 700.0):
                 out, state = step(state, cfg_inputs(noise(False, 0), t, LABELS, NULL))
             assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def _poison_first_attention(model: DiT) -> None:
+    """The model's first attention call returns NaN, once (a transient overflow); every later call is clean."""
+    block, poisoned = model.block, []
+
+    def poisoning(index, streams, aux, attend):
+        def attend_once_nan(site, fn, *args):
+            if poisoned:
+                return attend(site, fn, *args)
+            poisoned.append(site)
+            return attend(site, lambda *a: fn(*a) * float("nan"), *args)
+        return block(index, streams, aux, attend_once_nan)
+
+    model.block = poisoning
+
+
+def _steps_on_fixed_inputs(config: Any, planned: bool, calls: int) -> tuple[list[torch.Tensor], list[Any], DiT]:
+    """`calls` steps on the same inputs (t=500), the first attention output of call 0 poisoned with NaN; the
+    outputs and the state after each call."""
+    model = tiny_dit()
+    method = fastcache.make(config)
+    inputs = cfg_inputs(noise(False, 0), 500.0, LABELS, NULL)
+    plan = method.plan([500.0] * calls)
+    outs, states = [], []
+    with torch.no_grad():
+        state = method.init(model, inputs)
+        _poison_first_attention(model)
+        for i in range(calls):
+            out, state = method.step(model, state, inputs, plan[i] if planned else None)
+            outs.append(out)
+            states.append(state)
+    return outs, states, model
+
+
+@pytest.mark.parametrize("planned", [False, True], ids=["device", "planned"])
+def test_pab_never_reuses_a_non_finite_attention_output_on_the_device(planned: bool) -> None:
+    """Call 0's attention outputs hold NaN (the poisoned site and every site after it); call 1's rule reuses
+    every hooked site. On the device each such reuse computes instead (no extra branch: the finiteness joins
+    the site's cond predicate) and is counted in `nonfinite`; a planned step cannot branch on data without a
+    host sync, so it reuses and only counts. Later reuses of finite outputs still happen."""
+    config = METHODS["pab"](False)
+    outs, states, model = _steps_on_fixed_inputs(config, planned, 4)
+    state = states[-1]
+    poisoned = [site for site, out in states[0].cache.items() if not torch.isfinite(out).all()]
+    assert not torch.isfinite(outs[0]).all() and "blocks.0.attn1" in poisoned
+    assert [site for site, ok in states[0].finite.items() if not ok] == poisoned
+    assert int(state.nonfinite) == len(poisoned)  # every site reuses at call 1 (plan: spatial CRCR, cross CRRC)
+    if planned:
+        assert not torch.isfinite(outs[1]).all()
+        return
+    assert all(torch.isfinite(o).all() for o in outs[1:])
+    with torch.no_grad():
+        plain = forward(model, cfg_inputs(noise(False, 0), 500.0, LABELS, NULL))
+    assert all(bool(ok) for ok in states[1].finite.values())  # call 1 computed the poisoned sites
+    assert not outs[3].equal(plain)  # call 3 reused (spatial): reuse of finite outputs still happens
+
+
+@pytest.mark.parametrize("planned", [False, True], ids=["device", "planned"])
+def test_fastercache_never_reuses_non_finite_deltas_or_windows_on_the_device(planned: bool) -> None:
+    """Call 0's output is NaN, so its deltas and every attention window are. Call 1's rule skips the
+    unconditional half (refused on the device: the deltas are not finite); call 2 skips it again, now with
+    finite deltas, and approximates spatial attention from windows whose older slot is call 0's NaN (refused
+    per site); call 3 approximates from clean windows. The planned path reuses and only counts."""
+    config = dataclasses.replace(METHODS["fastercache"](False), spatial_attention_block_skip_range=3,
+                                 unconditional_batch_skip_range=5)
+    outs, states, model = _steps_on_fixed_inputs(config, planned, 4)
+    state, sites = states[-1], len(config.hooked_sites(model))
+    assert not torch.isfinite(outs[0]).all()
+    if planned:
+        assert not torch.isfinite(outs[1]).all() and int(state.nonfinite) >= 1
+        return
+    assert all(torch.isfinite(o).all() for o in outs[1:])
+    assert int(state.nonfinite) == 1 + sites
+    assert bool(state.deltas_finite) and all(bool(a) and bool(b) for a, b in state.windows_finite.values())
+
+
+@pytest.mark.parametrize("name", ["pab", "fastercache"])
+def test_a_planned_reuse_on_a_state_that_never_computed_is_refused(name: str) -> None:
+    """plan[k] (k > 0) handed to a fresh state's first call would reuse init's zeros (error 0.36 before): it
+    raises in eager mode, naming plan[0] and decision=None."""
+    model, config = tiny_dit(), METHODS[name](False)
+    method = fastcache.make(config)
+    inputs = cfg_inputs(noise(False, 0), 500.0, LABELS, NULL)
+    plan = method.plan([500.0] * 4)
+    reuses = {"pab": lambda d: False in d, "fastercache": lambda d: True in d[1:4]}[name]
+    reusing = next(d for d in plan if reuses(d))
+    with torch.no_grad():
+        state = method.init(model, inputs)
+        with pytest.raises(ValueError, match=r"plan\[0\].*decision=None"):
+            method.step(model, state, inputs, reusing)
+        _, state = method.step(model, state, inputs, plan[0])
+        method.step(model, state, inputs, reusing)  # a state that computed once may reuse

@@ -34,9 +34,9 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fastcache import kernels
-from fastcache.control import branch, canonical, select
+from fastcache.control import all_finite, branch, canonical, select
 from fastcache.diffusers._families import BLOCKS, BlockIO, Family
-from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
+from fastcache.methods import faster_cache, pyramid_attention_broadcast
 from fastcache.methods.faster_cache import FasterCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PABDecision, PyramidAttentionBroadcastConfig
@@ -136,6 +136,7 @@ class Scratch:
     starts: dict = field(default_factory=dict)
     passed: dict = field(default_factory=dict)  # FirstBlockCache: segment -> streams the last block returned
     deferred: dict = field(default_factory=dict)  # FirstBlockCache: segment -> block calls waiting for the skip
+    misses: list = field(default_factory=list)  # PAB, FasterCache: reuses asked for on non-finite cached values
 
 
 # The hand-off of a planned decision from the eager context entry to the compiled forward (`Session.pending`).
@@ -460,7 +461,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                 timestep = torch.as_tensor(timestep if timestep is not None else 0.0)
             t = family.timestep(timestep)
             _prewarm(model)
-            scratch.state, scratch.new = state, {}
+            scratch.state, scratch.new, scratch.misses = state, {}, []
             planned = session.take_planned()
             if isinstance(config, FasterCacheConfig):
                 out, new = _faster_cache_forward(session, original, positions, state, t, planned, args, kwargs)
@@ -474,6 +475,8 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                 new = dict(scratch.new)
             count = (torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["count"])
             new["count"], new["spec"] = count + 1, spec
+            if not isinstance(config, FirstBlockCacheConfig):
+                new["nonfinite"] = _counted(state, scratch.misses, t.device)
             # canonical strides for every state tensor: the next call guards on them (a size-1 batch dim
             # keeps arbitrary strides, which recompiled FasterCache twice), and inductor asserts them
             slot.state = tree_map(lambda x: canonical(x) if isinstance(x, Tensor) else x, new)
@@ -483,6 +486,14 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
         return forward
 
     return make
+
+
+def _counted(state: Any, misses: list[Tensor], device: torch.device) -> Tensor:
+    """The state's `nonfinite` count plus this call's misses (int64, on the device: no sync)."""
+    total = torch.zeros((), dtype=torch.int64, device=device) if state is None else state["nonfinite"]
+    for miss in misses:
+        total = total + miss.long()
+    return total
 
 
 def _spec(hidden: Any) -> Tensor | None:
@@ -496,6 +507,9 @@ def _same_spec(a: Tensor | None, b: Tensor | None) -> bool:
 
 
 def pab_wrapper(session: Session, name: str, kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One attention module under PAB: compute or reuse its output. A cached output holding a NaN or Inf is
+    never reused on the device (its finiteness joins the cond's predicate) and always counted in the state's
+    `nonfinite`; a planned reuse is a plain `if` (refusing it would be a branch on data: a host sync)."""
     scratch = session.scratch
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -504,14 +518,21 @@ def pab_wrapper(session: Session, name: str, kind: str) -> Callable[[Callable[..
             if state is None:  # the first call of a context computes (diffusers: the cache is empty)
                 out = original(*args, **kwargs)
                 scratch.new.setdefault("cache", {})[name] = _own(out)
+                scratch.new.setdefault("finite", {})[name] = all_finite(out)
                 return out
+            compute, finite = getattr(scratch.decision, kind), state["finite"][name]
+            if isinstance(compute, bool):
+                if not compute:
+                    scratch.misses.append(~finite)
             else:
-                tensors, rebuild = _split_tensors(args, kwargs)
-                out = _cond(getattr(scratch.decision, kind),
-                             lambda cached, *ts: _call(original, rebuild(ts)),
-                             lambda cached, *ts: cached,
-                             (state["cache"][name], *tensors))
+                scratch.misses.append(~compute & ~finite)
+                compute = compute | ~finite
+            tensors, rebuild = _split_tensors(args, kwargs)
+            out = _cond(compute, lambda cached, *ts: _call(original, rebuild(ts)), lambda cached, *ts: cached,
+                        (state["cache"][name], *tensors))
             scratch.new.setdefault("cache", {})[name] = out
+            # computed: its own check; reused: finite by the predicate (planned: the flag it had)
+            scratch.new.setdefault("finite", {})[name] = (finite if compute is False else all_finite(out))
             return out
 
         return forward
@@ -684,7 +705,7 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
                     own_args, own_kwargs = _with_streams(io, positions, own_args, own_kwargs, streams)
                 out = original(*own_args, **own_kwargs)
                 res = tuple(_sub(o, s) for o, s in zip(_streams(io, out), start))
-                return out, res, first_block_cache.all_finite(tuple(r for r in res if r is not None))
+                return out, res, all_finite(tuple(r for r in res if r is not None))
 
             def reuse(old: Any, old_finite: Any, start: Any, *ts: Tensor) -> tuple:
                 own = ts[sum(len(call.tensors) for call in deferred):]
@@ -754,16 +775,28 @@ def fastercache_attention_wrapper(session: Session, name: str, kind: str) -> Cal
                 # both slots hold the first output, as in diffusers, but as distinct tensors: an aliased
                 # pair would be guarded on and recompile the third call
                 window = (tree_map(torch.clone, out), _own(out))
+                ok = all_finite(out)
+                window_finite = (ok.clone(), ok)
             else:
                 prev, last = state["windows"][name]
+                prev_ok, last_ok = state["windows_finite"][name]
+                # an approximation from a window holding a NaN or Inf: computed on the device, counted always
+                approx, usable = getattr(decision, f"approx_{kind}"), prev_ok & last_ok
+                if isinstance(approx, bool):
+                    if approx:
+                        scratch.misses.append(~usable)
+                else:
+                    scratch.misses.append(approx & ~usable)
+                    approx = approx & usable
                 tensors, rebuild = _split_tensors(args, kwargs)
-                out = _cond(getattr(decision, f"approx_{kind}"),
-                             lambda prv, lst, *ts: tree_map(
-                                 lambda x, y: kernels.extrapolate(x, y, decision.w_attention), lst, prv),
-                             lambda prv, lst, *ts: _call(original, rebuild(ts)),
-                             (prev, last, *tensors))
-                window = (last, out)
+                out = _cond(approx,
+                            lambda prv, lst, *ts: tree_map(
+                                lambda x, y: kernels.extrapolate(x, y, decision.w_attention), lst, prv),
+                            lambda prv, lst, *ts: _call(original, rebuild(ts)),
+                            (prev, last, *tensors))
+                window, window_finite = (last, out), (last_ok, all_finite(out))
             scratch.new.setdefault("windows", {})[name] = window
+            scratch.new.setdefault("windows_finite", {})[name] = window_finite
             return out
 
         return forward
@@ -813,6 +846,8 @@ def _faster_cache_forward(session: Session, original: Callable[..., Any], positi
             weights = session.module_callback_values()
         decision = decision._replace(**{WEIGHT_FIELDS[name]: torch.full((), value, device=t.device)
                                         for name, value in weights.items()})
+    if state is not None and not config.is_guidance_distilled:
+        decision = _guard_deltas(decision, state["deltas_finite"], scratch.misses)
     scratch.decision = decision
 
     if config.is_guidance_distilled:
@@ -842,8 +877,8 @@ def _faster_cache_forward(session: Session, original: Callable[..., Any], positi
             uncond, d_low, d_high = full(cond, zeros, zeros, *u_tensors)
         else:
             uncond, d_low, d_high = _cond(decision.skip_uncond, skip, full,
-                                           (cond, state["d_low"], state["d_high"], *u_tensors))
-        new.update(d_low=d_low, d_high=d_high)
+                                          (cond, state["d_low"], state["d_high"], *u_tensors))
+        new.update(d_low=d_low, d_high=d_high, deltas_finite=all_finite((d_low, d_high)))
         sample = torch.cat([uncond, cond])
     if return_dict is None:
         return sample, new
@@ -852,6 +887,20 @@ def _faster_cache_forward(session: Session, original: Callable[..., Any], positi
 
         return Transformer2DModelOutput(sample=sample), new
     return (sample,), new
+
+
+def _guard_deltas(decision: Any, deltas_ok: Tensor, misses: list[Tensor]) -> Any:
+    """A skip of the unconditional half rebuilds it from the stored deltas: on the device it is refused when they
+    are not finite (and so are the approximations, which need the halved batch of a skip); a planned skip runs
+    (refusing it would be a branch on data, a host sync). Either way the miss is counted."""
+    skip = decision.skip_uncond
+    if isinstance(skip, bool):
+        if skip:
+            misses.append(~deltas_ok)
+        return decision
+    misses.append(skip & ~deltas_ok)
+    return decision._replace(skip_uncond=skip & deltas_ok, approx_spatial=decision.approx_spatial & deltas_ok,
+                             approx_temporal=decision.approx_temporal & deltas_ok)
 
 
 def install(session: Session) -> None:

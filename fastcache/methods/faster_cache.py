@@ -28,13 +28,14 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from fastcache import _validate, kernels
-from fastcache.control import Flag, branch, in_open_range, select
+from fastcache.control import Flag, all_finite, branch, in_open_range, select
 from fastcache.engine import (
     AttentionSchedule,
     Plan,
     TensorMeta,
     as_timesteps,
     batch_halves,
+    check_planned_reuse,
     letters,
     trace,
     zeros_like_meta,
@@ -138,8 +139,11 @@ class FasterCacheDecision(NamedTuple):
 class FasterCacheState(NamedTuple):
     count: Tensor  # int64, calls made with this state
     windows: dict[str, tuple[Any, Any]]  # site -> (F_{k-1}, F_k), conditional halves
+    windows_finite: dict[str, tuple[Tensor, Tensor]]  # site -> bools, whether each slot is all finite
     d_low: Tensor  # fp32 low-frequency part of (uncond - cond) output; empty for distilled models
     d_high: Tensor
+    deltas_finite: Tensor  # bool, whether d_low and d_high are all finite
+    nonfinite: Tensor  # int64, skips or approximations the rules asked for on non-finite cached values
     spec: dict[str, Tensor]
 
 
@@ -215,41 +219,85 @@ def init(config: FasterCacheConfig, model: CacheableModel, inputs: Inputs) -> Fa
                          f"got shape {tr.output.shape}; allowed formats: {', '.join(TENSOR_FORMATS)}")
     device = tr.output.device
     delta = TensorMeta(tr.output.shape if not config.is_guidance_distilled else (0,), torch.float32, device)
-    windows = {}
+    windows, windows_finite = {}, {}
     for name in config.hooked_sites(model):
         window = zeros_like_meta(tr.site_outputs[name])
         windows[name] = (window, tree_map(torch.clone, window))
-    return FasterCacheState(torch.zeros((), dtype=torch.int64, device=device), windows, delta.zeros(),
-                            delta.zeros(), input_spec(inputs))
+        windows_finite[name] = (_true(device), _true(device))
+    return FasterCacheState(torch.zeros((), dtype=torch.int64, device=device), windows, windows_finite,
+                            delta.zeros(), delta.zeros(), _true(device),
+                            torch.zeros((), dtype=torch.int64, device=device), input_spec(inputs))
 
 
-def _attend(sites: dict[str, str], decision: FasterCacheDecision, windows: dict[str, tuple[Any, Any]],
-            new_windows: dict[str, tuple[Any, Any]], full_batch: bool) -> Callable[..., Any]:
+def _true(device: torch.device) -> Tensor:
+    return torch.ones((), dtype=torch.bool, device=device)
+
+
+def second_half_copy(x: Tensor) -> Tensor:
+    """A new tensor holding `x[n // 2:]` (the conditional half of an [uncond; cond] batch).
+
+    A copy, not a view, so that the window does not keep the whole batch alive and a cond branch returns
+    a tensor at storage offset 0 as the other branch does. Not `.clone()`: inductor (torch 2.11-2.13) removes a
+    clone whose size and strides equal its source's as a no-op without comparing storage offsets, and the
+    merged cond then fails on the slice's offset. A gather over the half's indices always materialises."""
+    half = x.shape[0] // 2
+    return x.index_select(0, torch.arange(half, x.shape[0], device=x.device))
+
+
+def _first_or(first: Flag, new: Tensor, latest: Tensor) -> Tensor:
+    """A copy of `new` on the first call, else `latest`."""
+    return new.clone() if first is True else select(first, new, latest)
+
+
+class _Windows(NamedTuple):
+    """The attention windows a step reads (`old`) and writes (`new`), and the non-finite misses it meets."""
+
+    old: dict[str, tuple[Any, Any]]
+    old_finite: dict[str, tuple[Tensor, Tensor]]
+    new: dict[str, tuple[Any, Any]]
+    new_finite: dict[str, tuple[Tensor, Tensor]]
+    misses: list[Tensor]
+
+
+def _attend(sites: dict[str, str], decision: FasterCacheDecision, w: _Windows, full_batch: bool
+            ) -> Callable[..., Any]:
     """An `attend` that computes or extrapolates each hooked site and slides its two-slot window.
 
     `full_batch`: attention sees the [uncond; cond] batch (the window keeps the second half of its outputs'
-    dim 0, as diffusers does), not the conditional half only.
+    dim 0, as diffusers does), not the conditional half only. An approximation from a window holding a NaN or
+    Inf is a miss: on the device the site computes instead (the finiteness joins the cond's predicate); a
+    planned approximation is a Python `if` (refusing it would be a branch on data, a host sync), so it runs
+    and the miss is only counted.
     """
 
     def attend(site: str, fn: Callable[..., Any], *args: Any) -> Any:
         kind = sites.get(site)
         if kind is None:
             return fn(*args)
-        prev, last = windows[site]
+        prev, last = w.old[site]
+        prev_ok, last_ok = w.old_finite[site]
         if not full_batch:
-            out = branch(getattr(decision, f"approx_{kind}"),
+            approx = getattr(decision, f"approx_{kind}")
+            usable = prev_ok & last_ok
+            if isinstance(approx, bool):
+                if approx:
+                    w.misses.append(~usable)
+            else:
+                w.misses.append(approx & ~usable)
+                approx = approx & usable
+            out = branch(approx,
                          lambda before, latest, *a: tree_map(
                              lambda x, y: kernels.extrapolate(x, y, decision.w_attention), latest, before),
                          lambda before, latest, *a: fn(*a), (prev, last, *args))
             kept = out
         else:
             out = fn(*args)
-            # a copy, not a view: the window must not keep the whole batch alive (and torch.cond needs
-            # both branches to return tensors with the same storage offset)
-            kept = tree_map(lambda x: x[x.shape[0] // 2:].clone(), out)
-        # the first call fills both slots, as diffusers does: F_{k-1} = F_k until a second output exists
-        seeded = tree_map(lambda new, latest: select(decision.first, new, latest), kept, last)
-        new_windows[site] = (seeded, kept)
+            kept = tree_map(second_half_copy, out)
+        kept_ok = all_finite(kept)
+        # the first call fills both slots, as diffusers does: F_{k-1} = F_k until a second output exists (as
+        # distinct tensors: slots that alias would be guarded on, and the next call would recompile)
+        w.new[site] = (tree_map(lambda new, latest: _first_or(decision.first, new, latest), kept, last), kept)
+        w.new_finite[site] = (_first_or(decision.first, kept_ok, last_ok), kept_ok)
         return out
 
     return attend
@@ -263,32 +311,64 @@ def step(config: FasterCacheConfig, model: CacheableModel, state: FasterCacheSta
     check_sites(state.windows, config.hooked_sites(model))
     if decision is None:
         decision = decide(config, state.count, model.cache_timestep(inputs))
+    else:
+        check_planned_reuse(state.count, any(flag is True for flag in decision[1:4]), "FasterCache")
     sites = config.hooked_sites(model)
 
+    def windows(old: dict, old_finite: dict) -> _Windows:
+        return _Windows(old, old_finite, dict(old), dict(old_finite), [])
+
+    def result(out: Tensor, w: _Windows, d_low: Tensor, d_high: Tensor, deltas_finite: Tensor,
+               misses: list[Tensor]) -> tuple[Tensor, FasterCacheState]:
+        misses = misses + w.misses
+        nonfinite = state.nonfinite + sum(m.long() for m in misses) if misses else state.nonfinite
+        return out, FasterCacheState(state.count + 1, w.new, w.new_finite, d_low, d_high, deltas_finite,
+                                     nonfinite, state.spec)
+
     if config.is_guidance_distilled:
-        new_windows = dict(state.windows)
-        out = forward(model, inputs, _attend(sites, decision, state.windows, new_windows, False))
-        return out, FasterCacheState(state.count + 1, new_windows, state.d_low, state.d_high, state.spec)
+        w = windows(state.windows, state.windows_finite)
+        out = forward(model, inputs, _attend(sites, decision, w, False))
+        return result(out, w, state.d_low, state.d_high, state.deltas_finite, [])
 
-    _, cond_inputs = batch_halves(inputs)
+    # The unconditional skip rebuilds from the stored deltas: refused (on the device) when they are not finite.
+    skip_uncond, misses = decision.skip_uncond, []
+    if isinstance(skip_uncond, bool):
+        if skip_uncond:
+            misses.append(~state.deltas_finite)
+    else:
+        misses.append(skip_uncond & ~state.deltas_finite)
+        skip_uncond = skip_uncond & state.deltas_finite
 
-    def full(windows: dict, d_low: Tensor, d_high: Tensor) -> tuple:
-        new_windows = dict(windows)
-        out = forward(model, inputs, _attend(sites, decision, windows, new_windows, True))
+    def full(old: dict, old_finite: dict, d_low: Tensor, d_high: Tensor) -> tuple:
+        w = windows(old, old_finite)
+        out = forward(model, inputs, _attend(sites, decision, w, True))
         uncond, cond = out.chunk(2)
         new_low, new_high = kernels.frequency_split((uncond - cond).float())
-        return out, new_windows, new_low, new_high
+        return out, w.new, w.new_finite, new_low, new_high, all_finite((new_low, new_high)), _count(w.misses, d_low)
 
-    def skip(windows: dict, d_low: Tensor, d_high: Tensor) -> tuple:
-        new_windows = dict(windows)
-        cond = forward(model, cond_inputs, _attend(sites, decision, windows, new_windows, False))
+    def skip(old: dict, old_finite: dict, d_low: Tensor, d_high: Tensor) -> tuple:
+        # halve the batch inside the branch: views of the inputs made outside it would reach torch.cond as
+        # operands aliasing other operands (the inputs), which aot_autograd and inductor refuse
+        _, cond_inputs = batch_halves(inputs)
+        w = windows(old, old_finite)
+        cond = forward(model, cond_inputs, _attend(sites, decision, w, False))
         uncond, new_low, new_high = kernels.fastercache_uncond(cond, d_low, d_high, decision.w_low,
                                                                decision.w_high)
-        return torch.cat([uncond, cond]), new_windows, new_low, new_high
+        return (torch.cat([uncond, cond]), w.new, w.new_finite, new_low, new_high,
+                all_finite((new_low, new_high)), _count(w.misses, d_low))
 
-    out, windows, d_low, d_high = branch(decision.skip_uncond, skip, full,
-                                         (state.windows, state.d_low, state.d_high))
-    return out, FasterCacheState(state.count + 1, windows, d_low, d_high, state.spec)
+    out, new, new_finite, d_low, d_high, deltas_finite, attention_misses = branch(
+        skip_uncond, skip, full, (state.windows, state.windows_finite, state.d_low, state.d_high))
+    w = _Windows(state.windows, state.windows_finite, new, new_finite, [attention_misses])
+    return result(out, w, d_low, d_high, deltas_finite, misses)
+
+
+def _count(misses: list[Tensor], like: Tensor) -> Tensor:
+    """The misses as one int64 count (a tensor in both branches of a cond, zero when there are none)."""
+    total = torch.zeros((), dtype=torch.int64, device=like.device)
+    for miss in misses:
+        total = total + miss.long()
+    return total
 
 
 def computed_fraction(config: FasterCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastcache import _validate, kernels
-from fastcache.control import Flag, branch
+from fastcache.control import Flag, all_finite, branch
 from fastcache.engine import Plan, as_timesteps, trace
 from fastcache.protocol import (
     CacheableModel,
@@ -133,11 +133,6 @@ def tail_step(config: FirstBlockCacheConfig, model: CacheableModel, state: First
     out = model.head(out_streams, head.aux)
     return out, FirstBlockCacheState(state.count + 1, num_computed, head.skip, head.ratio, ref, tails, finite,
                                      state.refused + head.refused.long(), state.spec)
-
-
-def all_finite(tensors: Streams) -> Tensor:
-    """One 0-dim bool: every element of every tensor is finite (a reduction each, on the device)."""
-    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 def step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState, inputs: Inputs,

@@ -21,11 +21,12 @@ import torch
 from torch import Tensor
 
 from fastcache import _validate
-from fastcache.control import Flag, branch, in_open_range
+from fastcache.control import Flag, all_finite, branch, in_open_range
 from fastcache.engine import (
     AttentionSchedule,
     Plan,
     as_timesteps,
+    check_planned_reuse,
     letters,
     trace,
     zeros_like_meta,
@@ -100,6 +101,8 @@ class PABDecision(NamedTuple):
 class PABState(NamedTuple):
     count: Tensor  # int64, calls made with this state
     cache: dict[str, Any]  # site name -> last attention output
+    finite: dict[str, Tensor]  # site name -> bool, whether that output is all finite
+    nonfinite: Tensor  # int64, site reuses the rule asked for while the cached output was not finite
     spec: dict[str, Tensor]  # zero-byte record of the inputs' shapes, dtypes and devices
 
 
@@ -136,22 +139,42 @@ def init(config: PyramidAttentionBroadcastConfig, model: CacheableModel, inputs:
     return PABState(
         count=torch.zeros((), dtype=torch.int64, device=device),
         cache={name: zeros_like_meta(outputs[name]) for name in sites},
+        finite={name: torch.ones((), dtype=torch.bool, device=device) for name in sites},
+        nonfinite=torch.zeros((), dtype=torch.int64, device=device),
         spec=input_spec(inputs),
     )
 
 
-def attend_with_cache(
-    sites: dict[str, AttentionKind], decision: PABDecision, cache: dict[str, Any], new_cache: dict[str, Any]
-) -> Callable[..., Any]:
-    """An `attend` that computes or reuses each hooked site and records its output in `new_cache`."""
+def attend_with_cache(sites: dict[str, AttentionKind], decision: PABDecision, state: PABState,
+                      new_cache: dict[str, Any], new_finite: dict[str, Tensor], misses: list[Tensor]
+                      ) -> Callable[..., Any]:
+    """An `attend` that computes or reuses each hooked site and records its output (and whether it is finite)
+    in `new_cache` / `new_finite`. A reuse the rule asks for while the cached output is not finite goes in
+    `misses`. On the device the site then computes (the finiteness joins the cond's predicate: no extra
+    branch). A planned reuse is a plain Python `if`; refusing it would need a branch on data, one host sync,
+    which planning exists to avoid. So a planned step reuses the value and the miss is only counted."""
 
     def attend(site: str, fn: Callable[..., Any], *args: Any) -> Any:
         kind = sites.get(site)
         if kind is None:
             return fn(*args)
-        out = branch(getattr(decision, kind), lambda cached, *a: fn(*a), lambda cached, *a: cached,
-                     (cache[site], *args))
-        new_cache[site] = out
+        compute, cached, finite = getattr(decision, kind), state.cache[site], state.finite[site]
+
+        def run(cached: Any, finite: Tensor, *a: Any) -> tuple[Any, Tensor]:
+            out = fn(*a)
+            return out, all_finite(out)
+
+        def reuse(cached: Any, finite: Tensor, *a: Any) -> tuple[Any, Tensor]:
+            return cached, finite
+
+        if isinstance(compute, bool):
+            if not compute:
+                misses.append(~finite)
+            out, ok = (run if compute else reuse)(cached, finite, *args)
+        else:
+            misses.append(~compute & ~finite)
+            out, ok = branch(compute | ~finite, run, reuse, (cached, finite, *args))
+        new_cache[site], new_finite[site] = out, ok
         return out
 
     return attend
@@ -165,9 +188,13 @@ def step(config: PyramidAttentionBroadcastConfig, model: CacheableModel, state: 
     check_sites(state.cache, config.hooked_sites(model))
     if decision is None:
         decision = decide(config, state.count, model.cache_timestep(inputs))
-    new_cache = dict(state.cache)
-    out = forward(model, inputs, attend_with_cache(config.hooked_sites(model), decision, state.cache, new_cache))
-    return out, PABState(state.count + 1, new_cache, state.spec)
+    else:
+        check_planned_reuse(state.count, any(flag is False for flag in decision), "PyramidAttentionBroadcast")
+    new_cache, new_finite, misses = dict(state.cache), dict(state.finite), []
+    attend = attend_with_cache(config.hooked_sites(model), decision, state, new_cache, new_finite, misses)
+    out = forward(model, inputs, attend)
+    nonfinite = state.nonfinite + sum(m.long() for m in misses) if misses else state.nonfinite
+    return out, PABState(state.count + 1, new_cache, new_finite, nonfinite, state.spec)
 
 
 def computed_fraction(config: PyramidAttentionBroadcastConfig, model: CacheableModel, inputs: Inputs,
