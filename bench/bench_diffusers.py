@@ -120,6 +120,7 @@ class Provider:
             fullgraph = not name.startswith("diffusers-compiled")
             self.runner = torch.compile(own_frame(self.model, name), fullgraph=fullgraph)
         self.fbc_computed: list[int] = []
+        self.nonfinite: int | None = None  # reuses that met a non-finite cached value (fastcache providers)
         self.times: list[float] = []
         self.breaks = self.graphs = 0
 
@@ -137,9 +138,12 @@ class Provider:
             for name in self.setup.contexts:
                 with torch.no_grad(), self._context(name):
                     outs.append(self.runner(**self.tc.kwargs(x, t), return_dict=False)[0])
-            if self.name.startswith("fastcache") and self.method == "fbc":
-                self.fbc_computed = [int(fd.cache_state(self.model, n)["num_computed"]) for n in self.setup.contexts]
             x = x - 0.05 * outs[-1]  # any update works: the loop only has to feed the output back
+        if self.name.startswith("fastcache"):  # the counters, read once after the loop
+            states = [fd.cache_state(self.model, n) for n in self.setup.contexts]
+            self.nonfinite = sum(int(s["nonfinite"]) for s in states)
+            if self.method == "fbc":
+                self.fbc_computed = [int(s["num_computed"]) for s in states]
         self.breaks += sum(counters["graph_break"].values()) - breaks
         self.graphs += counters["stats"]["unique_graphs"] - graphs
         return x
@@ -204,7 +208,7 @@ def bench(model_name: str, method: str, args: argparse.Namespace) -> list[dict]:
                    warmup_seconds=warmups[p.name], graph_breaks=p.breaks, graphs=p.graphs,
                    graphs_during_timing=p.graphs - compiled_in_warmup[p.name],
                    speedup_vs_uncached_compiled=baseline / seconds,
-                   computed=None if p.config is None else computed)
+                   computed=None if p.config is None else computed, nonfinite=p.nonfinite)
         if reference is not None:
             row["max_diff_vs_diffusers_eager"] = float((latents[p.name] - reference).abs().max())
         rows.append(row)

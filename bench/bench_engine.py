@@ -57,8 +57,9 @@ def build_model(device: str) -> DiT:
 
 
 def make_generate(model: DiT, config: Any, x0: torch.Tensor, labels: torch.Tensor, steps: int,
-                  ) -> tuple[Callable[[], torch.Tensor], Callable[[], float]]:
-    """A compiled CFG Euler generation and a function giving the computed FLOP share of the last run."""
+                  ) -> tuple[Callable[[], torch.Tensor], Callable[[], tuple[float, int]]]:
+    """A compiled CFG Euler generation, and a function giving the last run's computed FLOP share and its count of
+    reuses that met a non-finite cached value (the state's `nonfinite`)."""
     timesteps = sampling_timesteps(steps, x0.device)
     first = cfg_inputs(x0, timesteps[0], labels, NULL)
     if config is None:
@@ -88,7 +89,11 @@ def make_generate(model: DiT, config: Any, x0: torch.Tensor, labels: torch.Tenso
         last["state"] = state
         return x
 
-    return generate, lambda: fraction(last["state"])
+    def report() -> tuple[float, int]:  # computed FLOP share and non-finite cache hits of the last run
+        state = last["state"]
+        return fraction(state), 0 if state is None else int(state.nonfinite)
+
+    return generate, report
 
 
 def sync(device: str) -> None:
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, fraction) in runs.items():
         row = rows[name]
         row["median_s"] = statistics.median(row["times_s"])
-        row["fraction"] = fraction()
+        row["fraction"], row["nonfinite"] = fraction()
         row["ideal_speedup"] = 1 / row["fraction"]
         row["speedup"] = base / row["median_s"]
         row["efficiency"] = row["speedup"] / row["ideal_speedup"]

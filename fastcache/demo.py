@@ -131,6 +131,7 @@ class RunResult:
     graph_breaks: int | None = None
     graphs: int | None = None
     fraction: float = 1.0
+    nonfinite: int = 0  # reuses that met a non-finite cached value (the state's `nonfinite`)
     plan: str = ""
     error: str | None = None
 
@@ -235,6 +236,7 @@ def _run(result: RunResult, model: DiT, noise: Tensor, labels: Tensor, steps: in
     result.samples = samples.float().cpu()
     if method is not None:
         result.fraction = float(method.computed_fraction(model, first_inputs, plan, final_state[0]))
+        result.nonfinite = int(final_state[0].nonfinite)
 
 
 # -- reporting -----------------------------------------------------------------------------------------------
@@ -251,7 +253,7 @@ def summarize(kind: str, results: list[RunResult], labels: Tensor, classifier: t
             q = metrics.compare(r.samples, ref.samples)
             acc = metrics.class_accuracy(digits.classify(classifier, r.samples), labels.cpu())
             row.update({
-                "computed_fraction": round(r.fraction, 4),
+                "computed_fraction": round(r.fraction, 4), "nonfinite": r.nonfinite,
                 "time_s": r.time_s, "times_s": r.times_s,
                 "speedup": ref.time_s / r.time_s if r.times_s else None,
                 "ideal_speedup": 1.0 / r.fraction if r.fraction > 0 else None,
@@ -275,7 +277,7 @@ def _fmt(value: Any, spec: str, none: str = "-") -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One plain-text table for every row of every model."""
     head = ["model", "method", "settings", "computed", "ms/gen", "speedup", "ideal", "PSNR dB", "SSIM",
-            "max|err|", "acc %", "breaks", "graphs", "warm-up s"]
+            "max|err|", "acc %", "NaN hits", "breaks", "graphs", "warm-up s"]
     lines = []
     for r in rows:
         if r.get("error"):
@@ -287,7 +289,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             _fmt(1000 * r["time_s"], ".0f"), _fmt(r["speedup"], ".2f") + "x",
             _fmt(r["ideal_speedup"], ".2f") + "x", psnr, _fmt(r["ssim"], ".3f"),
             _fmt(r["max_abs_error"], ".3f"),
-            _fmt(100 * r["class_accuracy"], ".0f"), _fmt(r["graph_breaks"], "d"), _fmt(r["graphs"], "d"),
+            _fmt(100 * r["class_accuracy"], ".0f"), _fmt(r.get("nonfinite"), "d"), _fmt(r["graph_breaks"], "d"),
+            _fmt(r["graphs"], "d"),
             _fmt(r["warmup_s"], ".1f")])
     widths = [max(len(head[i]), *(len(line[i]) for line in lines if len(line) == len(head)))
               for i in range(len(head))]

@@ -65,7 +65,7 @@ def test_help_and_dispatch(capsys: pytest.CaptureFixture[str]) -> None:
 def test_end_to_end_quick_eager(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     rc = cli.main(["demo", "--quick", "--no-compile", "--model", "both", "--steps", "3", "--num-samples", "2",
-                   "--fbc-thresholds", "0.05,0.2", "--out", str(out)])
+                   "--fbc-thresholds", "0.05,1.0", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     for method in demo.METHODS:
@@ -80,8 +80,13 @@ def test_end_to_end_quick_eager(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert all(r["error"] is None for r in rows)
     for r in rows:
         assert 0 < r["computed_fraction"] <= 1 and r["time_s"] > 0 and 0 <= r["class_accuracy"] <= 1
+        assert r["nonfinite"] == 0  # the count the table reports as "NaN hits"
         if r["method"] == "uncached":
             assert r["psnr"] is None and r["max_abs_error"] == 0 and r["ssim"] == pytest.approx(1.0)
+    for kind in ("image", "video"):  # every method really cached something, and it changed the samples
+        for method in ("pab", "fastercache", "fbc"):
+            assert any(r["computed_fraction"] < 1 and r["max_abs_error"] > 0
+                       for r in rows if (r["model"], r["method"]) == (kind, method)), (kind, method)
     assert rows[0]["graph_breaks"] is None  # eager: nothing compiled
     assert len(rows[5]["per_frame_psnr"]) == digits.read_meta("video")["config"]["num_frames"]
     assert report["machine"]["torch"] == torch.__version__

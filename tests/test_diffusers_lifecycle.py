@@ -174,7 +174,7 @@ def test_fbc_never_reuses_a_nan_from_a_later_block() -> None:
     fd.disable_cache(model)
     assert not torch.isfinite(outs[0]).all()
     assert all(torch.isfinite(o).all() for o in outs[1:])
-    assert int(state["refused"]) == 1 and int(state["num_computed"]) == 2 and bool(state["skipped"])
+    assert int(state["nonfinite"]) == 1 and int(state["num_computed"]) == 2 and bool(state["skipped"])
 
 
 @pytest.mark.parametrize("path", ["device", "planned"])

@@ -480,7 +480,7 @@ def test_a_saved_state_loads_with_weights_only(name: str, tmp_path) -> None:
 def test_fbc_never_reuses_non_finite_tail_residuals_and_counts_the_refusals() -> None:
     """A NaN from a late block lands in the cached tail residuals; the first block's ratio does not see it, so
     every later step used to reuse it (10/10 outputs NaN). Now a skip over non-finite residuals is refused on
-    the device (no sync): the step computes, and `refused` counts it."""
+    the device (no sync): the step computes, and `nonfinite` counts it."""
     model = tiny_dit()
     block, poisoned = model.block, []
 
@@ -502,7 +502,7 @@ def test_fbc_never_reuses_non_finite_tail_residuals_and_counts_the_refusals() ->
             outs.append(out)
     assert not torch.isfinite(outs[0]).all()  # the NaN itself
     assert all(torch.isfinite(o).all() for o in outs[1:])
-    assert int(state.refused) == 1 and int(state.num_computed) == 2 and bool(state.skipped)
+    assert int(state.nonfinite) == 1 and int(state.num_computed) == 2 and bool(state.skipped)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -619,3 +619,22 @@ def test_a_planned_reuse_on_a_state_that_never_computed_is_refused(name: str) ->
             method.step(model, state, inputs, reusing)
         _, state = method.step(model, state, inputs, plan[0])
         method.step(model, state, inputs, reusing)  # a state that computed once may reuse
+
+
+def test_fbc_skipped_blocks_really_do_not_run() -> None:
+    """The README's claim, counted: every call runs block 0; the others run only on computed calls."""
+    model = tiny_dit()
+    block, calls = model.block, []
+
+    def counting(index, streams, aux, attend):
+        calls.append(index)
+        return block(index, streams, aux, attend)
+
+    model.block = counting
+    with torch.no_grad():
+        _, state = denoise(model, METHODS["fbc"](False), noise(False, 0), 10, device_decisions=True)
+    computed = int(state.num_computed)
+    assert 1 < computed < 10  # both kinds of call happened
+    traced = 1  # init traces one forward (on fake tensors) to size the state
+    assert calls.count(0) == 10 + traced
+    assert all(calls.count(i) == computed + traced for i in range(1, model.num_blocks))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -21,3 +22,30 @@ def test_readme_tour_runs() -> None:
     assert counters["stats"]["unique_graphs"] == scope["plan"].variants() == 2
     assert 0.5 < scope["method"].computed_fraction(scope["model"], scope["cfg_inputs"](
         scope["x"], 0.0, scope["labels"], 10), scope["plan"], scope["state"]) < 1.0
+
+
+SWAPS = {
+    "fastercache": 'fastcache.FasterCacheConfig(tensor_format="BCHW")',
+    "fbc": "fastcache.FirstBlockCacheConfig(threshold=0.1)",
+}
+
+
+@pytest.mark.parametrize("name", SWAPS)
+def test_readme_tour_runs_with_the_other_configs_swapped_in(name: str) -> None:
+    """"Swap the config ...: the loop stays the same." Only the config line changes (and the backend, to
+    aot_eager: capture is what is checked here, inductor is the first tour's)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    tour = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    pab = "fastcache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2)"
+    assert pab in tour and "fullgraph=True)" in tour
+    tour = tour.replace(pab, SWAPS[name]).replace("fullgraph=True)", 'fullgraph=True, backend="aot_eager")')
+    torch._dynamo.reset()
+    counters.clear()
+    scope: dict = {}
+    exec(compile(tour, "README.md", "exec"), scope)
+    assert sum(counters["graph_break"].values()) == 0
+    graphs, variants = counters["stats"]["unique_graphs"], scope["plan"].variants()
+    assert graphs == (1 if name == "fbc" else variants), (graphs, variants)
+    fraction = scope["method"].computed_fraction(scope["model"], scope["cfg_inputs"](
+        scope["x"], 0.0, scope["labels"], 10), scope["plan"], scope["state"])
+    assert 0.0 < fraction < 1.0  # it cached something

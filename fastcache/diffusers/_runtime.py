@@ -653,7 +653,7 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
                 if state is None:
                     scratch.skip, ref, ratio = False, residual, residual.new_full((), float("inf")).float()
                     computed = torch.ones((), dtype=torch.int64, device=residual.device)
-                    refused = torch.zeros((), dtype=torch.int64, device=residual.device)
+                    nonfinite = torch.zeros((), dtype=torch.int64, device=residual.device)
                 else:
                     ratio = kernels.absmean_rel_diff(residual, state["ref"])
                     # NaN never counts as small: compute (diffusers would skip on NaN); nor are cached residuals
@@ -663,9 +663,9 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
                     scratch.skip = small & finite
                     ref = select(scratch.skip, state["ref"], residual)
                     computed = state["num_computed"] + (~scratch.skip).long()
-                    refused = state["refused"] + (small & ~finite).long()
+                    nonfinite = state["nonfinite"] + (small & ~finite).long()
                 scratch.new.update(ref=ref, ratio=ratio, skipped=torch.as_tensor(scratch.skip),
-                                   num_computed=computed, refused=refused)
+                                   num_computed=computed, nonfinite=nonfinite)
                 scratch.starts[segment], scratch.passed[segment], scratch.deferred[segment] = streams, streams, []
                 return out
             if role.first:

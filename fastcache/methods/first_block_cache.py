@@ -56,7 +56,7 @@ class FirstBlockCacheState(NamedTuple):
     ref_residual: Tensor  # head residual of the last computed call
     tail_residuals: tuple[Tensor, ...]  # per stream: tail_out - head_out of the last computed call
     tails_finite: Tensor  # bool, whether those residuals are all finite (a NaN or Inf is never reused)
-    refused: Tensor  # int64, calls that would have skipped but computed because the residuals were not finite
+    nonfinite: Tensor  # int64, calls that would have skipped but computed because the residuals were not finite
     spec: dict[str, Tensor]
 
 
@@ -83,7 +83,7 @@ def init(config: FirstBlockCacheConfig, model: CacheableModel, inputs: Inputs) -
         ref_residual=tr.head_streams[0].zeros(),
         tail_residuals=tuple(meta.zeros() for meta in tr.head_streams),
         tails_finite=torch.ones((), dtype=torch.bool, device=device),
-        refused=torch.zeros((), dtype=torch.int64, device=device),
+        nonfinite=torch.zeros((), dtype=torch.int64, device=device),
         spec=input_spec(inputs),
     )
 
@@ -132,7 +132,7 @@ def tail_step(config: FirstBlockCacheConfig, model: CacheableModel, state: First
                                state.num_computed, state.tails_finite))
     out = model.head(out_streams, head.aux)
     return out, FirstBlockCacheState(state.count + 1, num_computed, head.skip, head.ratio, ref, tails, finite,
-                                     state.refused + head.refused.long(), state.spec)
+                                     state.nonfinite + head.refused.long(), state.spec)
 
 
 def step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState, inputs: Inputs,
