@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastcache.protocol import CacheableModel, Inputs, check_model
@@ -63,10 +63,11 @@ def _hashable(decision: Any) -> Any:
 
 class CacheMethod(NamedTuple):
     config: Any
-    init: Callable[[CacheableModel, Inputs], Any]
+    init: Callable[..., Any]  # (model, inputs, plan=None for PAB and FasterCache)
     plan: Callable[..., Plan]  # (timesteps, device=None)
     step: Callable[..., tuple[Tensor, Any]]
     computed_fraction: Callable[[CacheableModel, Inputs, Plan, Any], float]
+    state_bytes: Callable[..., int]  # (model, inputs, plan=None)
 
 
 class AttentionSchedule:
@@ -104,7 +105,20 @@ def make(config: Any) -> CacheMethod:
         names = ", ".join(cls.__name__ for cls in modules)
         raise TypeError(f"config: expected one of {names}, got {type(config).__name__}")
     return CacheMethod(config, *(partial(getattr(module, name), config)
-                                 for name in ("init", "plan", "step", "computed_fraction")))
+                                 for name in ("init", "plan", "step", "computed_fraction")),
+                       partial(state_bytes, module.init, config))
+
+
+def state_bytes(init: Callable[..., Any], config: Any, model: CacheableModel, inputs: Inputs,
+                plan: Plan | None = None) -> int:
+    """The bytes a state made by `init(config, model, inputs[, plan])` holds, counted without allocating it (init
+    runs on fake tensors). A model built on the meta device works too, so a full-size model can be sized on
+    any machine."""
+    extra = () if plan is None else (plan,)
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        state = init(config, model, inputs, *extra)
+    torch.clear_autocast_cache()
+    return sum(x.numel() * x.element_size() for x in tree_leaves(state) if isinstance(x, Tensor))
 
 
 def load_state(f: Any) -> Any:

@@ -94,6 +94,8 @@ AUTOCAST = "(autocast)"  # the spec entry recording the autocast dtype the state
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if not torch.amp.is_autocast_available(device.type):  # e.g. the meta device (sizing a state)
+        return None
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
@@ -138,8 +140,22 @@ def check_state(state: object, expected: type, method: str) -> None:
                         f"got {type(state).__name__}")
 
 
-def check_sites(cached: Mapping[str, object], sites: Mapping[str, str]) -> None:
-    """Refuse a state whose cache was built for another model's attention sites."""
-    if set(cached) != set(sites):
+def check_sites(cached: Mapping[str, object], sites: Mapping[str, str], reused_kinds: set[str] | None) -> None:
+    """Refuse a state whose cache was built for another model's attention sites, and a decision that would reuse
+    a site the state holds no cache for (a state built for a plan caches only the kinds that plan reuses).
+
+    `reused_kinds`: the kinds this step's planned decision reuses, or None for a decision made on the device
+    (which may reuse any kind, so it needs every hooked site cached)."""
+    if not set(cached) <= set(sites):
         raise ValueError(f"state: its cache holds attention sites {sorted(cached)}, this model's hooked sites are "
                          f"{sorted(sites)}; call init with this model")
+    missing = {kind for name, kind in sites.items() if name not in cached}
+    if not missing:
+        return
+    if reused_kinds is None:
+        raise ValueError(f"decision: None (decide on the device) needs every hooked site cached, but this state was "
+                         f"built for a plan that never reuses {sorted(missing)} attention; pass that plan's "
+                         "decisions, or call init without a plan")
+    if reused_kinds & missing:
+        raise ValueError(f"decision: reuses {sorted(reused_kinds & missing)} attention, which the plan this state "
+                         "was built for never reuses (nothing is cached for it); use that plan's decisions")

@@ -638,3 +638,72 @@ def test_fbc_skipped_blocks_really_do_not_run() -> None:
     traced = 1  # init traces one forward (on fake tensors) to size the state
     assert calls.count(0) == 10 + traced
     assert all(calls.count(i) == computed + traced for i in range(1, model.num_blocks))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_state_bytes_counts_the_state_without_allocating_it(name: str) -> None:
+    model, config = tiny_dit(True), METHODS[name](True)
+    method = fastcache.make(config)
+    inputs = cfg_inputs(noise(True, 0), 500.0, LABELS, NULL)
+    state = method.init(model, inputs)
+    real = sum(x.numel() * x.element_size() for x in tree_leaves(state) if isinstance(x, torch.Tensor))
+    assert method.state_bytes(model, inputs) == real > 0
+    with torch.device("meta"):  # a model that was never materialised is sized the same way
+        meta_model = DiT(model.cfg)
+    meta_inputs = {k: v.to("meta") for k, v in inputs.items()}
+    assert method.state_bytes(meta_model, meta_inputs) == real
+
+
+@pytest.mark.parametrize("name", ["pab", "fastercache"])
+def test_a_state_built_for_a_plan_caches_only_what_the_plan_reuses(name: str) -> None:
+    """PAB's cross attention (range (100, 150)) and FasterCache's temporal attention (range (-1, 50)) are never
+    reused over these 6 steps: a state built for the plan holds no cache for them, gives the same outputs as a
+    full state, and refuses decisions it cannot serve (on-device decisions; a reuse of an uncached kind)."""
+    video = True
+    if name == "pab":
+        config = dataclasses.replace(METHODS["pab"](video), cross_attention_timestep_skip_range=(100, 150))
+        pruned_kind = "cross"
+    else:
+        config = dataclasses.replace(METHODS["fastercache"](video), temporal_attention_timestep_skip_range=(-1, 50))
+        pruned_kind = "temporal"
+    model, method = tiny_dit(video), fastcache.make(config)
+    timesteps = sampling_timesteps(6)
+    plan = method.plan(timesteps)
+    inputs = cfg_inputs(noise(video, 0), timesteps[0], LABELS, NULL)
+    full_state, state = method.init(model, inputs), method.init(model, inputs, plan)
+    cached = state.cache if name == "pab" else state.windows
+    assert cached and all(kind != pruned_kind for site, kind in config.hooked_sites(model).items() if site in cached)
+    assert method.state_bytes(model, inputs, plan) < method.state_bytes(model, inputs)
+    with torch.no_grad():
+        expected, _ = denoise(model, config, noise(video, 0), 6)
+        got = []
+        x = noise(video, 0)
+        for i, t in enumerate(timesteps):
+            out, state = method.step(model, state, cfg_inputs(x, t, LABELS, NULL), plan[i])
+            got.append(out)
+            u, c = out.chunk(2)
+            t_next = timesteps[i + 1] if i + 1 < 6 else torch.tensor(0.0)
+            x = x + (t_next - t) / 1000 * (u + 3.0 * (c - u))
+        assert max_diff(expected, got) == 0.0
+        with pytest.raises(ValueError, match="decision: None"):
+            method.step(model, state, inputs, None)
+        full_plan_entry = method.plan([120.0] * 2 if name == "pab" else [10.0] * 2)[1]
+        with pytest.raises(ValueError, match=pruned_kind):
+            method.step(model, state, inputs, full_plan_entry)
+    del full_state
+
+
+@pytest.mark.parametrize("name", ["pab", "fastercache"])
+def test_cached_attention_is_kept_in_the_dtype_the_model_computes_in(name: str) -> None:
+    model, config = tiny_dit(), METHODS[name](False)
+    method = fastcache.make(config)
+    inputs = cfg_inputs(noise(False, 0), 500.0, LABELS, NULL)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        state = method.init(model, inputs)
+        _, state = method.step(model, state, inputs, None)
+    attention = tree_leaves(state.cache if name == "pab" else state.windows)
+    assert attention and all(x.dtype == torch.bfloat16 for x in attention)
+    bf16_model = tiny_dit().to(torch.bfloat16)
+    half_inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    state = method.init(bf16_model, half_inputs)
+    assert all(x.dtype == torch.bfloat16 for x in tree_leaves(state.cache if name == "pab" else state.windows))

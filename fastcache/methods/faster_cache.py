@@ -206,7 +206,15 @@ def plan(config: FasterCacheConfig, timesteps: Tensor | Sequence[float], device:
     return Plan(decisions, rows)
 
 
-def init(config: FasterCacheConfig, model: CacheableModel, inputs: Inputs) -> FasterCacheState:
+def approximated_kinds(decisions: Sequence[FasterCacheDecision]) -> set[str]:
+    """The kinds of attention that some planned decision approximates (the others never read their window)."""
+    return {kind for d in decisions for kind in CACHED_KINDS if getattr(d, f"approx_{kind}") is True}
+
+
+def init(config: FasterCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan | None = None
+         ) -> FasterCacheState:
+    """The state before the first call. With `plan`, attention windows are kept only for the kinds that plan
+    ever approximates; such a state then takes that plan's decisions only."""
     check_model(model)
     if config.is_guidance_distilled:
         cond_inputs = dict(inputs)
@@ -220,7 +228,8 @@ def init(config: FasterCacheConfig, model: CacheableModel, inputs: Inputs) -> Fa
     device = tr.output.device
     delta = TensorMeta(tr.output.shape if not config.is_guidance_distilled else (0,), torch.float32, device)
     windows, windows_finite = {}, {}
-    for name in config.hooked_sites(model):
+    kinds = set(CACHED_KINDS) if plan is None else approximated_kinds(plan)
+    for name in (name for name, kind in config.hooked_sites(model).items() if kind in kinds):
         window = zeros_like_meta(tr.site_outputs[name])
         windows[name] = (window, tree_map(torch.clone, window))
         windows_finite[name] = (_true(device), _true(device))
@@ -272,7 +281,7 @@ def _attend(sites: dict[str, str], decision: FasterCacheDecision, w: _Windows, f
 
     def attend(site: str, fn: Callable[..., Any], *args: Any) -> Any:
         kind = sites.get(site)
-        if kind is None:
+        if kind is None or site not in w.old:  # not hooked, or never approximated by the state's plan
             return fn(*args)
         prev, last = w.old[site]
         prev_ok, last_ok = w.old_finite[site]
@@ -308,7 +317,8 @@ def step(config: FasterCacheConfig, model: CacheableModel, state: FasterCacheSta
     """One model call on [uncond; cond] inputs. `decision`: the plan's entry, or None to decide on device."""
     check_state(state, FasterCacheState, "FasterCache")
     check_inputs(state.spec, inputs)
-    check_sites(state.windows, config.hooked_sites(model))
+    check_sites(state.windows, config.hooked_sites(model),
+                None if decision is None else approximated_kinds([decision]))
     if decision is None:
         decision = decide(config, state.count, model.cache_timestep(inputs))
     else:

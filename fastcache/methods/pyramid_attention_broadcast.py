@@ -131,9 +131,20 @@ def plan(config: PyramidAttentionBroadcastConfig, timesteps: Tensor | Sequence[f
     return Plan(decisions, rows)
 
 
-def init(config: PyramidAttentionBroadcastConfig, model: CacheableModel, inputs: Inputs) -> PABState:
+def reused_kinds(decisions: Sequence[PABDecision]) -> set[str]:
+    """The kinds of attention that some planned decision reuses."""
+    return {kind for d in decisions for kind in ATTENTION_KINDS if getattr(d, kind) is False}
+
+
+def init(config: PyramidAttentionBroadcastConfig, model: CacheableModel, inputs: Inputs,
+         plan: Plan | None = None) -> PABState:
+    """The state before the first call. With `plan`, only the sites of the kinds that plan ever reuses are
+    cached (a kind it always computes costs no memory); such a state then takes that plan's decisions only."""
     check_model(model)
     sites = config.hooked_sites(model)
+    if plan is not None:
+        kinds = reused_kinds(plan)
+        sites = {name: kind for name, kind in sites.items() if kind in kinds}
     outputs = trace(model, inputs).site_outputs
     device = next(iter(inputs.values())).device
     return PABState(
@@ -156,7 +167,7 @@ def attend_with_cache(sites: dict[str, AttentionKind], decision: PABDecision, st
 
     def attend(site: str, fn: Callable[..., Any], *args: Any) -> Any:
         kind = sites.get(site)
-        if kind is None:
+        if kind is None or site not in state.cache:  # not hooked, or never reused by the state's plan
             return fn(*args)
         compute, cached, finite = getattr(decision, kind), state.cache[site], state.finite[site]
 
@@ -185,7 +196,7 @@ def step(config: PyramidAttentionBroadcastConfig, model: CacheableModel, state: 
     """One model call. `decision`: the plan's entry for this call, or None to decide on the device."""
     check_state(state, PABState, "PyramidAttentionBroadcast")
     check_inputs(state.spec, inputs)
-    check_sites(state.cache, config.hooked_sites(model))
+    check_sites(state.cache, config.hooked_sites(model), None if decision is None else reused_kinds([decision]))
     if decision is None:
         decision = decide(config, state.count, model.cache_timestep(inputs))
     else:
