@@ -16,3 +16,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class DynamoCounts:
+    """What dynamo compiled since the `dynamo` fixture reset it (graph breaks, graphs)."""
+
+    @property
+    def graph_breaks(self) -> int:
+        from torch._dynamo.utils import counters
+
+        return sum(counters["graph_break"].values())
+
+    @property
+    def graphs(self) -> int:
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture
+def dynamo() -> DynamoCounts:
+    """A fresh dynamo (no cached graphs, zeroed counters) for a test that compiles and counts."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    return DynamoCounts()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 import fastcache
 from fastcache.testing import CompileCounter
@@ -25,19 +24,17 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_fullgraph_compile_counts_and_matches_eager(case: str) -> None:
+def test_fullgraph_compile_counts_and_matches_eager(case: str, dynamo) -> None:
     name, device_decisions = CASES[case]
     model, config = tiny_dit(), METHODS[name](False)
     method = fastcache.make(config)
     x = noise(False, 0)
     with torch.no_grad():
         eager, eager_state = denoise(model, config, x, STEPS, device_decisions=device_decisions)
-        torch._dynamo.reset()
-        counters.clear()
         counter = CompileCounter("inductor")
         compiled_step = torch.compile(lambda s, i, d: method.step(model, s, i, d), fullgraph=True, backend=counter)
         compiled, state = denoise(model, config, x, STEPS, step_fn=compiled_step, device_decisions=device_decisions)
-    graph_breaks = sum(counters["graph_break"].values())
+    graph_breaks = dynamo.graph_breaks
     graphs = counter.graphs
     plan = method.plan(torch.linspace(1000, 0, STEPS + 1)[:-1])
     bound = 1 if device_decisions else plan.variants()
@@ -56,7 +53,7 @@ def test_fullgraph_compile_counts_and_matches_eager(case: str) -> None:
         assert 1 < int(state.num_computed) < STEPS
 
 
-def test_branch_operand_computed_from_a_transposed_view_compiles_with_inductor() -> None:
+def test_branch_operand_computed_from_a_transposed_view_compiles_with_inductor(dynamo) -> None:
     # A DiT patchifies with flatten(2).transpose(1, 2); inductor may lay out a pointwise result of that view
     # transposed while compiling the cond branch for contiguous operands (torch 2.11-2.13: the branch's
     # input stride assert fails). control.branch pins operand layouts; this is the minimal case.
@@ -67,13 +64,12 @@ def test_branch_operand_computed_from_a_transposed_view_compiles_with_inductor()
         return branch(pred, lambda h, w: h @ w, lambda h, w: h * 3, (h, w))
 
     x, w = torch.randn(1, 32, 4, 8), torch.randn(32, 32)
-    torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     for pred in (True, False):
         torch.testing.assert_close(compiled(x, w, torch.tensor(pred)), f(x, w, torch.tensor(pred)))
 
 
-def test_fbc_split_step_compiles_without_cond_and_matches_the_one_cond_step() -> None:
+def test_fbc_split_step_compiles_without_cond_and_matches_the_one_cond_step(dynamo) -> None:
     """FBC for CUDA graphs: a compiled head (embed, first block, decision), one host read of the decision,
     then a compiled tail specialised on it. Neither graph holds a torch.cond (so both can be CUDA-graphed); the
     tail compiles once per decision value; outputs and counters equal the one-cond step's."""
@@ -83,7 +79,6 @@ def test_fbc_split_step_compiles_without_cond_and_matches_the_one_cond_step() ->
     x = noise(False, 0)
     with torch.no_grad():
         expected, expected_state = denoise(model, config, x, STEPS, device_decisions=True)
-        torch._dynamo.reset()
         counter = CompileCounter("inductor")
         head = torch.compile(lambda s, i: fbc.head_step(config, model, s, i), fullgraph=True, backend=counter)
         tail = torch.compile(lambda s, h, skip: fbc.tail_step(config, model, s, h, skip), fullgraph=True,
@@ -101,7 +96,7 @@ def test_fbc_split_step_compiles_without_cond_and_matches_the_one_cond_step() ->
 
 
 @pytest.mark.parametrize("video", [False, True], ids=["image", "video"])
-def test_fastercache_decided_on_the_device_compiles_fullgraph_with_inductor(video: bool) -> None:
+def test_fastercache_decided_on_the_device_compiles_fullgraph_with_inductor(video: bool, dynamo) -> None:
     """FasterCache with decision=None (nested torch.conds: the unconditional skip, then each attention site)
     compiles with fullgraph=True and inductor, once, and matches eager. Three failures this pins: the BCFHW
     video's size-1 dim stride inside cond (branch outputs get canonical strides); batch halves made outside the
@@ -112,7 +107,6 @@ def test_fastercache_decided_on_the_device_compiles_fullgraph_with_inductor(vide
     x = noise(video, 0)
     with torch.no_grad():
         eager, _ = denoise(model, config, x, 8, device_decisions=True)
-        torch._dynamo.reset()
         counter = CompileCounter("inductor")
         step = torch.compile(lambda s, i, d: method.step(model, s, i, d), fullgraph=True, backend=counter)
         compiled, _ = denoise(model, config, x, 8, step_fn=step, device_decisions=True)

@@ -506,7 +506,7 @@ def test_fbc_never_reuses_non_finite_tail_residuals_and_counts_the_refusals() ->
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_autocast_init_leaks_nothing_and_a_mismatched_autocast_is_refused(name: str) -> None:
+def test_autocast_init_leaks_nothing_and_a_mismatched_autocast_is_refused(name: str, dynamo) -> None:
     """init under torch.autocast used to leave fake tensors in autocast's weight cache (the model's next
     forward returned a FakeTensor). A state built without autocast and stepped under it (fp32 cache, bf16
     outputs) is refused by name, and the same autocast for both runs, compiled on the device too."""
@@ -521,7 +521,6 @@ def test_autocast_init_leaks_nothing_and_a_mismatched_autocast_is_refused(name: 
             assert type(out) is torch.Tensor and out.dtype == torch.bfloat16
             with pytest.raises(ValueError, match="autocast"):
                 method.step(model, plain_state, inputs, None)
-            torch._dynamo.reset()
             step = torch.compile(lambda s, i: method.step(model, s, i, None), fullgraph=True, backend="eager")
             for t in (900.0, 800.0, 700.0):
                 out, state = step(state, cfg_inputs(noise(False, 0), t, LABELS, NULL))

@@ -18,6 +18,8 @@ from fastcache.kernels import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests._strided import strided
+
 # Inputs of every dtype are compared with a reference on the very same (already rounded) values, so the only
 # error left is fp32 accumulation: one tolerance fits all three; the table keeps the shape of the other tests.
 TOLERANCES = {  # dtype: (atol, rtol) on the sums
@@ -29,14 +31,7 @@ DTYPES = list(TOLERANCES)
 
 
 def make(shape: tuple[int, ...], dtype: torch.dtype, layout: str, gen: torch.Generator) -> torch.Tensor:
-    """A tensor of `shape` laid out contiguous, transposed (last two dims) or sliced (every other column)."""
-    if layout == "transposed" and len(shape) >= 2:
-        base = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen).transpose(-1, -2)
-    elif layout == "sliced":
-        base = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen)[..., ::2]
-    else:
-        base = torch.randn(*shape, generator=gen)
-    return base.to(dtype)
+    return strided(shape, dtype, layout, gen)
 
 
 shapes = st.lists(st.integers(1, 23), min_size=1, max_size=4).map(tuple)

@@ -51,14 +51,11 @@ def inputs(seed: int = 0):
     return (c, u, r, r_ref, d_low, d_high, *weights, f_prev)
 
 
-def test_inductor_fullgraph_matches_eager_without_graph_breaks():
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+def test_inductor_fullgraph_matches_eager_without_graph_breaks(dynamo):
     args = inputs()
     compiled = torch.compile(engine_like_step, fullgraph=True, backend="inductor")
     got = compiled(*args)
-    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert dynamo.graph_breaks == 0 and dynamo.graphs == 1
     for g, e in zip(got, engine_like_step(*args), strict=True):
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
     c, u, r, r_ref, d_low, d_high, w_low, w_high, w_attn, f_prev = args
@@ -72,7 +69,7 @@ def test_inductor_fullgraph_matches_eager_without_graph_breaks():
     torch.testing.assert_close(got[8].double(), expected, atol=1e-6, rtol=1e-6)
 
 
-def test_triton_kernels_inside_compiled_graph_via_interpreter():
+def test_triton_kernels_inside_compiled_graph_via_interpreter(dynamo):
     """The real Triton kernels (interpreted) inside one fullgraph aot_eager graph on CPU."""
     absmean_op = absmean_module.interpreter_test_op()
     uncond_op = uncond_interpreter_op()
@@ -85,41 +82,42 @@ def test_triton_kernels_inside_compiled_graph_via_interpreter():
         full_low, full_high = split_op(uncond - c)
         return ratio, uncond, new_low, new_high, extrapolate_op(uncond, f_prev, w_attn), full_low, full_high
 
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     c, _, r, r_ref, d_low, d_high, w_low, w_high, w_attn, f_prev = inputs(1)
     c_bf16 = c.transpose(-1, -2).bfloat16()  # a strided, low-precision input as well
     args = (c_bf16, d_low.transpose(-1, -2), d_high.transpose(-1, -2), w_low, w_high)
     args += (f_prev.transpose(-1, -2).bfloat16(), w_attn, r, r_ref.t().contiguous().t())
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
-    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    assert dynamo.graph_breaks == 0
     torch.testing.assert_close(got[0].double(), absmean_rel_diff_reference(r, r_ref), atol=0, rtol=1e-5)
     ref = fastercache_uncond_reference(*args[:5])
     torch.testing.assert_close(got[1].double(), ref[0], atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got[2].double(), ref[1], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got[3].double(), ref[2], atol=1e-6, rtol=1e-6)
-    expected = extrapolate_reference(got[1], args[5], w_attn)
-    torch.testing.assert_close(got[4].double(), expected, atol=2e-2, rtol=2e-2)
-    for g, ref in zip(got[5:], frequency_split_reference(got[1] - c_bf16), strict=True):
-        torch.testing.assert_close(g.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=2.0**-7)
+    # the chained ops against the fp64 chain (never the kernels' own outputs as a reference's input); bf16
+    # rounding of the intermediate uncond is what the tolerances allow for
+    uncond_ref = ref[0]
+    expected = extrapolate_reference(uncond_ref, args[5], w_attn)
+    torch.testing.assert_close(got[4].double(), expected, atol=4e-2, rtol=2e-2)
+    for g, ref in zip(got[5:], frequency_split_reference(uncond_ref - c_bf16.double()), strict=True):
+        torch.testing.assert_close(g.double(), ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2)
 
 
-def test_new_weight_values_do_not_recompile():
+def test_new_weight_values_do_not_recompile(dynamo):
     counter = torch._dynamo.testing.CompileCounter()
 
     def skip_step(c, d_low, d_high, w_low, w_high, w_attn):
         uncond, d_low, d_high = fastercache_uncond(c, d_low, d_high, w_low, w_high)
         return extrapolate(uncond, c, w_attn), d_low, d_high
 
-    torch._dynamo.reset()
     compiled = torch.compile(skip_step, fullgraph=True, backend=counter)
     c, d_low, d_high = torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.randn(3, 4, 5)
     for step, (w_low, w_high, w_attn) in enumerate([(1.1, 1.0, 0.5), (1.0, 1.1, 0.3), (1.2, 0.9, 0.7)]):
         weights = torch.tensor(w_low), torch.tensor(w_high), torch.tensor(w_attn)
-        expected = skip_step(c, d_low, d_high, *weights)
+        uncond, low, high = fastercache_uncond_reference(c, d_low, d_high, *weights[:2])
+        expected = (extrapolate_reference(uncond, c, weights[2]), low, high)  # fp64, from the inputs only
         got = compiled(c, d_low, d_high, *weights)
         for g, e in zip(got, expected, strict=True):
-            torch.testing.assert_close(g, e)
+            torch.testing.assert_close(g.double(), e, atol=1e-5, rtol=1e-5)
         _, d_low, d_high = got
         assert counter.frame_count == 1, f"recompiled at step {step}"
 

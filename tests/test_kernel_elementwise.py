@@ -20,6 +20,8 @@ from fastcache.kernels.fastercache_uncond import interpreter_test_op as uncond_i
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests._strided import strided
+
 # dtype: (atol, rtol) of an output stored in that dtype (computed in fp32, rounded once; inputs ~N(0, 1)).
 TOLERANCES = {
     torch.float32: (1e-5, 1e-6),
@@ -31,20 +33,7 @@ LAYOUTS = ["contiguous", "transposed", "sliced", "expanded"]
 
 
 def make(shape, dtype, layout, gen, special=None):
-    """`shape` as contiguous / transposed / sliced / expanded (stride 0 on dim 0) storage, optionally with one
-    special value (0, nan, inf) at the first element (not for expanded inputs, which cannot be written)."""
-    if layout == "transposed" and len(shape) >= 2:
-        x = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=gen).transpose(-1, -2)
-    elif layout == "sliced":
-        x = torch.randn(*shape[:-1], 2 * shape[-1], generator=gen)[..., ::2]
-    elif layout == "expanded" and len(shape) >= 2:
-        return torch.randn(1, *shape[1:], generator=gen).to(dtype).expand(shape)
-    else:
-        x = torch.randn(*shape, generator=gen)
-    x = x.to(dtype)
-    if special is not None:
-        x[(0,) * x.dim()] = special
-    return x
+    return strided(shape, dtype, layout, gen, special)
 
 
 def check(got, ref, dtype):

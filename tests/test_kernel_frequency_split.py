@@ -21,6 +21,8 @@ from fastcache.kernels import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests._strided import strided
+
 split_module = sys.modules[frequency_split.__module__]  # the package exports the function under the module's name
 
 # dtype: (atol as a fraction of max|x|, rtol). fp32 is held to the 1e-5 target; fp16 / bf16 are computed in
@@ -33,15 +35,7 @@ TOLERANCES = {
 
 
 def make(lead: tuple[int, ...], h: int, w: int, dtype: torch.dtype, layout: str, gen: torch.Generator):
-    if layout == "transposed":
-        x = torch.randn(*lead, w, h, generator=gen).transpose(-1, -2)
-    elif layout == "sliced":
-        x = torch.randn(*lead, h, 2 * w, generator=gen)[..., 1::2]
-    elif layout == "permuted" and len(lead) >= 2:
-        x = torch.randn(lead[1], lead[0], *lead[2:], h, w, generator=gen).transpose(0, 1)
-    else:
-        x = torch.randn(*lead, h, w, generator=gen)
-    return x.to(dtype)
+    return strided((*lead, h, w), dtype, layout, gen)
 
 
 def assert_split_close(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
@@ -261,10 +255,9 @@ def test_choosing_the_implementation():
     torch.library.opcheck(torch.ops.fastcache.frequency_split.default, (x, "triton"))
 
 
-def test_a_compiled_caller_follows_the_default_implementation():
+def test_a_compiled_caller_follows_the_default_implementation(dynamo):
     """The module default is read inside the compiled frame: guarded on, so a change recompiles once."""
     counter = torch._dynamo.testing.CompileCounter()
-    torch._dynamo.reset()
     compiled = torch.compile(lambda x: frequency_split(x * 2), fullgraph=True, backend=counter)
     x = torch.randn(2, 8, 8)
     try:

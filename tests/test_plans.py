@@ -89,6 +89,13 @@ def test_fastercache_plan_properties(n: int, n_uncond: int, b_attn: tuple[int, i
     assert plan.rows["spatial"][0] == "C" and "A" * n not in plan.rows["spatial"]
     if not distilled:  # an approximation needs the halved batch of a skip step
         assert all(u == "S" for u, a in zip(uncond, spatial) if a == "A")
+    # the frequency weights, transcribed from diffusers' default callbacks: alpha inside the open range, else 1
+    for d, t in zip(plan, timesteps):
+        (llo, lhi), (hlo, hhi) = (cfg.low_frequency_weight_update_timestep_range,
+                                  cfg.high_frequency_weight_update_timestep_range)
+        assert float(d.w_low) == pytest.approx(cfg.alpha_low_frequency if llo < t < lhi else 1.0)
+        assert float(d.w_high) == pytest.approx(cfg.alpha_high_frequency if hlo < t < hhi else 1.0)
+        assert float(d.w_attention) == 0.5
 
 
 @settings(max_examples=25, deadline=None)

@@ -6,20 +6,16 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from torch._dynamo.utils import counters
 
 
-def test_readme_tour_runs() -> None:
+def test_readme_tour_runs(dynamo) -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     tour = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
-    torch._dynamo.reset()
-    counters.clear()
     scope: dict = {}
     exec(compile(tour, "README.md", "exec"), scope)
     assert str(scope["plan"]).startswith("spatial: CCC")
-    assert sum(counters["graph_break"].values()) == 0
-    assert counters["stats"]["unique_graphs"] == scope["plan"].variants() == 2
+    assert dynamo.graph_breaks == 0
+    assert dynamo.graphs == scope["plan"].variants() == 2
     assert 0.5 < scope["method"].computed_fraction(scope["model"], scope["cfg_inputs"](
         scope["x"], 0.0, scope["labels"], 10), scope["plan"], scope["state"]) < 1.0
 
@@ -31,7 +27,7 @@ SWAPS = {
 
 
 @pytest.mark.parametrize("name", SWAPS)
-def test_readme_tour_runs_with_the_other_configs_swapped_in(name: str) -> None:
+def test_readme_tour_runs_with_the_other_configs_swapped_in(name: str, dynamo) -> None:
     """"Swap the config ...: the loop stays the same." Only the config line changes (and the backend, to
     aot_eager: capture is what is checked here, inductor is the first tour's)."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
@@ -39,12 +35,10 @@ def test_readme_tour_runs_with_the_other_configs_swapped_in(name: str) -> None:
     pab = "fastcache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2)"
     assert pab in tour and "fullgraph=True)" in tour
     tour = tour.replace(pab, SWAPS[name]).replace("fullgraph=True)", 'fullgraph=True, backend="aot_eager")')
-    torch._dynamo.reset()
-    counters.clear()
     scope: dict = {}
     exec(compile(tour, "README.md", "exec"), scope)
-    assert sum(counters["graph_break"].values()) == 0
-    graphs, variants = counters["stats"]["unique_graphs"], scope["plan"].variants()
+    assert dynamo.graph_breaks == 0
+    graphs, variants = dynamo.graphs, scope["plan"].variants()
     assert graphs == (1 if name == "fbc" else variants), (graphs, variants)
     fraction = scope["method"].computed_fraction(scope["model"], scope["cfg_inputs"](
         scope["x"], 0.0, scope["labels"], 10), scope["plan"], scope["state"])
