@@ -135,6 +135,7 @@ def _parity(name: str, method: str) -> dict:
                  (lambda i: skipped.append(bool(fd.cache_state(f_model, ctx)["skipped"]))) if method == "fbc"
                  else None)
     fd.disable_cache(f_model)
+    info["uncached"] = _loop(f_model, tc, ctx, clock, lambda name: contextlib.nullcontext())
     info["skipped"] = skipped
     if method == "fbc" and name in FBC_DIFFUSERS_BROKEN:
         info["reference"] = _fbc_reference(tc, ctx, threshold)
@@ -198,6 +199,8 @@ def test_parity_with_diffusers(name: str, method: str) -> None:
     info = _parity(name, method)
     diffs = _max_diffs(info["ours"], info["reference"])
     assert max(diffs) <= ATOL, f"{name} {method}: per-step max abs diff {diffs}"
+    # the cache really reused something, and that changed the outputs (parity of two no-op caches proves nothing)
+    assert max(_max_diffs(info["ours"], info["uncached"])) > 1e-5, f"{name} {method}: nothing was reused"
     if method == "fbc":
         skipped = info["skipped"]
         assert any(skipped) and not all(skipped), f"{name}: FBC decisions {skipped} must mix skip and compute"
@@ -224,6 +227,8 @@ def test_fastercache_distilled_on_flux_matches_diffusers() -> None:
 
     d_apply_faster_cache(d_model, cfg())
     ref = _loop(d_model, tc, "cond", clock, _DiffusersContext(d_model))
+    uncached = _loop(tc.model, tc, "cond", clock, lambda name: contextlib.nullcontext())
     fd.enable_cache(tc.model, cfg())
     ours = _loop(tc.model, tc, "cond", clock, tc.model.cache_context)
     assert max(_max_diffs(ours, ref)) <= ATOL
+    assert max(_max_diffs(ours, uncached)) > 1e-5, "the approximation must have changed the outputs"
