@@ -278,3 +278,37 @@ def test_a_diffusers_weight_callback_that_changes_warns_once() -> None:
         _cogvideox_call(pipe, 1, 6.0)
     fd.disable_cache(pipe.transformer)
     assert sum("new value" in str(w.message) for w in caught) == 1
+
+
+def test_a_planned_pipeline_run_caches_only_the_kinds_its_schedule_reuses() -> None:
+    """With the pipeline's schedule known on the host, a kind of attention that no step reuses keeps no output:
+    PAB whose timestep range misses every step of the schedule holds no cache at all (and equals an uncached
+    run), while a range inside the schedule caches every spatial site."""
+    pipe = _pipeline()
+    uncached = _call(pipe)
+    kept: dict[str, int] = {}
+
+    def run(bounds: tuple[float, float]) -> torch.Tensor:
+        config = fd.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                                    spatial_attention_timestep_skip_range=bounds)
+        fd.enable_cache(pipe, config)
+
+        def record(pipe, step, timestep, kwargs):
+            kept[str(bounds)] = len(fd.cache_state(pipe.transformer, "cond").get("cache", {}))
+            return kwargs
+
+        g = torch.Generator().manual_seed(0)
+        out = pipe(prompt_embeds=torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1)),
+                   pooled_prompt_embeds=torch.randn(1, 32, generator=torch.Generator().manual_seed(2)),
+                   height=32, width=32, num_inference_steps=STEPS, guidance_scale=1.0, generator=g,
+                   output_type="pt", callback_on_step_end=record).images
+        assert fd.decided_on(pipe.transformer) == "host"
+        fd.disable_cache(pipe)
+        return out
+
+    never = run((0.0, 1.0))
+    assert kept[str((0.0, 1.0))] == 0 and never.equal(uncached)
+    reused = run((100.0, 900.0))
+    spatial = sum(1 for n, m in pipe.transformer.named_modules() if n.endswith((".attn",)) and
+                  n.startswith(("transformer_blocks", "single_transformer_blocks")))
+    assert kept[str((100.0, 900.0))] == spatial > 0 and not reused.equal(uncached)

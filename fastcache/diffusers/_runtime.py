@@ -182,6 +182,9 @@ class Session:
         self.distilled_config = (dataclasses.replace(config, is_guidance_distilled=True)
                                  if isinstance(config, FasterCacheConfig) else None)
         self.pending: Any = None
+        # the attention kinds a planned run ever reuses, from the running pipeline's whole schedule (None: not
+        # known, cache every hooked site): a kind the plan always computes is not cached at all
+        self.cached_kinds: frozenset[str] | None = None
         self.decided_on: str | None = None  # "host" or "device": where the last call's decision was made
         self._host_timesteps: tuple[Any, list[float]] | None = None
         # FirstBlockCache: whether each block's output goes straight to the next block (checked on first calls)
@@ -273,6 +276,24 @@ class Session:
             return
         t = self.host_timestep()
         self.pending = DEVICE if t is None else host_decision(self.method_config(), self.calls, t)
+        if self.calls == 0:
+            self.cached_kinds = None if t is None else self._kinds_reused_over_the_schedule()
+
+    def _kinds_reused_over_the_schedule(self) -> frozenset[str] | None:
+        timesteps = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
+        if not isinstance(timesteps, Tensor) or timesteps.dim() != 1:
+            return None
+        config, host = self.method_config(), self._host_copy(timesteps)
+        decisions = [host_decision(config, i, t) for i, t in enumerate(host)]
+        if isinstance(config, PyramidAttentionBroadcastConfig):
+            return frozenset(pyramid_attention_broadcast.reused_kinds(decisions))
+        return frozenset(kind for kind in faster_cache.CACHED_KINDS
+                         if any(getattr(d, f"approx_{kind}") for d in decisions))
+
+    def caches(self, kind: str) -> bool:
+        """Whether sites of this kind keep their output: every hooked kind, unless the whole schedule is known
+        and never reuses it. A planned reuse of a kind not cached (a timestep outside the schedule) computes."""
+        return self.cached_kinds is None or kind in self.cached_kinds
 
     def method_config(self) -> Any:
         """The config the rules run with: FasterCache with CFG off runs as guidance-distilled; diffusers' module
@@ -515,6 +536,8 @@ def pab_wrapper(session: Session, name: str, kind: str) -> Callable[[Callable[..
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             state = scratch.state
+            if not session.caches(kind) or (state is not None and name not in state.get("cache", {})):
+                return original(*args, **kwargs)  # a kind this run never reuses: nothing to keep
             if state is None:  # the first call of a context computes (diffusers: the cache is empty)
                 out = original(*args, **kwargs)
                 scratch.new.setdefault("cache", {})[name] = _own(out)
@@ -770,6 +793,8 @@ def fastercache_attention_wrapper(session: Session, name: str, kind: str) -> Cal
             if name in scratch.new.get("windows", {}):
                 return original(*args, **kwargs)
             state, decision = scratch.state, scratch.decision
+            if not session.caches(kind) or (state is not None and name not in state.get("windows", {})):
+                return original(*args, **kwargs)  # a kind this run never approximates: no window
             if state is None:
                 out = original(*args, **kwargs)
                 # both slots hold the first output, as in diffusers, but as distinct tensors: an aliased
