@@ -19,11 +19,13 @@ from fastcache.diffusers import (
 from fastcache.engine import CacheMethod, Plan, load_state, make, trace
 from fastcache.methods.faster_cache import FasterCacheConfig, FasterCacheDecision, FasterCacheState
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig, FirstBlockCacheState
+from fastcache.methods.mag_cache import MagCacheConfig, MagCacheDecision, MagCacheState
 from fastcache.methods.pyramid_attention_broadcast import (
     PABDecision,
     PABState,
     PyramidAttentionBroadcastConfig,
 )
+from fastcache.methods.taylorseer import TaylorSeerCacheConfig, TaylorSeerDecision, TaylorSeerState
 from fastcache.protocol import AttentionSite, CacheableModel
 
 __version__ = "0.1.0"
@@ -37,10 +39,16 @@ __all__ = [
     "FasterCacheState",
     "FirstBlockCacheConfig",
     "FirstBlockCacheState",
+    "MagCacheConfig",
+    "MagCacheDecision",
+    "MagCacheState",
     "PABDecision",
     "PABState",
     "Plan",
     "PyramidAttentionBroadcastConfig",
+    "TaylorSeerCacheConfig",
+    "TaylorSeerDecision",
+    "TaylorSeerState",
     "apply_faster_cache",
     "apply_first_block_cache",
     "apply_pyramid_attention_broadcast",

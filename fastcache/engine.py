@@ -93,12 +93,14 @@ class AttentionSchedule:
 
 def make(config: Any) -> CacheMethod:
     """Build the cache method described by `config` (one of fastcache's config classes)."""
-    from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
+    from fastcache.methods import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast, taylorseer
 
     modules = {
         pyramid_attention_broadcast.PyramidAttentionBroadcastConfig: pyramid_attention_broadcast,
         faster_cache.FasterCacheConfig: faster_cache,
         first_block_cache.FirstBlockCacheConfig: first_block_cache,
+        mag_cache.MagCacheConfig: mag_cache,
+        taylorseer.TaylorSeerCacheConfig: taylorseer,
     }
     module = modules.get(type(config))
     if module is None:
@@ -124,10 +126,10 @@ def state_bytes(init: Callable[..., Any], config: Any, model: CacheableModel, in
 def load_state(f: Any) -> Any:
     """`torch.load(f, weights_only=True)` of a saved state (`torch.save(state, f)`): the state classes are
     allowed for that one load only (no global change to torch's safe list)."""
-    from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
+    from fastcache.methods import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast, taylorseer
 
     allowed = [pyramid_attention_broadcast.PABState, faster_cache.FasterCacheState,
-               first_block_cache.FirstBlockCacheState]
+               first_block_cache.FirstBlockCacheState, mag_cache.MagCacheState, taylorseer.TaylorSeerState]
     with torch.serialization.safe_globals(allowed):
         return torch.load(f, weights_only=True)
 
