@@ -12,9 +12,12 @@ from fastcache.diffusers._families import family_of
 from fastcache.diffusers._runtime import BATCHED_KWARGS, SESSION_ATTR, Session, install
 from fastcache.methods.faster_cache import MODULE_CALLBACK_FIELDS, TENSOR_FORMATS, FasterCacheConfig, ModuleCallback
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
+from fastcache.methods.mag_cache import MagCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
+from fastcache.methods.taylorseer import TaylorSeerCacheConfig
 
-FASTCACHE_CONFIGS = (PyramidAttentionBroadcastConfig, FasterCacheConfig, FirstBlockCacheConfig)
+FASTCACHE_CONFIGS = (PyramidAttentionBroadcastConfig, FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
+                     TaylorSeerCacheConfig)
 _BY_DIFFUSERS_NAME = {cls.__name__: cls for cls in FASTCACHE_CONFIGS}
 
 

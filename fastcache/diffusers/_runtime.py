@@ -39,7 +39,9 @@ from fastcache.diffusers._families import BLOCKS, BlockIO, Family
 from fastcache.methods import faster_cache, pyramid_attention_broadcast
 from fastcache.methods.faster_cache import FasterCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
+from fastcache.methods.mag_cache import MagCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PABDecision, PyramidAttentionBroadcastConfig
+from fastcache.methods.taylorseer import TaylorSeerCacheConfig
 
 SESSION_ATTR = "_fastcache_session"
 # diffusers' names for the batched [uncond; cond] inputs of the denoiser (FasterCache cuts them in half)
@@ -167,6 +169,9 @@ class Session:
         # Planned decisions: PAB's and FasterCache's rules depend only on the call count and the timestep, so
         # when the timestep is known on the host at a context's entry the decision is made there, eagerly.
         self.plannable = isinstance(config, (PyramidAttentionBroadcastConfig, FasterCacheConfig))
+        # MagCache and TaylorSeer read only the call count: always planned, at every context entry
+        self.step_indexed = isinstance(config, (MagCacheConfig, TaylorSeerCacheConfig))
+        self.schedule: Any = None  # their decisions by call count (`_planned.HostSchedule`), made on first use
         # FasterCache with CFG off (a pipeline called with guidance_scale <= 1): the batch holds separate
         # prompts, not [uncond; cond]; run as for a guidance-distilled model (attention approximation only)
         self.cfg_off = False
@@ -268,6 +273,15 @@ class Session:
     # -- planned decisions (eager, at a context's entry) --
     def _plan_next_call(self) -> None:
         self.pending = None
+        if self.step_indexed:
+            self._check_step_count()
+            if self.schedule is None:
+                from fastcache.diffusers._planned import HostSchedule
+
+                device = next(self.model.parameters(), torch.empty(0)).device
+                self.schedule = HostSchedule(self.config, device)
+            self.pending = self.schedule.decision(self.calls)
+            return
         if self.distilled_config is not None:
             self.cfg_off = self.pipeline is not None and not _runs_cfg(self.pipeline)
         if self.module_callbacks:
@@ -294,6 +308,19 @@ class Session:
         """Whether sites of this kind keep their output: every hooked kind, unless the whole schedule is known
         and never reuses it. A planned reuse of a kind not cached (a timestep outside the schedule) computes."""
         return self.cached_kinds is None or kind in self.cached_kinds
+
+    def _check_step_count(self) -> None:
+        """MagCache's ratios are per step index: a pipeline running another step count than the config's
+        `num_inference_steps` is refused before any compute (two-denoiser pipelines split the steps: not checked)."""
+        if not isinstance(self.config, MagCacheConfig) or self.calls or self.pipeline is None:
+            return
+        timesteps = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
+        if getattr(self.pipeline, "transformer_2", None) is not None or not isinstance(timesteps, Tensor):
+            return
+        if len(timesteps) != self.config.num_inference_steps:
+            raise ValueError(f"MagCacheConfig.num_inference_steps: {self.config.num_inference_steps}, but the "
+                             f"pipeline runs {len(timesteps)} steps; set num_inference_steps={len(timesteps)} (the "
+                             "ratios are resampled to it)")
 
     def method_config(self) -> Any:
         """The config the rules run with: FasterCache with CFG off runs as guidance-distilled; diffusers' module
@@ -328,6 +355,8 @@ class Session:
             self.calls, self.restarted = 0, False
         if self.pending == CONSUMED:
             self.calls += 1
+        elif self.pending == SEVERAL and self.step_indexed:
+            pass  # refused in the forward already
         elif self.pending == SEVERAL:
             # the host no longer knows this context's call count: decide on the device from now on
             self.plannable = False
@@ -486,6 +515,14 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             planned = session.take_planned()
             if isinstance(config, FasterCacheConfig):
                 out, new = _faster_cache_forward(session, original, positions, state, t, planned, args, kwargs)
+            elif session.step_indexed:
+                if planned is None:
+                    raise RuntimeError(f"{type(config).__name__}: fastcache plans each call at its cache_context "
+                                       f"entry from the context's call count; call {type(model).__name__} once per "
+                                       "`with model.cache_context(name):` (diffusers' pipelines do)")
+                scratch.decision, scratch.starts = planned, {}
+                out = original(*args, **kwargs)
+                new = dict(scratch.new)
             else:
                 if isinstance(config, PyramidAttentionBroadcastConfig):
                     scratch.decision = (None if state is None else planned if planned is not None
@@ -496,7 +533,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                 new = dict(scratch.new)
             count = (torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["count"])
             new["count"], new["spec"] = count + 1, spec
-            if not isinstance(config, FirstBlockCacheConfig):
+            if isinstance(config, (PyramidAttentionBroadcastConfig, FasterCacheConfig)):
                 new["nonfinite"] = _counted(state, scratch.misses, t.device)
             # canonical strides for every state tensor: the next call guards on them (a size-1 batch dim
             # keeps arbitrary strides, which recompiled FasterCache twice), and inductor asserts them
@@ -936,6 +973,16 @@ def install(session: Session) -> None:
             roles = fbc_roles(model, family)
             for block, role in roles:
                 session.wrap(block, fbc_wrapper(session, block, role))
+        elif isinstance(config, MagCacheConfig):
+            from fastcache.diffusers import _planned
+
+            for block, role in _planned.mag_cache_roles(model):
+                session.wrap(block, _planned.mag_cache_wrapper(session, block, role))
+        elif isinstance(config, TaylorSeerCacheConfig):
+            from fastcache.diffusers import _planned
+
+            for name, (module, active) in _planned.taylorseer_modules(model, config).items():
+                session.wrap(module, _planned.taylorseer_wrapper(session, name, active))
         else:
             sites = classify_sites(model, config)
             for name, (module, kind) in sites.items():

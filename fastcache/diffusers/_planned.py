@@ -1,0 +1,198 @@
+"""The drop-in adapters of the methods whose every decision depends on the step index only: MagCache and
+TaylorSeer. Their rules live in `fastcache.methods.mag_cache` / `taylorseer`, shared with the engine; here they
+are only attached to diffusers' blocks and modules.
+
+The decision of a call is made on the host at its `cache_context` entry, from the context's call count (the
+`Session` plans it), and the compiled forward specialises on it: no torch.cond, no sync. MagCache's decision is a
+bool (two graph variants: compute, skip); TaylorSeer's carries small tensors (the step offset, the orders held)
+so that its forecast steps share one graph however far they are from the last update.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from fastcache.diffusers._families import BLOCKS, BlockIO
+from fastcache.diffusers._runtime import _as_output, _input_streams, _positions, _streams
+from fastcache.methods import mag_cache, taylorseer
+from fastcache.methods.mag_cache import MagCacheConfig
+from fastcache.methods.taylorseer import TaylorSeerCacheConfig
+
+Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+class HostSchedule:
+    """Each call's planned decision, by the context's call count: MagCache's rule per cycle of
+    `num_inference_steps` calls; TaylorSeer's decisions made once on the model's device, extended as calls go."""
+
+    def __init__(self, config: Any, device: torch.device) -> None:
+        self.config, self.device = config, device
+        self.table: list[Any] = []
+
+    def decision(self, calls: int) -> Any:
+        if isinstance(self.config, MagCacheConfig):
+            if not self.table:
+                self.table = [mag_cache.MagCacheDecision(s)
+                              for s in mag_cache.skips(self.config, self.config.num_inference_steps)]
+            return self.table[calls % len(self.table)]
+        if calls >= len(self.table):
+            self.table = taylorseer.decisions(self.config, max(2 * len(self.table), calls + 1, 32), self.device)
+        return self.table[calls]
+
+
+# -- MagCache -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MagRole:
+    head: bool  # the first block: skipped as `hidden + residual`, and records the blocks' input
+    tail: bool  # the last block: measures the residual on computed calls
+
+
+def mag_cache_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """diffusers' choice of blocks: every block of the model's child ModuleLists named as transformer blocks, in
+    definition order."""
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    blocks = [(f"{name}.{i}", block) for name, child in model.named_children()
+              if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, nn.ModuleList)
+              for i, block in enumerate(child)]
+    if not blocks:
+        raise ValueError(f"model: MagCache found no transformer block lists in {type(model).__name__}")
+    for name, block in blocks:
+        if type(block).__name__ not in BLOCKS:
+            raise TypeError(f"model: block {name} ({type(block).__name__}) has no MagCache entry in fastcache")
+    return blocks
+
+
+def mag_cache_roles(model: nn.Module) -> list[tuple[nn.Module, MagRole]]:
+    blocks = [block for _, block in mag_cache_blocks(model)]
+    return [(block, MagRole(head=i == 0, tail=i == len(blocks) - 1)) for i, block in enumerate(blocks)]
+
+
+def blocks_residual(out: Tensor, blocks_in: Tensor) -> Tensor:
+    """diffusers' residual of the blocks: the difference, or, for a 3-D output holding extra leading tokens (a
+    text stream concatenated in front), that of its trailing tokens."""
+    if out.shape == blocks_in.shape:
+        return out - blocks_in
+    if out.dim() == 3 and blocks_in.dim() == 3 and out.shape[2] == blocks_in.shape[2]:
+        return out[:, -blocks_in.shape[1]:] - blocks_in
+    raise ValueError(f"MagCache: the last block's output {tuple(out.shape)} and the first block's input "
+                     f"{tuple(blocks_in.shape)} do not line up; fastcache cannot apply a residual here")
+
+
+def with_residual(hidden: Tensor, residual: Tensor) -> Tensor:
+    """A skipped call's hidden stream: its input plus the stored residual (diffusers' shape rule)."""
+    if residual.shape == hidden.shape:
+        return hidden + residual
+    if hidden.dim() == 3 and residual.dim() == 3 and hidden.shape[0] == residual.shape[0] and \
+            hidden.shape[2] == residual.shape[2] and hidden.shape[1] > residual.shape[1]:
+        extra = hidden.shape[1] - residual.shape[1]
+        return torch.cat([hidden[:, :extra], hidden[:, extra:] + residual], dim=1)
+    raise ValueError(f"MagCache: hidden states {tuple(hidden.shape)} and the stored residual "
+                     f"{tuple(residual.shape)} do not line up")
+
+
+def mag_cache_wrapper(session: Any, block: nn.Module, role: MagRole) -> Wrapper:
+    """One block under MagCache: on a planned skip it runs nothing (the head adds the residual, the others
+    pass their inputs through); on a computed call the tail measures the residual against the head's input."""
+    scratch, config = session.scratch, session.config
+    io: BlockIO = BLOCKS[type(block).__name__]
+    positions = _positions(block)
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            state, skip = scratch.state, scratch.decision.skip
+            inputs = _input_streams(io, positions, args, kwargs)
+            if role.head:
+                scratch.starts[0] = inputs[0]
+            if skip:
+                if role.head:
+                    scratch.new["residual"] = state["residual"]
+                    return _as_output(io, (with_residual(inputs[0], state["residual"]), *inputs[1:]))
+                return _as_output(io, inputs)
+            out = original(*args, **kwargs)
+            if role.tail:
+                residual = blocks_residual(_streams(io, out)[0], scratch.starts[0])
+                if config.calibrate:
+                    _record_ratio(scratch, state, residual, config)
+                scratch.new["residual"] = residual
+            return out
+
+        return forward
+
+    return make
+
+
+def _record_ratio(scratch: Any, state: Any, residual: Tensor, config: MagCacheConfig) -> None:
+    steps = config.num_inference_steps
+    if state is None:
+        ratios = torch.zeros(steps, dtype=torch.float32, device=residual.device)
+        ratios[0] = 1.0
+    else:
+        index = state["count"] % steps
+        ratio = torch.where(index == 0, torch.ones((), device=residual.device),
+                            mag_cache.calibration_ratio(residual, state["residual"]))
+        ratios = state["ratios"].index_put((index.reshape(1),), ratio.reshape(1))
+    scratch.new["ratios"] = ratios
+
+
+# -- TaylorSeer ---------------------------------------------------------------------------------------------
+
+def taylorseer_modules(model: nn.Module, config: TaylorSeerCacheConfig) -> dict[str, tuple[nn.Module, bool]]:
+    """Module name -> (module, forecast it: True; zeros on forecast steps: False), by diffusers' rules
+    (`re.fullmatch` on the names; lite mode: `proj_out` forecast, every block zeroed)."""
+    inactive = list(config.skip_predict_identifiers or ())
+    active = list(config.cache_identifiers or ())
+    active = active or list(taylorseer.SPATIAL_IDENTIFIERS + taylorseer.TEMPORAL_IDENTIFIERS)
+    if config.use_lite_mode:
+        active, inactive = list(taylorseer.LITE_CACHE_IDENTIFIERS), list(taylorseer.LITE_SKIP_IDENTIFIERS)
+    found = {}
+    for name, module in model.named_modules():
+        is_inactive = any(re.fullmatch(p, name) for p in inactive)
+        if is_inactive or any(re.fullmatch(p, name) for p in active):
+            found[name] = (module, not is_inactive)
+    if not found:
+        warnings.warn(f"fastcache: TaylorSeer's identifiers match no module of {type(model).__name__} (as in "
+                      "diffusers, nothing is cached); set cache_identifiers", stacklevel=4)
+    return found
+
+
+def _template(out: Any) -> Any:
+    return tree_map(lambda x: x.new_empty((*x.shape, 0)), out)
+
+
+def taylorseer_wrapper(session: Any, name: str, active: bool) -> Wrapper:
+    """One module under TaylorSeer: compute and update its factors, or forecast it (inactive: zeros)."""
+    scratch, config = session.scratch, session.config
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            state, decision = scratch.state, scratch.decision
+            factors = scratch.new.setdefault("factors", {})
+            templates = scratch.new.setdefault("templates", {})
+            if decision.compute:
+                out = original(*args, **kwargs)
+                templates[name] = _template(out)
+                if active:
+                    old = (state or {}).get("factors", {}).get(name)
+                    if old is None:  # the first update: no earlier factors (their orders are not held)
+                        old = tuple(tree_map(torch.zeros_like, out) for _ in range(config.max_order + 1))
+                    factors[name] = taylorseer.update_tree(old, out, decision, config.taylor_factors_dtype)
+                return out
+            templates[name] = state["templates"][name]
+            if not active:
+                return tree_map(lambda t: t.new_zeros(t.shape[:-1]), state["templates"][name])
+            factors[name] = state["factors"][name]
+            return taylorseer.forecast_tree(state["factors"][name], state["templates"][name], decision)
+
+        return forward
+
+    return make
