@@ -14,6 +14,7 @@ from fastcache.diffusers._api import (
     apply_pyramid_attention_broadcast,
     cache_context,
     cache_state,
+    calibrated_ratios,
     decided_on,
     disable_cache,
     enable_cache,
@@ -23,20 +24,25 @@ from fastcache.diffusers._api import (
 from fastcache.diffusers._families import FAMILIES
 from fastcache.methods.faster_cache import FasterCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
+from fastcache.methods.mag_cache import MagCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
+from fastcache.methods.taylorseer import TaylorSeerCacheConfig
 
 SUPPORTED_MODELS: tuple[str, ...] = tuple(sorted(FAMILIES))
 
 __all__ = [
     "FasterCacheConfig",
     "FirstBlockCacheConfig",
+    "MagCacheConfig",
     "PyramidAttentionBroadcastConfig",
     "SUPPORTED_MODELS",
+    "TaylorSeerCacheConfig",
     "apply_faster_cache",
     "apply_first_block_cache",
     "apply_pyramid_attention_broadcast",
     "cache_context",
     "cache_state",
+    "calibrated_ratios",
     "decided_on",
     "disable_cache",
     "enable_cache",

@@ -224,6 +224,21 @@ def cache_state(model: Any, name: str | None = None) -> dict | None:
     return None if session is None else session.state(name)
 
 
+def calibrated_ratios(model: Any, name: str | None = None) -> tuple[Any, list[float]]:
+    """The ratios a `MagCacheConfig(calibrate=True)` run recorded in context `name`: a CPU tensor and a list to
+    paste into `mag_ratios` (what diffusers prints at the end of its calibration run)."""
+    from fastcache.methods.mag_cache import MagCacheConfig
+
+    session = _session(model)
+    if session is None or not isinstance(session.config, MagCacheConfig) or not session.config.calibrate:
+        raise ValueError("model: calibrated_ratios needs fastcache enabled with MagCacheConfig(calibrate=True)")
+    state = session.state(name)
+    if state is None or "ratios" not in state:
+        raise ValueError(f"context {name!r}: no calibration call has run in it yet")
+    ratios = state["ratios"].detach().cpu()
+    return ratios, [round(float(r), 5) for r in ratios]
+
+
 def decided_on(model: Any) -> str | None:
     """Where the last call's decisions were made: "host" (planned: no torch.cond, no sync), "device"
     (torch.cond), or None before any call. FirstBlockCache always decides on the device."""

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from fastcache import _validate
+from fastcache.control import canonical
 from fastcache.engine import Plan, TensorMeta, as_timesteps, check_planned_reuse, trace
 from fastcache.protocol import (
     CacheableModel,
@@ -187,7 +188,8 @@ def updated(factors: tuple[Tensor, ...], y: Tensor, decision: TaylorSeerDecision
     for j in range(len(factors) - 1):
         difference = (new[j] - factors[j].to(y.dtype)) / decision.delta
         new.append(torch.where(decision.grows[j], difference, torch.zeros_like(difference)))
-    return tuple(f if dtype is None else f.to(dtype) for f in new)
+    # contiguous strides: the next call guards on them (a model output is often a permuted view)
+    return tuple(canonical(f if dtype is None else f.to(dtype)) for f in new)
 
 
 def forecast(factors: tuple[Tensor, ...], decision: TaylorSeerDecision, dtype: torch.dtype) -> Tensor:

@@ -1,0 +1,131 @@
+"""MagCache and TaylorSeer through the drop-in, against diffusers' own hooks: step by step on tiny Flux, CogVideoX
+and Wan (their configs given as diffusers' own objects), eager and under torch.compile(fullgraph=True), where
+the decisions are planned on the host at each cache_context entry (0 torch.cond, 0 graph breaks, <= 3 graphs
+in a 12-step run)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import diffusers  # noqa: E402
+
+import fastcache.diffusers as fd  # noqa: E402
+from fastcache.diffusers._tiny import case, denoise  # noqa: E402
+from fastcache.testing import CompileCounter  # noqa: E402
+
+STEPS = 12
+TIMESTEPS = torch.linspace(1000, 1000 / STEPS, STEPS)
+# the tiny models' attention modules as TaylorSeer's cache_identifiers (diffusers' defaults end in "attn", which
+# matches Flux's modules but not CogVideoX's or Wan's `attn1` / `attn2`: there diffusers caches nothing)
+ATTENTION = {"flux": None, "cogvideox": (r"transformer_blocks\.\d+\.attn1",), "wan": (r"blocks\.\d+\.attn\d",)}
+RATIOS = [1.0] + [1.0 + 0.004 * i for i in range(1, STEPS)]
+
+
+def _config(method: str, name: str):
+    if method == "mag":
+        return diffusers.MagCacheConfig(mag_ratios=RATIOS, num_inference_steps=STEPS, threshold=0.1)
+    if method == "taylor":
+        return diffusers.TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2, max_order=2,
+                                               taylor_factors_dtype=torch.float32, cache_identifiers=ATTENTION[name])
+    if method == "taylor-bf16":  # diffusers' default factor dtype
+        return diffusers.TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
+                                               cache_identifiers=ATTENTION[name])
+    return diffusers.TaylorSeerCacheConfig(use_lite_mode=True, cache_interval=3, disable_cache_before_step=2)
+
+
+CASES = [(name, method) for name in ("flux", "cogvideox", "wan")
+         for method in ("mag", "taylor", "taylor-bf16", "lite")]
+
+
+@pytest.mark.parametrize(("name", "method"), CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_parity_with_diffusers_eager_and_compiled(name: str, method: str, dynamo) -> None:
+    tc = case(name)
+    tc.model.eval()
+    contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
+    uncached = denoise(copy.deepcopy(tc.model), tc, TIMESTEPS, contexts)
+
+    theirs = copy.deepcopy(tc.model)
+    theirs.enable_cache(_config(method, name))
+    reference = denoise(theirs, tc, TIMESTEPS, contexts)
+
+    ours = copy.deepcopy(tc.model)
+    fd.enable_cache(ours, _config(method, name))
+    eager = denoise(ours, tc, TIMESTEPS, contexts)
+    assert fd.decided_on(ours) == "host"
+    fd.reset_cache(ours)
+    counter = CompileCounter("aot_eager")
+    compiled = denoise(torch.compile(ours, fullgraph=True, backend=counter), tc, TIMESTEPS, contexts)
+
+    def gap(a, b):
+        return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+    assert gap(eager, reference) <= 1e-5, "eager parity with diffusers' hooks"
+    assert gap(compiled, reference) <= 1e-4, "compiled parity with diffusers eager"
+    assert gap(eager, uncached) > 1e-5, "the cache must have changed the outputs"
+    assert dynamo.graph_breaks == 0
+    assert 1 <= counter.graphs <= 3 and counter.max_conds_per_call == 0, counter.conds_per_graph
+
+
+def test_taylorseer_forecast_steps_do_not_run_the_forecast_modules() -> None:
+    """On a forecast step the attention modules are not called: counted on Flux, 12 steps, diffusers' schedule
+    CCPCPPCPPCPP (before=2, interval=3)."""
+    tc = case("flux")
+    model = copy.deepcopy(tc.model.eval())
+    calls = []
+    first = next(m for n, m in model.named_modules() if n.endswith(".attn"))
+    handles = [first.to_q.register_forward_pre_hook(lambda *_: calls.append(1))]  # inside the module's forward
+    fd.enable_cache(model, _config("taylor", "flux"))
+    denoise(model, tc, TIMESTEPS, ("cond",))
+    for h in handles:
+        h.remove()
+    plan = "CCPCPPCPPCPP"
+    assert len(calls) == plan.count("C")
+
+
+def test_magcache_refuses_a_pipeline_step_count_other_than_its_config() -> None:
+    from tests.test_diffusers_pipeline import _pipeline
+
+    pipe = _pipeline()
+    fd.enable_cache(pipe, diffusers.MagCacheConfig(mag_ratios=RATIOS, num_inference_steps=STEPS))
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        pipe(prompt_embeds=torch.randn(1, 8, 32), pooled_prompt_embeds=torch.randn(1, 32), height=32, width=32,
+             num_inference_steps=STEPS - 2, guidance_scale=1.0, generator=g, output_type="pt")
+
+
+def test_magcache_calibration_records_the_ratios_as_data() -> None:
+    """calibrate=True computes every step and records diffusers' ratio per step in the state: the same values
+    diffusers prints at the end of its calibration run."""
+    import io
+    from contextlib import redirect_stdout
+
+    tc = case("flux")
+    tc.model.eval()
+    config = diffusers.MagCacheConfig(calibrate=True, num_inference_steps=STEPS)
+    theirs = copy.deepcopy(tc.model)
+    theirs.enable_cache(config)
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        denoise(theirs, tc, TIMESTEPS, ("cond",))
+    expected = eval(printed.getvalue().strip().splitlines()[-1])  # diffusers prints the list
+    ours = copy.deepcopy(tc.model)
+    fd.enable_cache(ours, diffusers.MagCacheConfig(calibrate=True, num_inference_steps=STEPS))
+    denoise(ours, tc, TIMESTEPS, ("cond",))
+    tensor, values = fd.calibrated_ratios(ours, "cond")
+    assert tensor.shape == (STEPS,) and values[0] == 1.0
+    torch.testing.assert_close(tensor.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=1e-6)
+
+
+def test_a_second_call_in_one_context_is_refused_by_name() -> None:
+    tc = case("flux")
+    model = copy.deepcopy(tc.model.eval())
+    fd.enable_cache(model, _config("mag", "flux"))
+    with torch.no_grad(), model.cache_context("cond"):
+        model(**tc.kwargs(tc.latent, TIMESTEPS[0]), return_dict=False)
+        with pytest.raises(RuntimeError, match="cache_context"):
+            model(**tc.kwargs(tc.latent, TIMESTEPS[0]), return_dict=False)
