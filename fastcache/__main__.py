@@ -8,8 +8,9 @@ from collections.abc import Sequence
 USAGE = """usage: fastcache <command> [options]
 
 commands:
-  demo    run every cache method on the embedded digit models and compare speed and quality
-          (fastcache demo --help for its options)
+  demo       run every cache method on the embedded digit models and compare speed and quality
+             (fastcache demo --help for its options)
+  calibrate  measure a method's model constants (MagCache's mag_ratios) on an embedded digit model
 """
 
 
@@ -27,7 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fastcache.demo import main as demo_main  # imported lazily: `fastcache --help` stays instant
 
         return demo_main(args[1:])
-    print(f"fastcache: error: unknown command {args[0]!r} (commands: demo)", file=sys.stderr)
+    if args[0] == "calibrate":
+        from fastcache.calibrate import main as calibrate_main
+
+        return calibrate_main(args[1:])
+    print(f"fastcache: error: unknown command {args[0]!r} (commands: demo, calibrate)", file=sys.stderr)
     return 2
 
 

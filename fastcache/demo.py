@@ -37,7 +37,7 @@ from fastcache.models import digits
 from fastcache.models.dit import DiT, cfg_inputs, sampling_timesteps
 from fastcache.protocol import forward
 
-METHODS = ("uncached", "pab", "fastercache", "fbc")
+METHODS = ("uncached", "pab", "fastercache", "fbc", "mag", "taylorseer")
 MODEL_CHOICES = ("image", "video", "both")
 DEFAULT_THRESHOLDS = (0.05, 0.1, 0.2)
 MAX_THRESHOLD = 1.0  # a relative residual change above 1 means "always skip": no longer a cache setting
@@ -84,6 +84,25 @@ def fbc_config(threshold: float) -> Any:
     return fastcache.FirstBlockCacheConfig(threshold=threshold)
 
 
+def mag_config(kind: str, steps: int, threshold: float = 0.06) -> Any:
+    """MagCache with the model's shipped ratios (`fastcache calibrate`), resampled to `steps`."""
+    import fastcache
+    from fastcache.calibrate import load_mag_ratios
+
+    return fastcache.MagCacheConfig(threshold=threshold, num_inference_steps=steps, mag_ratios=load_mag_ratios(kind))
+
+
+def taylorseer_config(kind: str, steps: int) -> Any:
+    """diffusers' defaults (interval 5 after 3 computed steps, first order), factors in fp32 like the model;
+    fewer warm-up steps on short runs."""
+    import fastcache
+
+    del kind
+    return fastcache.TaylorSeerCacheConfig(cache_interval=5 if steps >= 20 else 3,
+                                           disable_cache_before_step=3 if steps >= 20 else 2,
+                                           taylor_factors_dtype=torch.float32)
+
+
 def describe(config: Any) -> str:
     """Short settings text for the table, e.g. "spatial=2 cross=4 in (100,800)"."""
     import fastcache
@@ -99,6 +118,11 @@ def describe(config: Any) -> str:
         kinds = [f"{k}={config.skip_range(k)}" for k in ("spatial", "temporal", "cross")
                  if config.skip_range(k) is not None]
         return " ".join(kinds) + f" in {rng(config.spatial_attention_timestep_skip_range)}"
+    if isinstance(config, fastcache.MagCacheConfig):
+        return f"threshold={config.threshold:g} K={config.max_skip_steps} keep {config.retention_ratio:g}"
+    if isinstance(config, fastcache.TaylorSeerCacheConfig):
+        return (f"interval={config.cache_interval} after {config.disable_cache_before_step} "
+                f"order={config.max_order}")
     if isinstance(config, fastcache.FasterCacheConfig):
         return (f"spatial={config.spatial_attention_block_skip_range} in "
                 f"{rng(config.spatial_attention_timestep_skip_range)}, "
@@ -107,7 +131,8 @@ def describe(config: Any) -> str:
     return repr(config)
 
 
-def default_runs(kind: str, methods: Sequence[str], thresholds: Sequence[float]) -> list[RunSpec]:
+def default_runs(kind: str, methods: Sequence[str], thresholds: Sequence[float], steps: int = 30
+                 ) -> list[RunSpec]:
     runs = [RunSpec("uncached", "-")]  # always first: it is the reference of every quality column
     for method in methods:
         if method == "pab":
@@ -118,6 +143,12 @@ def default_runs(kind: str, methods: Sequence[str], thresholds: Sequence[float])
             runs.append(RunSpec("fastercache", describe(cfg), cfg))
         elif method == "fbc":
             runs.extend(RunSpec("fbc", describe(fbc_config(t)), fbc_config(t)) for t in thresholds)
+        elif method == "mag":
+            cfg = mag_config(kind, steps)
+            runs.append(RunSpec("mag", describe(cfg), cfg))
+        elif method == "taylorseer":
+            cfg = taylorseer_config(kind, steps)
+            runs.append(RunSpec("taylorseer", describe(cfg), cfg))
     return runs
 
 
@@ -363,7 +394,8 @@ def save_plot(path: Path, rows: list[dict[str, Any]]) -> None:
     kinds = sorted({r["model"] for r in rows}, key=MODEL_CHOICES.index)
     fig = Figure(figsize=(5.5 * len(kinds), 4.2))
     FigureCanvasAgg(fig)
-    colors = {"uncached": "black", "pab": "tab:blue", "fastercache": "tab:orange", "fbc": "tab:green"}
+    colors = {"uncached": "black", "pab": "tab:blue", "fastercache": "tab:orange", "fbc": "tab:green",
+              "mag": "tab:red", "taylorseer": "tab:purple"}
     for k, kind in enumerate(kinds):
         ax = fig.add_subplot(1, len(kinds), k + 1)
         ok = [r for r in rows if r["model"] == kind and not r.get("error") and r.get("speedup")]
@@ -594,7 +626,7 @@ def _run_demo(opts: DemoOptions, log: Callable[[str], None]) -> dict[str, Any]:
             labels = digits.sample_labels(len(opts.seeds), device=opts.device)
             noise = digits.initial_noise(model, opts.seeds, device=opts.device)
             results = []
-            for spec in default_runs(kind, opts.methods, opts.thresholds):
+            for spec in default_runs(kind, opts.methods, opts.thresholds, opts.steps):
                 total = opts.steps * (1 + opts.repeats)
                 name = f"{kind} {spec.method}" + ("" if spec.settings == "-" else f" {spec.settings}")
                 with tqdm(total=total, desc=name, file=sys.stderr, leave=False, dynamic_ncols=True) as bar:

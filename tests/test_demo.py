@@ -76,7 +76,8 @@ def test_end_to_end_quick_eager(tmp_path: Path, capsys: pytest.CaptureFixture[st
     report = json.loads((out / "results.json").read_text())
     rows = report["rows"]
     assert [(r["model"], r["method"]) for r in rows] == [
-        (kind, m) for kind in ("image", "video") for m in ("uncached", "pab", "fastercache", "fbc", "fbc")]
+        (kind, m) for kind in ("image", "video")
+        for m in ("uncached", "pab", "fastercache", "fbc", "fbc", "mag", "taylorseer")]
     assert all(r["error"] is None for r in rows)
     for r in rows:
         assert 0 < r["computed_fraction"] <= 1 and r["time_s"] > 0 and 0 <= r["class_accuracy"] <= 1
@@ -84,11 +85,11 @@ def test_end_to_end_quick_eager(tmp_path: Path, capsys: pytest.CaptureFixture[st
         if r["method"] == "uncached":
             assert r["psnr"] is None and r["max_abs_error"] == 0 and r["ssim"] == pytest.approx(1.0)
     for kind in ("image", "video"):  # every method really cached something, and it changed the samples
-        for method in ("pab", "fastercache", "fbc"):
+        for method in ("pab", "fastercache", "fbc", "mag", "taylorseer"):
             assert any(r["computed_fraction"] < 1 and r["max_abs_error"] > 0
                        for r in rows if (r["model"], r["method"]) == (kind, method)), (kind, method)
     assert rows[0]["graph_breaks"] is None  # eager: nothing compiled
-    assert len(rows[5]["per_frame_psnr"]) == digits.read_meta("video")["config"]["num_frames"]
+    assert len(rows[7]["per_frame_psnr"]) == digits.read_meta("video")["config"]["num_frames"]
     assert report["machine"]["torch"] == torch.__version__
 
 

@@ -213,3 +213,26 @@ def test_planned_methods_refuse_a_missing_or_foreign_decision_and_a_wrong_step_c
         taylor.step(model, taylor.init(model, inputs), inputs, mag.plan(range(STEPS))[0])
     with pytest.raises(ValueError, match="forecasts before any step computed"):
         taylorseer.decisions(fastcache.TaylorSeerCacheConfig(disable_cache_before_step=0, cache_interval=3), 3)
+
+
+@pytest.mark.parametrize("name", ["mag", "taylor"])
+def test_a_planned_reuse_of_a_non_finite_value_is_counted(name: str) -> None:
+    """A NaN in call 0's blocks reaches MagCache's residual and TaylorSeer's factors; the plan cannot refuse the
+    reuse without a branch on data, so each skip or forecast over it is counted in `nonfinite` (0 otherwise)."""
+    from tests.test_engine import _poison_first_attention
+
+    config = PLANNED[name]()
+    method = fastcache.make(config)
+    plan = method.plan(range(STEPS))
+    inputs = cfg_inputs(noise(False, 0), 500.0, LABELS, NULL)
+    counts = []
+    for poison in (False, True):
+        model = tiny_dit()
+        with torch.no_grad():
+            state = method.init(model, inputs)
+            if poison:
+                _poison_first_attention(model)
+            for d in plan:
+                _, state = method.step(model, state, inputs, d)
+        counts.append(int(state.nonfinite))
+    assert counts[0] == 0 and counts[1] >= 1

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from fastcache.control import all_finite
 from fastcache.diffusers._families import BLOCKS, BlockIO
 from fastcache.diffusers._runtime import _as_output, _input_streams, _positions, _streams
 from fastcache.methods import mag_cache, taylorseer
@@ -114,8 +115,9 @@ def mag_cache_wrapper(session: Any, block: nn.Module, role: MagRole) -> Wrapper:
             if role.head:
                 scratch.starts[0] = inputs[0]
             if skip:
-                if role.head:
-                    scratch.new["residual"] = state["residual"]
+                if role.head:  # a planned skip cannot be refused on data: a non-finite residual is counted
+                    scratch.misses.append(~state["residual_finite"])
+                    scratch.new.update(residual=state["residual"], residual_finite=state["residual_finite"])
                     return _as_output(io, (with_residual(inputs[0], state["residual"]), *inputs[1:]))
                 return _as_output(io, inputs)
             out = original(*args, **kwargs)
@@ -123,7 +125,7 @@ def mag_cache_wrapper(session: Any, block: nn.Module, role: MagRole) -> Wrapper:
                 residual = blocks_residual(_streams(io, out)[0], scratch.starts[0])
                 if config.calibrate:
                     _record_ratio(scratch, state, residual, config)
-                scratch.new["residual"] = residual
+                scratch.new["residual"], scratch.new["residual_finite"] = residual, all_finite(residual)
             return out
 
         return forward
@@ -186,11 +188,14 @@ def taylorseer_wrapper(session: Any, name: str, active: bool) -> Wrapper:
                     if old is None:  # the first update: no earlier factors (their orders are not held)
                         old = tuple(tree_map(torch.zeros_like, out) for _ in range(config.max_order + 1))
                     factors[name] = taylorseer.update_tree(old, out, decision, config.taylor_factors_dtype)
+                    scratch.new.setdefault("finite", {})[name] = all_finite(factors[name])
                 return out
             templates[name] = state["templates"][name]
             if not active:
                 return tree_map(lambda t: t.new_zeros(t.shape[:-1]), state["templates"][name])
             factors[name] = state["factors"][name]
+            scratch.new.setdefault("finite", {})[name] = state["finite"][name]
+            scratch.misses.append(~state["finite"][name])  # counted: a planned forecast cannot be refused
             return taylorseer.forecast_tree(state["factors"][name], state["templates"][name], decision)
 
         return forward

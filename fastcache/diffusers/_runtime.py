@@ -533,7 +533,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                 new = dict(scratch.new)
             count = (torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["count"])
             new["count"], new["spec"] = count + 1, spec
-            if isinstance(config, (PyramidAttentionBroadcastConfig, FasterCacheConfig)):
+            if not isinstance(config, FirstBlockCacheConfig):  # FBC counts its refused skips itself
                 new["nonfinite"] = _counted(state, scratch.misses, t.device)
             # canonical strides for every state tensor: the next call guards on them (a size-1 batch dim
             # keeps arbitrary strides, which recompiled FasterCache twice), and inductor asserts them

@@ -10,8 +10,9 @@ pass through. The step counter wraps at `num_inference_steps` (a new generation:
 
 The decision depends only on the ratios and the step index, never on data: it is planned on the host
 (`plan`), with diffusers' arithmetic (0-dim tensors in the ratios' dtype), and a compiled step specialises on it
-(no torch.cond, no sync). `calibrate=True` computes every step and records the ratios in the state:
-`calibrated_ratios(state)` returns them as a tensor and a copy-pasteable list.
+(no torch.cond, no sync): so a skip over a residual holding a NaN or Inf cannot be refused (that would be a
+branch on data); it is counted in the state's `nonfinite`. `calibrate=True` computes every step and records
+the ratios in the state: `calibrated_ratios(state)` returns them as a tensor and a copy-pasteable list.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fastcache import _validate
+from fastcache.control import all_finite
 from fastcache.engine import Plan, as_timesteps, check_planned_reuse, trace
 from fastcache.protocol import (
     CacheableModel,
@@ -93,6 +95,8 @@ class MagCacheDecision(NamedTuple):
 class MagCacheState(NamedTuple):
     count: Tensor  # int64, calls made with this state
     residual: Tensor  # hidden stream: blocks_out - blocks_in at the last computed call
+    residual_finite: Tensor  # bool, whether that residual is all finite
+    nonfinite: Tensor  # int64, planned skips that added a non-finite residual (counted: a plan cannot branch)
     ratios: Tensor  # fp32 (num_inference_steps,): calibrate=True records each step's ratio here (else empty)
     spec: dict[str, Tensor]
 
@@ -140,8 +144,9 @@ def init(config: MagCacheConfig, model: CacheableModel, inputs: Inputs) -> MagCa
     tr = trace(model, inputs)
     device = tr.output.device
     steps = config.num_inference_steps if config.calibrate else 0
-    return MagCacheState(torch.zeros((), dtype=torch.int64, device=device), tr.head_streams[0].zeros(),
-                         torch.zeros(steps, dtype=torch.float32, device=device), input_spec(inputs))
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    return MagCacheState(zero, tr.head_streams[0].zeros(), torch.ones((), dtype=torch.bool, device=device),
+                         zero.clone(), torch.zeros(steps, dtype=torch.float32, device=device), input_spec(inputs))
 
 
 def calibration_ratio(residual: Tensor, previous: Tensor) -> Tensor:
@@ -162,7 +167,7 @@ def step(config: MagCacheConfig, model: CacheableModel, state: MagCacheState, in
     streams, aux = model.embed(inputs)
     if decision.skip:
         out = model.head((streams[0] + state.residual, *streams[1:]), aux)
-        return out, state._replace(count=state.count + 1)
+        return out, state._replace(count=state.count + 1, nonfinite=state.nonfinite + (~state.residual_finite).long())
     tail = run_blocks(model, 0, streams, aux, call_attention)
     residual = tail[0] - streams[0]
     ratios = state.ratios
@@ -171,7 +176,8 @@ def step(config: MagCacheConfig, model: CacheableModel, state: MagCacheState, in
         ratio = torch.where(index == 0, torch.ones((), device=residual.device),
                             calibration_ratio(residual, state.residual))
         ratios = ratios.index_put((index.reshape(1),), ratio.reshape(1))
-    return model.head(tail, aux), MagCacheState(state.count + 1, residual, ratios, state.spec)
+    return model.head(tail, aux), MagCacheState(state.count + 1, residual, all_finite(residual), state.nonfinite,
+                                                ratios, state.spec)
 
 
 def calibrated_ratios(state: MagCacheState) -> tuple[Tensor, list[float]]:

@@ -14,7 +14,8 @@ named by `skip_predict_identifiers` return zeros on forecast steps instead (diff
 
 Every decision depends only on the step index: planned on the host (`plan`). The step offsets and the orders
 held travel in the decision as small tensors, so a compiled step has two variants (compute, forecast), no
-torch.cond and no sync.
+torch.cond and no sync; a forecast from factors holding a NaN or Inf cannot be refused without a branch on data,
+so it is counted in the state's `nonfinite`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from fastcache import _validate
-from fastcache.control import canonical
+from fastcache.control import all_finite, canonical
 from fastcache.engine import Plan, TensorMeta, as_timesteps, check_planned_reuse, trace
 from fastcache.protocol import (
     CacheableModel,
@@ -92,6 +93,8 @@ class TaylorSeerState(NamedTuple):
     count: Tensor  # int64, calls made with this state
     factors: dict[str, tuple[Any, ...]]  # forecast site (or "output") -> (F_0, ..., F_max_order), each like its output
     templates: dict[str, Any]  # hooked site (or "output") -> zero-byte tensors: its outputs' shapes and dtypes
+    finite: dict[str, Tensor]  # forecast site -> bool, whether its factors are all finite
+    nonfinite: Tensor  # int64, forecasts made from non-finite factors (counted: a plan cannot branch on data)
     spec: dict[str, Tensor]
 
 
@@ -177,8 +180,10 @@ def init(config: TaylorSeerCacheConfig, model: CacheableModel, inputs: Inputs) -
         templates = {name: _template(tr.site_outputs[name]) for name in sites}
         active = [name for name, forecast_it in sites.items() if forecast_it]
     factors = {name: _factors_like(templates[name], config) for name in active}
-    return TaylorSeerState(torch.zeros((), dtype=torch.int64, device=tr.output.device), factors, templates,
-                           input_spec(inputs))
+    device = tr.output.device
+    finite = {name: torch.ones((), dtype=torch.bool, device=device) for name in active}
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    return TaylorSeerState(zero, factors, templates, finite, zero.clone(), input_spec(inputs))
 
 
 def updated(factors: tuple[Tensor, ...], y: Tensor, decision: TaylorSeerDecision,
@@ -224,7 +229,7 @@ def step(config: TaylorSeerCacheConfig, model: CacheableModel, state: TaylorSeer
     if not isinstance(decision, TaylorSeerDecision):
         raise TypeError(f"decision: TaylorSeer is planned; pass plan[i] (a TaylorSeerDecision), got {decision!r}")
     check_planned_reuse(state.count, not decision.compute, "TaylorSeer")
-    dtype, new = config.taylor_factors_dtype, dict(state.factors)
+    dtype, new, new_finite, misses = config.taylor_factors_dtype, dict(state.factors), dict(state.finite), []
 
     def run(name: str, fn: Callable[[], Any]) -> Any:
         """A forecast module: compute and update its factors, or forecast it (inactive: zeros)."""
@@ -232,8 +237,10 @@ def step(config: TaylorSeerCacheConfig, model: CacheableModel, state: TaylorSeer
             out = fn()
             if name in state.factors:
                 new[name] = update_tree(state.factors[name], out, decision, dtype)
+                new_finite[name] = all_finite(new[name])
             return out
         if name in state.factors:
+            misses.append(~state.finite[name])
             return forecast_tree(state.factors[name], state.templates[name], decision)
         return _from_template(state.templates[name], lambda shape, dt, dev: torch.zeros(shape, dtype=dt, device=dev))
 
@@ -246,7 +253,8 @@ def step(config: TaylorSeerCacheConfig, model: CacheableModel, state: TaylorSeer
             return run(site, lambda: fn(*args))
 
         out = forward(model, inputs, attend)
-    return out, TaylorSeerState(state.count + 1, new, state.templates, state.spec)
+    nonfinite = state.nonfinite + sum(m.long() for m in misses) if misses else state.nonfinite
+    return out, TaylorSeerState(state.count + 1, new, state.templates, new_finite, nonfinite, state.spec)
 
 
 def computed_fraction(config: TaylorSeerCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan,

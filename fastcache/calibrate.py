@@ -1,0 +1,88 @@
+"""`fastcache calibrate`: measure a method's model-dependent constants on the embedded digit models.
+
+MagCache needs each model's residual magnitude ratios (`mag_ratios`): one uncached run with
+`MagCacheConfig(calibrate=True)` records them per step. The embedded models ship theirs
+(`fastcache/assets/digits_<model>_mag.json`); this command measures them again.
+
+    fastcache calibrate --model image --method mag            # rewrites the shipped file
+    fastcache calibrate --model video --method mag --out ratios.json --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastcache.models import digits
+from fastcache.models.dit import cfg_inputs, sampling_timesteps
+
+METHODS = ("mag",)
+DEFAULT_STEPS = 30
+DEFAULT_SEEDS = tuple(range(16))
+
+
+def mag_ratios_path(kind: str, directory: Path | None = None) -> Path:
+    return (digits.assets_dir() if directory is None else Path(directory)) / f"digits_{kind}_mag.json"
+
+
+def load_mag_ratios(kind: str, directory: Path | None = None) -> list[float]:
+    """The shipped MagCache ratios of an embedded digit model (measured at `steps` Euler steps; MagCacheConfig
+    resamples them to any other step count)."""
+    path = mag_ratios_path(kind, directory)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no MagCache ratios; run `fastcache calibrate --model {kind} --method mag`")
+    return json.loads(path.read_text())["mag_ratios"]
+
+
+@torch.no_grad()
+def calibrate_mag(kind: str, steps: int = DEFAULT_STEPS, seeds: Sequence[int] = DEFAULT_SEEDS,
+                  guidance: float = digits.DEFAULT_GUIDANCE, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """One uncached CFG Euler run of the embedded model with MagCache calibrating: the ratios per step."""
+    import fastcache
+    from fastcache.methods import mag_cache
+
+    model = digits.load_pretrained(kind, device=device)
+    labels = digits.sample_labels(len(seeds), device=device)
+    noise = digits.initial_noise(model, list(seeds), device=device)
+    method = fastcache.make(fastcache.MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    timesteps = sampling_timesteps(steps, device=device)
+    plan = method.plan(timesteps)
+    state = method.init(model, cfg_inputs(noise, timesteps[0], labels, digits.NUM_CLASSES))
+
+    def denoise(i: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        nonlocal state
+        out, state = method.step(model, state, inputs, plan[i])
+        return out
+
+    digits.euler_sample(denoise, noise, labels, steps, guidance)
+    _, values = mag_cache.calibrated_ratios(state)
+    return {"model": kind, "method": "mag", "steps": steps, "seeds": list(seeds), "guidance": guidance,
+            "torch": torch.__version__, "mag_ratios": values}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastcache calibrate", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=digits.KINDS, required=True, help="embedded digit model")
+    parser.add_argument("--method", choices=METHODS, required=True, help="mag: MagCache's mag_ratios")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Euler steps (default {DEFAULT_STEPS})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output json (default: the shipped file in fastcache/assets)")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not 2 <= args.steps <= 1000:
+        parser.error(f"--steps: must be in [2, 1000], got {args.steps}")
+    result = calibrate_mag(args.model, args.steps)
+    out = args.out or mag_ratios_path(args.model)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"mag_ratios={result['mag_ratios']}\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
