@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+import fastcache
 from fastcache import demo, metrics
 from fastcache.models import digits
 
@@ -36,7 +37,11 @@ PSNR_MIN = 30.0
 ACC_DROP_MAX = 0.01  # "within 1 point" of the uncached class accuracy
 
 
-def sweep(kind: str, quick: bool) -> list[demo.RunSpec]:
+METHODS = ("pab", "fastercache", "fbc", "mag", "taylorseer")
+ASCENDING = ("fbc", "mag")  # swept by one threshold, gentle to aggressive
+
+
+def sweep(kind: str, quick: bool, steps: int = 30, methods: tuple[str, ...] = METHODS) -> list[demo.RunSpec]:
     """The candidate settings: each method's knobs from gentle to aggressive."""
     runs: list[demo.RunSpec] = []
     pab = [(2, None, (100, 800)), (2, 2, (100, 800)), (2, 4, (100, 800)), (3, 3, (100, 800)),
@@ -44,8 +49,10 @@ def sweep(kind: str, quick: bool) -> list[demo.RunSpec]:
     fc = [(2, 5, 681, 641), (2, 3, 681, 641), (2, 2, 681, 641), (3, 3, 801, 801), (2, 2, 901, 901),
           (3, 2, 901, 901)]
     fbc = [0.02, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4]
+    mag = [0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3]
+    taylor = [(2, 3, 1), (3, 3, 1), (4, 3, 1), (5, 3, 1), (3, 3, 2), (4, 3, 2), (6, 3, 1)]
     if quick:
-        pab, fc, fbc = pab[:2], fc[:2], [0.05, 0.1, 0.2]
+        pab, fc, fbc, mag, taylor = pab[:2], fc[:2], [0.05, 0.1, 0.2], [0.04, 0.1], taylor[:2]
     for spatial, cross, (lo, hi) in pab:
         cfg = demo.pab_config(kind, spatial=spatial, temporal=spatial, cross=cross, lo=lo, hi=hi)
         runs.append(demo.RunSpec("pab", demo.describe(cfg), cfg))
@@ -55,7 +62,14 @@ def sweep(kind: str, quick: bool) -> list[demo.RunSpec]:
     for t in fbc:
         cfg = demo.fbc_config(t)
         runs.append(demo.RunSpec("fbc", demo.describe(cfg), cfg))
-    return runs
+    for t in mag:
+        cfg = demo.mag_config(kind, steps, threshold=t)
+        runs.append(demo.RunSpec("mag", demo.describe(cfg), cfg))
+    for interval, before, order in taylor:
+        cfg = fastcache.TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=before,
+                                              max_order=order, taylor_factors_dtype=torch.float32)
+        runs.append(demo.RunSpec("taylorseer", demo.describe(cfg), cfg))
+    return [r for r in runs if r.method in methods]
 
 
 def quality(result: demo.RunResult, ref: demo.RunResult, labels: torch.Tensor,
@@ -93,7 +107,8 @@ def bench_model(kind: str, args: argparse.Namespace, classifier: torch.nn.Module
     ref = run(uncached, compile=False)
     ref_acc = metrics.class_accuracy(digits.classify(classifier, ref.samples), labels)
     rows = []
-    for spec in sweep(kind, args.quick):
+    methods = tuple(args.methods.split(","))
+    for spec in sweep(kind, args.quick, args.steps, methods):
         r = run(spec, compile=False)
         row = {"method": spec.method, "settings": spec.settings, "plan": r.plan, **quality(r, ref, labels,
                                                                                              classifier)}
@@ -101,13 +116,13 @@ def bench_model(kind: str, args: argparse.Namespace, classifier: torch.nn.Module
         rows.append(row)
 
     best: dict[str, demo.RunSpec] = {}
-    specs = {(s.method, s.settings): s for s in sweep(kind, args.quick)}
-    for method in ("pab", "fastercache", "fbc"):
+    specs = {(s.method, s.settings): s for s in sweep(kind, args.quick, args.steps, methods)}
+    for method in methods:
         ok = [r for r in rows if r["method"] == method and r["ok"]]
-        if method == "fbc":
+        if method in ASCENDING:
             # thresholds are swept in ascending order: trust one only if every gentler one passed too, so a
             # lucky pass past a failure (sampling noise in a mean over a few dozen samples) is not the pick
-            ok = list(itertools.takewhile(lambda r: r["ok"], [r for r in rows if r["method"] == "fbc"]))
+            ok = list(itertools.takewhile(lambda r: r["ok"], [r for r in rows if r["method"] == method]))
         if ok:
             pick = min(ok, key=lambda r: (r["computed_fraction"], -(r["psnr"] or math.inf)))
             best[method] = specs[(method, pick["settings"])]
@@ -125,7 +140,7 @@ def bench_model(kind: str, args: argparse.Namespace, classifier: torch.nn.Module
                           "ideal_speedup": round(1 / r.fraction, 3), "graph_breaks": r.graph_breaks,
                           "graphs": r.graphs, "warmup_s": round(r.warmup_s or 0.0, 1),
                           "ok": acceptable(q, ref_acc)})
-    missing = [m for m in ("pab", "fastercache", "fbc") if m not in best]
+    missing = [m for m in methods if m not in best]
     return {"num_samples": n, "seeds": f"{seeds[0]}..{seeds[-1]}", "uncached_class_accuracy": ref_acc,
             "sweep": rows, "best": best_rows, "no_acceptable_setting": missing}
 
@@ -178,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=None, help="default: 50 images, 20 clips")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="a few settings per method (a smoke run)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {','.join(METHODS)}")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: steadier timings on a shared machine, see demo --help)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "demo_cpu")
@@ -190,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": demo.machine_info(torch.device("cpu")),
               "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
               "options": {"steps": args.steps, "guidance": args.guidance, "repeats": args.repeats,
+                          "methods": args.methods,
                           "psnr_min": PSNR_MIN, "acc_drop_max": ACC_DROP_MAX, "quick": args.quick},
               "models": {kind: bench_model(kind, args, classifier) for kind in kinds}}
     report["wall_s"] = round(time.perf_counter() - start, 1)
