@@ -22,7 +22,8 @@ machine load hits all alike; fastcache-compiled's time over diffusers-compiled's
 (paired) and its median reported. Per provider: the median seconds per generation, the warm-up time, graph
 breaks and graphs compiled over all its generations (in brackets: during the timed rounds), and the share
 computed (FBC: steps that ran every block; PAB: hooked attention calls; FasterCache: steps that ran the
-unconditional batch). diffusers-fullgraph runs last, untimed: it records how diffusers' hooks fail under fullgraph=True.
+unconditional batch; MagCache: steps that ran the blocks; TaylorSeer: steps that ran the forecast modules).
+diffusers-fullgraph runs last, untimed: it records how diffusers' hooks fail under fullgraph=True.
 
     python bench/bench_diffusers.py                      # writes bench/results/diffusers_bench.{md,json}
     python bench/bench_diffusers.py --regime overhead    # the smallest models: bench/results/diffusers_bench_overhead.*
@@ -49,7 +50,9 @@ import fastcache.diffusers as fd
 from fastcache.diffusers._runtime import classify_sites
 from fastcache.diffusers._tiny import TinyCase, case, fbc_threshold
 from fastcache.methods import faster_cache as fc
+from fastcache.methods import mag_cache as mag
 from fastcache.methods import pyramid_attention_broadcast as pab
+from fastcache.methods import taylorseer as taylor
 
 RESULTS = Path(__file__).parent / "results"
 PROVIDERS = ("uncached-eager", "uncached-compiled", "diffusers-eager", "diffusers-compiled", "diffusers-fullgraph",
@@ -74,9 +77,19 @@ OVERHEAD_SIZES = {"flux": dict(scale=1, size=8, layers=2), "wan": dict(scale=1, 
 DEFAULT_RUNS = "flux:fbc,flux:pab,wan:fbc,wan:pab,cogvideox:fastercache,cogvideox:pab"
 
 
-def _config(method: str, threshold: float, clock: dict) -> Any:
-    """diffusers' own config object: fastcache translates it, so both sides read exactly the same fields."""
+def _config(method: str, threshold: float, clock: dict, steps: int = 20) -> Any:
+    """diffusers' own config object: fastcache translates it, so both sides read exactly the same fields.
+    MagCache gets synthetic ratios (slowly rising magnitudes: both sides skip the same steps, 40-50% of them)."""
     import diffusers
+
+    if method == "mag":
+        ratios = [1.0] + [1.0 + 0.004 * i for i in range(1, steps)]
+        return diffusers.MagCacheConfig(mag_ratios=ratios, num_inference_steps=steps, threshold=0.1)
+    if method == "taylorseer":  # the tiny models' attention modules (diffusers' defaults end in "attn")
+        return diffusers.TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
+                                               taylor_factors_dtype=torch.float32,
+                                               cache_identifiers=[r"(transformer_blocks|single_transformer_blocks|blocks)"
+                                                                  r"\.\d+\.attn\d?"])
 
     if method == "fbc":
         return diffusers.FirstBlockCacheConfig(threshold=threshold)
@@ -87,7 +100,7 @@ def _config(method: str, threshold: float, clock: dict) -> Any:
     if method == "fastercache":
         return diffusers.FasterCacheConfig(spatial_attention_block_skip_range=2, unconditional_batch_skip_range=3,
                                            tensor_format="BFCHW", current_timestep_callback=lambda: clock["t"])
-    raise ValueError(f"method: unknown {method!r}; known: fbc, pab, fastercache")
+    raise ValueError(f"method: unknown {method!r}; known: fbc, pab, fastercache, mag, taylorseer")
 
 
 def own_frame(model: torch.nn.Module, tag: str) -> Any:
@@ -110,7 +123,7 @@ class Provider:
         self.name, self.setup, self.tc, self.method, self.timesteps = name, setup, tc, method, timesteps
         self.clock: dict = {}
         self.model = copy.deepcopy(tc.model)
-        self.config = None if name.startswith("uncached") else _config(method, threshold, self.clock)
+        self.config = None if name.startswith("uncached") else _config(method, threshold, self.clock, len(timesteps))
         if name.startswith("diffusers"):
             self.model.enable_cache(self.config)
         elif name.startswith("fastcache"):
@@ -159,6 +172,10 @@ class Provider:
         if self.method == "fbc":
             return sum(self.fbc_computed) / (len(self.setup.contexts) * len(self.timesteps))
         ours = fd.to_fastcache_config(self.config)
+        if self.method == "mag":
+            return mag.plan(ours, self.timesteps.tolist()).rows["blocks"].count("C") / len(self.timesteps)
+        if self.method == "taylorseer":
+            return taylor.plan(ours, self.timesteps.tolist()).rows["forecast"].count("C") / len(self.timesteps)
         if self.method == "fastercache":
             return fc.plan(ours, self.timesteps.tolist()).rows["uncond"].count("F") / len(self.timesteps)
         rows = pab.plan(ours, self.timesteps.tolist()).rows

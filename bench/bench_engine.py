@@ -47,6 +47,24 @@ def settings() -> dict[str, Any]:
     }
 
 
+def step_indexed_settings(model: DiT, x0: torch.Tensor, labels: torch.Tensor, steps: int) -> dict[str, Any]:
+    """MagCache (with this random model's ratios, calibrated here by one uncached run) and TaylorSeer."""
+    from fastcache.methods import mag_cache
+
+    calibration = fastcache.make(fastcache.MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    generate, _ = make_generate(model, calibration.config, x0, labels, steps, compile=False)
+    generate()
+    ratios = mag_cache.calibrated_ratios(generate.last["state"])[1]
+    return {
+        "MagCache threshold 0.1": fastcache.MagCacheConfig(mag_ratios=ratios, num_inference_steps=steps,
+                                                           threshold=0.1),
+        "TaylorSeer interval 3 (fp32 factors)": fastcache.TaylorSeerCacheConfig(
+            cache_interval=3, disable_cache_before_step=3, taylor_factors_dtype=torch.float32),
+        "TaylorSeer lite, interval 3": fastcache.TaylorSeerCacheConfig(
+            use_lite_mode=True, cache_interval=3, disable_cache_before_step=3, taylor_factors_dtype=torch.float32),
+    }
+
+
 def build_model(device: str) -> DiT:
     torch.manual_seed(0)
     model = DiT(DiTConfig(in_channels=4, sample_size=32, patch_size=2, hidden_size=256, num_heads=4, depth=8))
@@ -57,9 +75,10 @@ def build_model(device: str) -> DiT:
 
 
 def make_generate(model: DiT, config: Any, x0: torch.Tensor, labels: torch.Tensor, steps: int,
-                  ) -> tuple[Callable[[], torch.Tensor], Callable[[], tuple[float, int]]]:
-    """A compiled CFG Euler generation, and a function giving the last run's computed FLOP share and its count of
-    reuses that met a non-finite cached value (the state's `nonfinite`)."""
+                  compile: bool = True) -> tuple[Callable[[], torch.Tensor], Callable[[], tuple[float, int]]]:
+    """A compiled (or eager) CFG Euler generation, and a function giving the last run's computed FLOP share and its
+    count of reuses that met a non-finite cached value (the state's `nonfinite`); `generate.last["state"]` is the
+    last run's final state."""
     timesteps = sampling_timesteps(steps, x0.device)
     first = cfg_inputs(x0, timesteps[0], labels, NULL)
     if config is None:
@@ -70,7 +89,9 @@ def make_generate(model: DiT, config: Any, x0: torch.Tensor, labels: torch.Tenso
         fraction: Callable[[Any], float] = lambda state: 1.0  # noqa: E731
     else:
         method = fastcache.make(config)
-        compiled = torch.compile(lambda s, i, d: method.step(model, s, i, d), fullgraph=True)
+        compiled = (lambda s, i, d: method.step(model, s, i, d))
+        if compile:
+            compiled = torch.compile(compiled, fullgraph=True)
         # A state is a value (steps never write into it): one initial state serves every generation, so
         # init's shape trace is paid once per input shape, not per generation.
         state0 = method.init(model, first)
@@ -88,6 +109,8 @@ def make_generate(model: DiT, config: Any, x0: torch.Tensor, labels: torch.Tenso
             x = x + (t_next - timesteps[i]) / 1000 * (u + 4.0 * (c - u))
         last["state"] = state
         return x
+
+    generate.last = last  # type: ignore[attr-defined]
 
     def report() -> tuple[float, int]:  # computed FLOP share and non-finite cache hits of the last run
         state = last["state"]
@@ -119,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every setting's compiled step shares one code object here, and each planned step variant is one cache
     # entry: 14 in all, over dynamo's default limit of 8 per code object (a bench setting, not a library one).
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
-        for name, config in settings().items():
+        for name, config in {**settings(), **step_indexed_settings(model, x0, labels, args.steps)}.items():
             counters.clear()
             generate, fraction = make_generate(model, config, x0, labels, args.steps)
             start = time.perf_counter()

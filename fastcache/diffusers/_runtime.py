@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from fastcache import kernels
 from fastcache.control import all_finite, branch, canonical, select
 from fastcache.diffusers._families import BLOCKS, BlockIO, Family
-from fastcache.methods import faster_cache, pyramid_attention_broadcast
+from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
 from fastcache.methods.faster_cache import FasterCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.mag_cache import MagCacheConfig
@@ -715,15 +715,14 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
                     computed = torch.ones((), dtype=torch.int64, device=residual.device)
                     nonfinite = torch.zeros((), dtype=torch.int64, device=residual.device)
                 else:
-                    ratio = kernels.absmean_rel_diff(residual, state["ref"])
-                    # NaN never counts as small: compute (diffusers would skip on NaN); nor are cached residuals
-                    # holding a NaN or Inf (from a later block) ever reused: the call computes, and is counted
-                    small = ratio <= config.threshold
+                    # the engine's rule: NaN never counts as small (diffusers would skip on NaN), and cached
+                    # residuals holding a NaN or Inf (from a later block) are never reused: computed and counted
                     finite = _all_true(tuple(state["finite"].values()), residual.device)
-                    scratch.skip = small & finite
+                    ratio, scratch.skip, refused = first_block_cache.skip_decision(config, residual, state["ref"],
+                                                                                   True, finite)
                     ref = select(scratch.skip, state["ref"], residual)
                     computed = state["num_computed"] + (~scratch.skip).long()
-                    nonfinite = state["nonfinite"] + (small & ~finite).long()
+                    nonfinite = state["nonfinite"] + refused.long()
                 scratch.new.update(ref=ref, ratio=ratio, skipped=torch.as_tensor(scratch.skip),
                                    num_computed=computed, nonfinite=nonfinite)
                 scratch.starts[segment], scratch.passed[segment], scratch.deferred[segment] = streams, streams, []

@@ -99,6 +99,16 @@ class FirstBlockCacheHead(NamedTuple):
     refused: Tensor  # bool 0-dim: small enough to skip, but the cached residuals are not finite
 
 
+def skip_decision(config: FirstBlockCacheConfig, residual: Tensor, reference: Tensor, has_reference: Flag,
+                  cached_finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The rule, shared by the engine and the diffusers drop-in: `(ratio, skip, refused)` as 0-dim tensors on
+    the device. Small means a reference exists and `ratio <= threshold` (a NaN ratio is never small); a small
+    change skips only if the cached residuals are finite, else it is refused (and counted by the caller)."""
+    ratio = kernels.absmean_rel_diff(residual, reference)
+    small = (ratio <= config.threshold) & has_reference
+    return ratio, small & cached_finite, small & ~cached_finite
+
+
 def head_step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState,
               inputs: Inputs) -> FirstBlockCacheHead:
     """The first half of a step: embed, first block, the skip decision (on the device)."""
@@ -107,9 +117,8 @@ def head_step(config: FirstBlockCacheConfig, model: CacheableModel, state: First
     streams, aux = model.embed(inputs)
     head = model.block(0, streams, aux, call_attention)
     residual = head[0] - streams[0]
-    ratio = kernels.absmean_rel_diff(residual, state.ref_residual)
-    small = (state.count > 0) & (ratio <= config.threshold)
-    return FirstBlockCacheHead(head, aux, residual, ratio, small & state.tails_finite, small & ~state.tails_finite)
+    ratio, skip, refused = skip_decision(config, residual, state.ref_residual, state.count > 0, state.tails_finite)
+    return FirstBlockCacheHead(head, aux, residual, ratio, skip, refused)
 
 
 def tail_step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState,
