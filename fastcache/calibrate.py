@@ -74,9 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"Euler steps (default {DEFAULT_STEPS})")
     parser.add_argument("--out", type=Path, default=None,
                         help="output json (default: the shipped file in fastcache/assets)")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if not 2 <= args.steps <= 1000:
-        parser.error(f"--steps: must be in [2, 1000], got {args.steps}")
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        if not 2 <= args.steps <= 1000:
+            parser.error(f"--steps: must be in [2, 1000], got {args.steps}")
+    except SystemExit as exc:  # --help (0) or a bad argument (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     result = calibrate_mag(args.model, args.steps)
     out = args.out or mag_ratios_path(args.model)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -104,3 +104,18 @@ def test_one_compiled_run_has_no_graph_breaks() -> None:
     assert compiled.error is None, compiled.error
     assert compiled.graph_breaks == 0 and compiled.graphs == 1 and compiled.warmup_s > 0
     assert torch.allclose(compiled.samples, eager.samples, atol=1e-4)
+
+
+def test_calibrate_writes_mag_ratios_and_the_shipped_ones_load(tmp_path: Path, capsys) -> None:
+    from fastcache import calibrate
+
+    out = tmp_path / "ratios.json"
+    assert cli.main(["calibrate", "--model", "image", "--method", "mag", "--steps", "4", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["steps"] == 4 and len(written["mag_ratios"]) == 4 and written["mag_ratios"][0] == 1.0
+    assert all(0.5 < r < 2.0 for r in written["mag_ratios"])
+    assert "mag_ratios=" in capsys.readouterr().out
+    for kind in ("image", "video"):  # shipped with the package, for the demo's MagCache rows
+        shipped = calibrate.load_mag_ratios(kind)
+        assert len(shipped) == json.loads(calibrate.mag_ratios_path(kind).read_text())["steps"] and shipped[0] == 1.0
+    assert cli.main(["calibrate", "--model", "image", "--method", "tea"]) == 2
