@@ -129,3 +129,59 @@ def test_a_second_call_in_one_context_is_refused_by_name() -> None:
         model(**tc.kwargs(tc.latent, TIMESTEPS[0]), return_dict=False)
         with pytest.raises(RuntimeError, match="cache_context"):
             model(**tc.kwargs(tc.latent, TIMESTEPS[0]), return_dict=False)
+
+
+EVERY_ATTENTION = (r"(transformer_blocks|single_transformer_blocks|blocks|temporal_transformer_blocks)\.\d+\.attn\d?",)
+OTHER_FAMILIES = ("flux2", "hunyuanvideo", "ltx", "mochi", "cogview4", "qwenimage", "allegro", "sd3", "latte")
+
+
+@pytest.mark.parametrize("name", OTHER_FAMILIES)
+def test_taylorseer_on_every_other_family_equals_diffusers(name: str) -> None:
+    """Every attention module forecast (diffusers' default identifiers miss `attn1`-style names); SD3 has no
+    diffusers oracle (no CacheMixin): it only has to cache something."""
+    tc = case(name)
+    tc.model.eval()
+    contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
+
+    def config():
+        return diffusers.TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
+                                               taylor_factors_dtype=torch.float32, cache_identifiers=EVERY_ATTENTION)
+
+    ours = copy.deepcopy(tc.model)
+    fd.enable_cache(ours, config())
+    got = denoise(ours, tc, TIMESTEPS, contexts)
+    if name == "sd3":
+        reference = denoise(copy.deepcopy(tc.model), tc, TIMESTEPS, contexts)
+        assert max(float((a - b).abs().max()) for a, b in zip(got, reference)) > 1e-5
+        return
+    theirs = copy.deepcopy(tc.model)
+    theirs.enable_cache(config())
+    reference = denoise(theirs, tc, TIMESTEPS, contexts)
+    assert max(float((a - b).abs().max()) for a, b in zip(got, reference)) <= 1e-5
+
+
+def test_magcache_on_every_family_equals_diffusers_or_is_refused_before_any_compute() -> None:
+    """Beyond Flux, CogVideoX and Wan: every other family runs MagCache exactly as diffusers' hook (eager), except
+    Latte, whose hidden states change layout between its spatial and temporal blocks (diffusers fails
+    mid-generation there): refused at enable_cache, naming why. Allegro and SD3 have no diffusers oracle (no
+    registry entry; no CacheMixin): they only have to cache something."""
+    for name in OTHER_FAMILIES:
+        tc = case(name)
+        tc.model.eval()
+        contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
+        ours = copy.deepcopy(tc.model)
+        if name == "latte":
+            with pytest.raises(ValueError, match="reshapes its hidden states"):
+                fd.enable_cache(ours, _config("mag", name))
+            assert fd.cache_state(ours) is None  # nothing half-enabled
+            continue
+        fd.enable_cache(ours, _config("mag", name))
+        got = denoise(ours, tc, TIMESTEPS, contexts)
+        if name in ("allegro", "sd3"):
+            uncached = denoise(copy.deepcopy(tc.model), tc, TIMESTEPS, contexts)
+            assert max(float((a - b).abs().max()) for a, b in zip(got, uncached)) > 1e-5, name
+            continue
+        theirs = copy.deepcopy(tc.model)
+        theirs.enable_cache(_config("mag", name))
+        reference = denoise(theirs, tc, TIMESTEPS, contexts)
+        assert max(float((a - b).abs().max()) for a, b in zip(got, reference)) <= 1e-5, name

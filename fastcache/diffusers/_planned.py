@@ -74,6 +74,12 @@ def mag_cache_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def mag_cache_roles(model: nn.Module) -> list[tuple[nn.Module, MagRole]]:
+    from fastcache.diffusers._families import family_of
+
+    if family_of(model).per_block_segments:
+        raise ValueError(f"config: MagCache skips all blocks with one residual, but {type(model).__name__} reshapes "
+                         "its hidden states between its spatial and temporal blocks, so no such residual exists "
+                         "(diffusers' hook fails mid-generation there); use FirstBlockCache, PAB or TaylorSeer")
     blocks = [block for _, block in mag_cache_blocks(model)]
     return [(block, MagRole(head=i == 0, tail=i == len(blocks) - 1)) for i, block in enumerate(blocks)]
 
@@ -83,7 +89,8 @@ def blocks_residual(out: Tensor, blocks_in: Tensor) -> Tensor:
     text stream concatenated in front), that of its trailing tokens."""
     if out.shape == blocks_in.shape:
         return out - blocks_in
-    if out.dim() == 3 and blocks_in.dim() == 3 and out.shape[2] == blocks_in.shape[2]:
+    if (out.dim() == 3 and blocks_in.dim() == 3 and out.shape[0] == blocks_in.shape[0]
+            and out.shape[2] == blocks_in.shape[2] and out.shape[1] >= blocks_in.shape[1]):
         return out[:, -blocks_in.shape[1]:] - blocks_in
     raise ValueError(f"MagCache: the last block's output {tuple(out.shape)} and the first block's input "
                      f"{tuple(blocks_in.shape)} do not line up; fastcache cannot apply a residual here")
