@@ -185,3 +185,29 @@ def test_magcache_on_every_family_equals_diffusers_or_is_refused_before_any_comp
         theirs.enable_cache(_config("mag", name))
         reference = denoise(theirs, tc, TIMESTEPS, contexts)
         assert max(float((a - b).abs().max()) for a, b in zip(got, reference)) <= 1e-5, name
+
+
+@pytest.mark.parametrize("method", ["mag", "taylor"])
+def test_a_planned_reuse_of_a_non_finite_value_is_counted(method: str) -> None:
+    """A NaN inside the first attention at call 0 reaches MagCache's residual and TaylorSeer's factors; a planned
+    skip or forecast cannot be refused without a branch on data, so it is counted in `nonfinite` (0 without)."""
+    tc = case("flux")
+    counts = []
+    for poison in (False, True):
+        model = copy.deepcopy(tc.model.eval())
+        fd.enable_cache(model, _config(method, "flux"))
+        first = next(m for n, m in model.named_modules() if n.endswith(".attn"))
+        fired: list[bool] = []
+
+        def nan_once(module, args, output, fired=fired):
+            if not fired:
+                fired.append(True)
+                return output * float("nan")
+            return output
+
+        handle = first.to_out[0].register_forward_hook(nan_once) if poison else None
+        denoise(model, tc, TIMESTEPS, ("cond",))
+        counts.append(int(fd.cache_state(model, "cond")["nonfinite"]))
+        if handle is not None:
+            handle.remove()
+    assert counts[0] == 0 and counts[1] >= 1, counts
