@@ -219,6 +219,12 @@ def trace(model: CacheableModel, inputs: Inputs) -> ModelTrace:
                       tuple(block_flops), head_flops)
 
 
+def check_planned_decision(decision: Any, expected: type, method: str) -> None:
+    """Refuse a missing or foreign decision for a method that is always planned (its rules read no data)."""
+    if not isinstance(decision, expected):
+        raise TypeError(f"decision: {method} is planned; pass plan[i] (a {expected.__name__}), got {decision!r}")
+
+
 def check_planned_reuse(count: Tensor, reuses: bool, method: str) -> None:
     """Refuse, in eager mode, a planned decision that reuses a cache no call of this state has filled yet (it
     holds init's zeros): plan entries are meant for the step index they were planned for. One host read of

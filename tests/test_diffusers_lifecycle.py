@@ -149,18 +149,25 @@ def test_per_token_timesteps_decide_at_the_denoising_timestep() -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+def nan_once_hook():
+    """A forward hook that turns the first output it sees into NaN (a transient overflow), then passes through."""
+    fired: list[bool] = []
+
+    def hook(module, args, output):
+        if fired:
+            return output
+        fired.append(True)
+        return output * float("nan")
+
+    return hook
+
+
 def test_fbc_never_reuses_a_nan_from_a_later_block() -> None:
     """A NaN from the last block's feed-forward lands in the cached residual; the first block's ratio does not
     see it, and every later call used to reuse it. Now the skip is refused on the device (no sync) and counted."""
     tc = case("wan")
     model = tc.model.eval()
-    poisoned: list[bool] = []
-
-    def nan_once(module, args, output):
-        if not poisoned:
-            poisoned.append(True)
-            return output * float("nan")
-        return output
+    nan_once = nan_once_hook()
 
     fd.enable_cache(model, fd.FirstBlockCacheConfig(threshold=1e9))  # skip whenever allowed
     handle = model.blocks[-1].ffn.register_forward_hook(nan_once)
@@ -188,13 +195,7 @@ def test_pab_and_fastercache_never_reuse_a_nan_attention_output_on_the_device(na
     so it is only counted (refusing it would be a host sync)."""
     tc = case(name)
     model = tc.model.eval()
-    poisoned: list[bool] = []
-
-    def nan_once(module, args, output):
-        if not poisoned:
-            poisoned.append(True)
-            return output * float("nan")
-        return output
+    nan_once = nan_once_hook()
 
     clock = {"t": 500.0}
     callback = (lambda: clock["t"]) if path == "planned" else None

@@ -17,6 +17,7 @@ import diffusers  # noqa: E402
 import fastcache.diffusers as fd  # noqa: E402
 from fastcache.diffusers._tiny import case, denoise  # noqa: E402
 from fastcache.testing import CompileCounter  # noqa: E402
+from tests.test_diffusers_lifecycle import nan_once_hook  # noqa: E402
 
 STEPS = 12
 TIMESTEPS = torch.linspace(1000, 1000 / STEPS, STEPS)
@@ -197,15 +198,7 @@ def test_a_planned_reuse_of_a_non_finite_value_is_counted(method: str) -> None:
         model = copy.deepcopy(tc.model.eval())
         fd.enable_cache(model, _config(method, "flux"))
         first = next(m for n, m in model.named_modules() if n.endswith(".attn"))
-        fired: list[bool] = []
-
-        def nan_once(module, args, output, fired=fired):
-            if not fired:
-                fired.append(True)
-                return output * float("nan")
-            return output
-
-        handle = first.to_out[0].register_forward_hook(nan_once) if poison else None
+        handle = first.to_out[0].register_forward_hook(nan_once_hook()) if poison else None
         denoise(model, tc, TIMESTEPS, ("cond",))
         counts.append(int(fd.cache_state(model, "cond")["nonfinite"]))
         if handle is not None:

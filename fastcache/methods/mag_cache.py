@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fastcache import _validate
 from fastcache.control import all_finite
-from fastcache.engine import Plan, as_timesteps, check_planned_reuse, trace
+from fastcache.engine import Plan, as_timesteps, check_planned_decision, check_planned_reuse, trace
 from fastcache.protocol import (
     CacheableModel,
     Inputs,
@@ -161,8 +161,7 @@ def step(config: MagCacheConfig, model: CacheableModel, state: MagCacheState, in
     """One model call with the plan's entry for it (MagCache is always planned: its rule reads no data)."""
     check_state(state, MagCacheState, "MagCache")
     check_inputs(state.spec, inputs)
-    if not isinstance(decision, MagCacheDecision):
-        raise TypeError(f"decision: MagCache is planned; pass plan[i] (a MagCacheDecision), got {decision!r}")
+    check_planned_decision(decision, MagCacheDecision, "MagCache")
     check_planned_reuse(state.count, decision.skip, "MagCache")
     streams, aux = model.embed(inputs)
     if decision.skip:

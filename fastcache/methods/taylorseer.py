@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflat
 
 from fastcache import _validate
 from fastcache.control import all_finite, canonical
-from fastcache.engine import Plan, TensorMeta, as_timesteps, check_planned_reuse, trace
+from fastcache.engine import Plan, TensorMeta, as_timesteps, check_planned_decision, check_planned_reuse, trace
 from fastcache.protocol import (
     CacheableModel,
     Inputs,
@@ -226,8 +226,7 @@ def step(config: TaylorSeerCacheConfig, model: CacheableModel, state: TaylorSeer
     """One model call with the plan's entry for it (TaylorSeer is always planned: its rule reads no data)."""
     check_state(state, TaylorSeerState, "TaylorSeer")
     check_inputs(state.spec, inputs)
-    if not isinstance(decision, TaylorSeerDecision):
-        raise TypeError(f"decision: TaylorSeer is planned; pass plan[i] (a TaylorSeerDecision), got {decision!r}")
+    check_planned_decision(decision, TaylorSeerDecision, "TaylorSeer")
     check_planned_reuse(state.count, not decision.compute, "TaylorSeer")
     dtype, new, new_finite, misses = config.taylor_factors_dtype, dict(state.factors), dict(state.finite), []
 
