@@ -101,6 +101,21 @@ def all_finite(tree: Any) -> Tensor:
     return torch.stack([torch.isfinite(x).all() for x in leaves]).all()
 
 
+def guard_reuse(reuse: Flag, usable: Tensor, misses: list[Tensor]) -> Flag:
+    """A reuse decision that never reuses a non-finite cached value where it can avoid it without a sync.
+
+    `usable`: the cached value is all finite (a 0-dim bool tensor). On the device the reuse becomes
+    `reuse & usable` (it joins the predicate of the cond already taken); a planned reuse (a Python bool) stays as
+    planned, since refusing it would be a branch on data. Either way a reuse of a non-finite value is appended to
+    `misses`, for the state's `nonfinite` count."""
+    if isinstance(reuse, bool):
+        if reuse:
+            misses.append(~usable)
+        return reuse
+    misses.append(reuse & ~usable)
+    return reuse & usable
+
+
 def as_flag(value: Tensor) -> Flag:
     """A 0-dim bool tensor as it travels in a planned decision: a Python bool."""
     return bool(value)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fastcache import kernels
-from fastcache.control import all_finite, branch, canonical, select
+from fastcache.control import all_finite, branch, canonical, guard_reuse, select
 from fastcache.diffusers._families import BLOCKS, BlockIO, Family
 from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
 from fastcache.methods.faster_cache import FasterCacheConfig
@@ -581,18 +581,13 @@ def pab_wrapper(session: Session, name: str, kind: str) -> Callable[[Callable[..
                 scratch.new.setdefault("finite", {})[name] = all_finite(out)
                 return out
             compute, finite = getattr(scratch.decision, kind), state["finite"][name]
-            if isinstance(compute, bool):
-                if not compute:
-                    scratch.misses.append(~finite)
-            else:
-                scratch.misses.append(~compute & ~finite)
-                compute = compute | ~finite
+            reuses = guard_reuse(not compute if isinstance(compute, bool) else ~compute, finite, scratch.misses)
             tensors, rebuild = _split_tensors(args, kwargs)
-            out = _cond(compute, lambda cached, *ts: _call(original, rebuild(ts)), lambda cached, *ts: cached,
+            out = _cond(reuses, lambda cached, *ts: cached, lambda cached, *ts: _call(original, rebuild(ts)),
                         (state["cache"][name], *tensors))
             scratch.new.setdefault("cache", {})[name] = out
             # computed: its own check; reused: finite by the predicate (planned: the flag it had)
-            scratch.new.setdefault("finite", {})[name] = (finite if compute is False else all_finite(out))
+            scratch.new.setdefault("finite", {})[name] = (finite if reuses is True else all_finite(out))
             return out
 
         return forward
@@ -842,13 +837,7 @@ def fastercache_attention_wrapper(session: Session, name: str, kind: str) -> Cal
                 prev, last = state["windows"][name]
                 prev_ok, last_ok = state["windows_finite"][name]
                 # an approximation from a window holding a NaN or Inf: computed on the device, counted always
-                approx, usable = getattr(decision, f"approx_{kind}"), prev_ok & last_ok
-                if isinstance(approx, bool):
-                    if approx:
-                        scratch.misses.append(~usable)
-                else:
-                    scratch.misses.append(approx & ~usable)
-                    approx = approx & usable
+                approx = guard_reuse(getattr(decision, f"approx_{kind}"), prev_ok & last_ok, scratch.misses)
                 tensors, rebuild = _split_tensors(args, kwargs)
                 out = _cond(approx,
                             lambda prv, lst, *ts: tree_map(
@@ -954,13 +943,10 @@ def _guard_deltas(decision: Any, deltas_ok: Tensor, misses: list[Tensor]) -> Any
     """A skip of the unconditional half rebuilds it from the stored deltas: on the device it is refused when they
     are not finite (and so are the approximations, which need the halved batch of a skip); a planned skip runs
     (refusing it would be a branch on data, a host sync). Either way the miss is counted."""
-    skip = decision.skip_uncond
+    skip = guard_reuse(decision.skip_uncond, deltas_ok, misses)
     if isinstance(skip, bool):
-        if skip:
-            misses.append(~deltas_ok)
         return decision
-    misses.append(skip & ~deltas_ok)
-    return decision._replace(skip_uncond=skip & deltas_ok, approx_spatial=decision.approx_spatial & deltas_ok,
+    return decision._replace(skip_uncond=skip, approx_spatial=decision.approx_spatial & deltas_ok,
                              approx_temporal=decision.approx_temporal & deltas_ok)
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from fastcache import _validate, kernels
-from fastcache.control import Flag, all_finite, branch, in_open_range, select
+from fastcache.control import Flag, all_finite, branch, guard_reuse, in_open_range, select
 from fastcache.engine import (
     AttentionSchedule,
     Plan,
@@ -286,14 +286,7 @@ def _attend(sites: dict[str, str], decision: FasterCacheDecision, w: _Windows, f
         prev, last = w.old[site]
         prev_ok, last_ok = w.old_finite[site]
         if not full_batch:
-            approx = getattr(decision, f"approx_{kind}")
-            usable = prev_ok & last_ok
-            if isinstance(approx, bool):
-                if approx:
-                    w.misses.append(~usable)
-            else:
-                w.misses.append(approx & ~usable)
-                approx = approx & usable
+            approx = guard_reuse(getattr(decision, f"approx_{kind}"), prev_ok & last_ok, w.misses)
             out = branch(approx,
                          lambda before, latest, *a: tree_map(
                              lambda x, y: kernels.extrapolate(x, y, decision.w_attention), latest, before),
@@ -341,13 +334,8 @@ def step(config: FasterCacheConfig, model: CacheableModel, state: FasterCacheSta
         return result(out, w, state.d_low, state.d_high, state.deltas_finite, [])
 
     # The unconditional skip rebuilds from the stored deltas: refused (on the device) when they are not finite.
-    skip_uncond, misses = decision.skip_uncond, []
-    if isinstance(skip_uncond, bool):
-        if skip_uncond:
-            misses.append(~state.deltas_finite)
-    else:
-        misses.append(skip_uncond & ~state.deltas_finite)
-        skip_uncond = skip_uncond & state.deltas_finite
+    misses: list[Tensor] = []
+    skip_uncond = guard_reuse(decision.skip_uncond, state.deltas_finite, misses)
 
     def full(old: dict, old_finite: dict, d_low: Tensor, d_high: Tensor) -> tuple:
         w = windows(old, old_finite)

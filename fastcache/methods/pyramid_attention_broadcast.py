@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fastcache import _validate
-from fastcache.control import Flag, all_finite, branch, in_open_range
+from fastcache.control import Flag, all_finite, branch, guard_reuse, in_open_range
 from fastcache.engine import (
     AttentionSchedule,
     Plan,
@@ -178,13 +178,8 @@ def attend_with_cache(sites: dict[str, AttentionKind], decision: PABDecision, st
         def reuse(cached: Any, finite: Tensor, *a: Any) -> tuple[Any, Tensor]:
             return cached, finite
 
-        if isinstance(compute, bool):
-            if not compute:
-                misses.append(~finite)
-            out, ok = (run if compute else reuse)(cached, finite, *args)
-        else:
-            misses.append(~compute & ~finite)
-            out, ok = branch(compute | ~finite, run, reuse, (cached, finite, *args))
+        reuses = guard_reuse(not compute if isinstance(compute, bool) else ~compute, finite, misses)
+        out, ok = branch(reuses, reuse, run, (cached, finite, *args))
         new_cache[site], new_finite[site] = out, ok
         return out
 
