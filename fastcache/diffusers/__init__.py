@@ -1,4 +1,5 @@
-"""fastcache as a drop-in for diffusers' cache hooks (PAB, FasterCache, FirstBlockCache), torch.compile-safe.
+"""fastcache as a drop-in for diffusers' cache hooks (PAB, FasterCache, FirstBlockCache, MagCache, TaylorSeer),
+torch.compile-safe.
 
     from fastcache.diffusers import enable_cache, FirstBlockCacheConfig   # was: from diffusers import ...
     enable_cache(pipe, FirstBlockCacheConfig(threshold=0.1))            # or pipe.transformer

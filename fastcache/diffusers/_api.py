@@ -111,8 +111,8 @@ def enable_cache(model_or_pipeline: Any, config: Any) -> None:
             `transformer_2` where it has one, each with its own states), every call of the pipeline starts
             from fresh cache states (and restores the previous ones at its end), and its scheduler gives the
             timesteps that PAB and FasterCache plan with.
-        config: fastcache's or diffusers' `PyramidAttentionBroadcastConfig`, `FasterCacheConfig` or
-            `FirstBlockCacheConfig`.
+        config: fastcache's or diffusers' `PyramidAttentionBroadcastConfig`, `FasterCacheConfig`,
+            `FirstBlockCacheConfig`, `MagCacheConfig` or `TaylorSeerCacheConfig`.
 
     Raises:
         ValueError / TypeError: already enabled, cached by diffusers' hooks, unknown model class, a method or
