@@ -204,3 +204,20 @@ def test_a_planned_reuse_of_a_non_finite_value_is_counted(method: str) -> None:
         if handle is not None:
             handle.remove()
     assert counts[0] == 0 and counts[1] >= 1, counts
+
+
+@pytest.mark.parametrize(("name", "method"), [("flux", "taylor"), ("cogvideox", "mag")])
+def test_inductor_fullgraph_matches_diffusers(name: str, method: str, dynamo) -> None:
+    """The same bar with inductor itself (the other compiled cases capture with aot_eager)."""
+    tc = case(name)
+    tc.model.eval()
+    contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
+    theirs = copy.deepcopy(tc.model)
+    theirs.enable_cache(_config(method, name))
+    reference = denoise(theirs, tc, TIMESTEPS, contexts)
+    ours = copy.deepcopy(tc.model)
+    fd.enable_cache(ours, _config(method, name))
+    counter = CompileCounter("inductor")
+    compiled = denoise(torch.compile(ours, fullgraph=True, backend=counter), tc, TIMESTEPS, contexts)
+    assert max(float((a - b).abs().max()) for a, b in zip(compiled, reference)) <= 1e-4
+    assert dynamo.graph_breaks == 0 and 1 <= counter.graphs <= 3 and counter.max_conds_per_call == 0
