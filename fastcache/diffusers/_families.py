@@ -89,6 +89,27 @@ BLOCKS: dict[str, BlockIO] = {
 }
 
 
+def block_io(block: torch.nn.Module) -> BlockIO | None:
+    """Where `block` returns its streams: fastcache's table (by the class or a base class), else diffusers' own
+    `TransformerBlockRegistry` metadata (a block whose metadata has no encoder index returns a tensor). None when
+    neither knows the block, or its hidden states are not passed as `hidden_states`."""
+    for cls in type(block).__mro__:
+        if cls.__name__ in BLOCKS:
+            return BLOCKS[cls.__name__]
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+
+        TransformerBlockRegistry._register()
+        meta = TransformerBlockRegistry._registry.get(type(block))
+    except (ImportError, AttributeError):
+        return None
+    if meta is None or meta.hidden_states_argument_name != "hidden_states":
+        return None
+    if meta.return_encoder_hidden_states_index is None:
+        return BlockIO(None)
+    return BlockIO(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index)
+
+
 def family_of(model: torch.nn.Module) -> Family:
     """The family of `model`'s class or of its nearest supported base class (a user's subclass)."""
     name = type(model).__name__

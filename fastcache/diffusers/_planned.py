@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from fastcache.control import all_finite
-from fastcache.diffusers._families import BLOCKS, BlockIO
+from fastcache.diffusers._families import block_io
 from fastcache.diffusers._runtime import _as_output, _input_streams, _positions, _streams
 from fastcache.methods import mag_cache, taylorseer
 from fastcache.methods.mag_cache import MagCacheConfig
@@ -68,7 +68,7 @@ def mag_cache_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if not blocks:
         raise ValueError(f"model: MagCache found no transformer block lists in {type(model).__name__}")
     for name, block in blocks:
-        if type(block).__name__ not in BLOCKS:
+        if block_io(block) is None:
             raise TypeError(f"model: block {name} ({type(block).__name__}) has no MagCache entry in fastcache")
     return blocks
 
@@ -112,7 +112,7 @@ def mag_cache_wrapper(session: Any, block: nn.Module, role: MagRole) -> Wrapper:
     """One block under MagCache: on a planned skip it runs nothing (the head adds the residual, the others
     pass their inputs through); on a computed call the tail measures the residual against the head's input."""
     scratch, config = session.scratch, session.config
-    io: BlockIO = BLOCKS[type(block).__name__]
+    io = block_io(block)
     positions = _positions(block)
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:

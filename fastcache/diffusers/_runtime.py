@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fastcache import kernels
 from fastcache.control import all_finite, branch, canonical, guard_reuse, select
-from fastcache.diffusers._families import BLOCKS, BlockIO, Family
+from fastcache.diffusers._families import BlockIO, Family, block_io
 from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
 from fastcache.methods.faster_cache import FasterCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
@@ -693,7 +693,7 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
     streams between blocks (a ControlNet adding residuals) keeps one cond per block instead.
     """
     scratch, config = session.scratch, session.config
-    io = BLOCKS[type(block).__name__]
+    io = block_io(block)
     positions = _positions(block)
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -990,7 +990,7 @@ def fbc_roles(model: nn.Module, family: Family) -> list[tuple[nn.Module, BlockRo
         if not blocks:
             continue
         for index, block in enumerate(blocks):
-            if type(block).__name__ not in BLOCKS:
+            if block_io(block) is None:
                 raise TypeError(f"model: block class {type(block).__name__} of {type(model).__name__} has no "
                                 "FirstBlockCache entry in fastcache")
             roles.append((block, BlockRole(segment, head=not roles, first=index == 0,
