@@ -34,8 +34,9 @@ ATOL = 1e-5
 # families whose pipelines batch CFG and whose output is an image/video layout (LTX returns tokens: refused)
 FASTERCACHE_FAMILIES = ["cogvideox", "mochi", "latte", "allegro", "sd3"]
 # diffusers' FirstBlockCache fails on these: Flux2 and Latte change the stream shape between block lists,
-# SD3's last block returns no text stream (None - Tensor); fastcache's own reference instead
-FBC_DIFFUSERS_BROKEN = {"flux2", "latte", "sd3"}
+# SD3's last block returns no text stream (None - Tensor), Chroma's blocks are not in its block registry
+# ("not registered"); fastcache's own reference instead
+FBC_DIFFUSERS_BROKEN = {"flux2", "latte", "sd3", "chroma"}
 
 
 def _loop(model: torch.nn.Module, tc: TinyCase, ctx: str, clock: dict, set_ctx, observe=None) -> list[torch.Tensor]:

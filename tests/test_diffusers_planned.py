@@ -133,7 +133,8 @@ def test_a_second_call_in_one_context_is_refused_by_name() -> None:
 
 
 EVERY_ATTENTION = (r"(transformer_blocks|single_transformer_blocks|blocks|temporal_transformer_blocks)\.\d+\.attn\d?",)
-OTHER_FAMILIES = ("flux2", "hunyuanvideo", "ltx", "mochi", "cogview4", "qwenimage", "allegro", "sd3", "latte")
+OTHER_FAMILIES = ("flux2", "hunyuanvideo", "ltx", "mochi", "cogview4", "qwenimage", "allegro", "sd3", "latte",
+                  "chroma")
 
 
 @pytest.mark.parametrize("name", OTHER_FAMILIES)
@@ -164,8 +165,8 @@ def test_taylorseer_on_every_other_family_equals_diffusers(name: str) -> None:
 def test_magcache_on_every_family_equals_diffusers_or_is_refused_before_any_compute() -> None:
     """Beyond Flux, CogVideoX and Wan: every other family runs MagCache exactly as diffusers' hook (eager), except
     Latte, whose hidden states change layout between its spatial and temporal blocks (diffusers fails
-    mid-generation there): refused at enable_cache, naming why. Allegro and SD3 have no diffusers oracle (no
-    registry entry; no CacheMixin): they only have to cache something."""
+    mid-generation there): refused at enable_cache, naming why. Allegro, Chroma and SD3 have no diffusers oracle
+    (no registry entry; no CacheMixin): they only have to cache something."""
     for name in OTHER_FAMILIES:
         tc = case(name)
         tc.model.eval()
@@ -178,7 +179,7 @@ def test_magcache_on_every_family_equals_diffusers_or_is_refused_before_any_comp
             continue
         fd.enable_cache(ours, _config("mag", name))
         got = denoise(ours, tc, TIMESTEPS, contexts)
-        if name in ("allegro", "sd3"):
+        if name in ("allegro", "sd3", "chroma"):
             uncached = denoise(copy.deepcopy(tc.model), tc, TIMESTEPS, contexts)
             assert max(float((a - b).abs().max()) for a, b in zip(got, uncached)) > 1e-5, name
             continue

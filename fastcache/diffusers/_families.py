@@ -68,6 +68,8 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("SD3Transformer2DModel", (("transformer_blocks",),), layout="BCHW", cfg_batched=True,
            extra_batched_kwargs=("pooled_projections",)),
     Family("QwenImageTransformer2DModel", (("transformer_blocks",),), 1000.0),
+    # Chroma concatenates its text and image streams before the single blocks (as Flux2): two segments
+    Family("ChromaTransformer2DModel", (("transformer_blocks",), ("single_transformer_blocks",)), 1000.0),
 )}
 
 BLOCKS: dict[str, BlockIO] = {
@@ -86,6 +88,8 @@ BLOCKS: dict[str, BlockIO] = {
     "CogView4TransformerBlock": BlockIO(0, 1),
     "JointTransformerBlock": BlockIO(1, 0),
     "QwenImageTransformerBlock": BlockIO(1, 0),
+    "ChromaTransformerBlock": BlockIO(1, 0),
+    "ChromaSingleTransformerBlock": BlockIO(None),
 }
 
 

@@ -151,11 +151,23 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
         return TinyCase(name, m, rnd(1, size * size, 16), lambda x, t: dict(
             hidden_states=x, encoder_hidden_states=enc, encoder_hidden_states_mask=torch.ones(1, text),
             timestep=_ts(t, 1, 1e-3), img_shapes=[(1, size, size)]))
+    if name == "chroma":  # Flux's blocks, no pooled text, a distilled-guidance approximator
+        m = d.ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers,
+                                       attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
+                                       axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8), approximator_num_channels=8,
+                                       approximator_hidden_dim=32, approximator_layers=1)
+        s = size * size
+        img = torch.zeros(s, 3)
+        img[:, 1], img[:, 2] = torch.arange(s) // size, torch.arange(s) % size
+        enc = rnd(1, text, 32)
+        return TinyCase(name, m, rnd(1, s, 16), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 1, 1e-3), img_ids=img,
+            txt_ids=torch.zeros(text, 3)))
     raise ValueError(f"name: unknown tiny case {name!r}; known: {', '.join(CASES)}")
 
 
 CASES = ("flux", "flux2", "cogvideox", "hunyuanvideo", "wan", "ltx", "mochi", "latte", "allegro", "cogview4",
-         "sd3", "qwenimage")
+         "sd3", "qwenimage", "chroma")
 
 
 def denoise(model: Any, tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ...] = ("cond",),
