@@ -51,8 +51,8 @@ def step_indexed_settings(model: DiT, x0: torch.Tensor, labels: torch.Tensor, st
     """MagCache (with this random model's ratios, calibrated here by one uncached run) and TaylorSeer."""
     from fastcache.methods import mag_cache
 
-    calibration = fastcache.make(fastcache.MagCacheConfig(calibrate=True, num_inference_steps=steps))
-    generate, _ = make_generate(model, calibration.config, x0, labels, steps, compile=False)
+    calibration = fastcache.MagCacheConfig(calibrate=True, num_inference_steps=steps)
+    generate, _ = make_generate(model, calibration, x0, labels, steps, compile=False)
     generate()
     ratios = mag_cache.calibrated_ratios(generate.last["state"])[1]
     return {

@@ -116,6 +116,13 @@ def guard_reuse(reuse: Flag, usable: Tensor, misses: list[Tensor]) -> Flag:
     return reuse & usable
 
 
+def count_misses(total: Tensor, misses: list[Tensor]) -> Tensor:
+    """`total` (an int64 0-dim count) plus one for each true miss flag from `guard_reuse`, on the device."""
+    for miss in misses:
+        total = total + miss.long()
+    return total
+
+
 def as_flag(value: Tensor) -> Flag:
     """A 0-dim bool tensor as it travels in a planned decision: a Python bool."""
     return bool(value)

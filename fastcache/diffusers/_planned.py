@@ -142,15 +142,12 @@ def mag_cache_wrapper(session: Any, block: nn.Module, role: MagRole) -> Wrapper:
 
 def _record_ratio(scratch: Any, state: Any, residual: Tensor, config: MagCacheConfig) -> None:
     steps = config.num_inference_steps
-    if state is None:
+    if state is None:  # a context's first call: step 0 of a generation (the engine's rule records 1.0)
         ratios = torch.zeros(steps, dtype=torch.float32, device=residual.device)
-        ratios[0] = 1.0
+        count, previous = torch.zeros((), dtype=torch.int64, device=residual.device), residual
     else:
-        index = state["count"] % steps
-        ratio = torch.where(index == 0, torch.ones((), device=residual.device),
-                            mag_cache.calibration_ratio(residual, state["residual"]))
-        ratios = state["ratios"].index_put((index.reshape(1),), ratio.reshape(1))
-    scratch.new["ratios"] = ratios
+        ratios, count, previous = state["ratios"], state["count"], state["residual"]
+    scratch.new["ratios"] = mag_cache.record_ratio(ratios, count, residual, previous, steps)
 
 
 # -- TaylorSeer ---------------------------------------------------------------------------------------------
@@ -174,10 +171,6 @@ def taylorseer_modules(model: nn.Module, config: TaylorSeerCacheConfig) -> dict[
     return found
 
 
-def _template(out: Any) -> Any:
-    return tree_map(lambda x: x.new_empty((*x.shape, 0)), out)
-
-
 def taylorseer_wrapper(session: Any, name: str, active: bool) -> Wrapper:
     """One module under TaylorSeer: compute and update its factors, or forecast it (inactive: zeros)."""
     scratch, config = session.scratch, session.config
@@ -189,7 +182,7 @@ def taylorseer_wrapper(session: Any, name: str, active: bool) -> Wrapper:
             templates = scratch.new.setdefault("templates", {})
             if decision.compute:
                 out = original(*args, **kwargs)
-                templates[name] = _template(out)
+                templates[name] = taylorseer.template_of(out)
                 if active:
                     old = (state or {}).get("factors", {}).get(name)
                     if old is None:  # the first update: no earlier factors (their orders are not held)
@@ -199,7 +192,7 @@ def taylorseer_wrapper(session: Any, name: str, active: bool) -> Wrapper:
                 return out
             templates[name] = state["templates"][name]
             if not active:
-                return tree_map(lambda t: t.new_zeros(t.shape[:-1]), state["templates"][name])
+                return taylorseer.zeros_from_template(state["templates"][name])
             factors[name] = state["factors"][name]
             scratch.new.setdefault("finite", {})[name] = state["finite"][name]
             scratch.misses.append(~state["finite"][name])  # counted: a planned forecast cannot be refused

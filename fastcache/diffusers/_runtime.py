@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fastcache import kernels
-from fastcache.control import all_finite, branch, canonical, guard_reuse, select
+from fastcache.control import all_finite, branch, canonical, count_misses, guard_reuse, select
 from fastcache.diffusers._families import BlockIO, Family, block_io
 from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
 from fastcache.methods.faster_cache import FasterCacheConfig
@@ -534,7 +534,8 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             count = (torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["count"])
             new["count"], new["spec"] = count + 1, spec
             if not isinstance(config, FirstBlockCacheConfig):  # FBC counts its refused skips itself
-                new["nonfinite"] = _counted(state, scratch.misses, t.device)
+                before = torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["nonfinite"]
+                new["nonfinite"] = count_misses(before, scratch.misses)
             # canonical strides for every state tensor: the next call guards on them (a size-1 batch dim
             # keeps arbitrary strides, which recompiled FasterCache twice), and inductor asserts them
             slot.state = tree_map(lambda x: canonical(x) if isinstance(x, Tensor) else x, new)
@@ -544,14 +545,6 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
         return forward
 
     return make
-
-
-def _counted(state: Any, misses: list[Tensor], device: torch.device) -> Tensor:
-    """The state's `nonfinite` count plus this call's misses (int64, on the device: no sync)."""
-    total = torch.zeros((), dtype=torch.int64, device=device) if state is None else state["nonfinite"]
-    for miss in misses:
-        total = total + miss.long()
-    return total
 
 
 def _spec(hidden: Any) -> Tensor | None:

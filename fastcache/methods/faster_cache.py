@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from fastcache import _validate, kernels
-from fastcache.control import Flag, all_finite, branch, guard_reuse, in_open_range, select
+from fastcache.control import Flag, all_finite, branch, count_misses, guard_reuse, in_open_range, select
 from fastcache.engine import (
     AttentionSchedule,
     Plan,
@@ -321,17 +321,15 @@ def step(config: FasterCacheConfig, model: CacheableModel, state: FasterCacheSta
     def windows(old: dict, old_finite: dict) -> _Windows:
         return _Windows(old, old_finite, dict(old), dict(old_finite), [])
 
-    def result(out: Tensor, w: _Windows, d_low: Tensor, d_high: Tensor, deltas_finite: Tensor,
+    def result(out: Tensor, new: dict, new_finite: dict, d_low: Tensor, d_high: Tensor, deltas_finite: Tensor,
                misses: list[Tensor]) -> tuple[Tensor, FasterCacheState]:
-        misses = misses + w.misses
-        nonfinite = state.nonfinite + sum(m.long() for m in misses) if misses else state.nonfinite
-        return out, FasterCacheState(state.count + 1, w.new, w.new_finite, d_low, d_high, deltas_finite,
-                                     nonfinite, state.spec)
+        return out, FasterCacheState(state.count + 1, new, new_finite, d_low, d_high, deltas_finite,
+                                     count_misses(state.nonfinite, misses), state.spec)
 
     if config.is_guidance_distilled:
         w = windows(state.windows, state.windows_finite)
         out = forward(model, inputs, _attend(sites, decision, w, False))
-        return result(out, w, state.d_low, state.d_high, state.deltas_finite, [])
+        return result(out, w.new, w.new_finite, state.d_low, state.d_high, state.deltas_finite, w.misses)
 
     # The unconditional skip rebuilds from the stored deltas: refused (on the device) when they are not finite.
     misses: list[Tensor] = []
@@ -342,7 +340,8 @@ def step(config: FasterCacheConfig, model: CacheableModel, state: FasterCacheSta
         out = forward(model, inputs, _attend(sites, decision, w, True))
         uncond, cond = out.chunk(2)
         new_low, new_high = kernels.frequency_split((uncond - cond).float())
-        return out, w.new, w.new_finite, new_low, new_high, all_finite((new_low, new_high)), _count(w.misses, d_low)
+        return (out, w.new, w.new_finite, new_low, new_high, all_finite((new_low, new_high)),
+                _branch_misses(w.misses, d_low))
 
     def skip(old: dict, old_finite: dict, d_low: Tensor, d_high: Tensor) -> tuple:
         # halve the batch inside the branch: views of the inputs made outside it would reach torch.cond as
@@ -353,20 +352,16 @@ def step(config: FasterCacheConfig, model: CacheableModel, state: FasterCacheSta
         uncond, new_low, new_high = kernels.fastercache_uncond(cond, d_low, d_high, decision.w_low,
                                                                decision.w_high)
         return (torch.cat([uncond, cond]), w.new, w.new_finite, new_low, new_high,
-                all_finite((new_low, new_high)), _count(w.misses, d_low))
+                all_finite((new_low, new_high)), _branch_misses(w.misses, d_low))
 
     out, new, new_finite, d_low, d_high, deltas_finite, attention_misses = branch(
         skip_uncond, skip, full, (state.windows, state.windows_finite, state.d_low, state.d_high))
-    w = _Windows(state.windows, state.windows_finite, new, new_finite, [attention_misses])
-    return result(out, w, d_low, d_high, deltas_finite, misses)
+    return result(out, new, new_finite, d_low, d_high, deltas_finite, [*misses, attention_misses])
 
 
-def _count(misses: list[Tensor], like: Tensor) -> Tensor:
-    """The misses as one int64 count (a tensor in both branches of a cond, zero when there are none)."""
-    total = torch.zeros((), dtype=torch.int64, device=like.device)
-    for miss in misses:
-        total = total + miss.long()
-    return total
+def _branch_misses(misses: list[Tensor], like: Tensor) -> Tensor:
+    """The misses as one int64 count: a tensor in both branches of a cond, zero when there are none."""
+    return count_misses(torch.zeros((), dtype=torch.int64, device=like.device), misses)
 
 
 def computed_fraction(config: FasterCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan,

@@ -156,6 +156,14 @@ def calibration_ratio(residual: Tensor, previous: Tensor) -> Tensor:
     return (current / (before + CALIBRATION_EPS)).mean()
 
 
+def record_ratio(ratios: Tensor, count: Tensor, residual: Tensor, previous: Tensor, steps: int) -> Tensor:
+    """`ratios` with call `count`'s entry set: its residual's ratio against the previous call's, or 1.0 at the
+    first step of a generation (there is none before it). On the device: no sync."""
+    index = count % steps
+    ratio = torch.where(index == 0, torch.ones((), device=residual.device), calibration_ratio(residual, previous))
+    return ratios.index_put((index.reshape(1),), ratio.reshape(1))
+
+
 def step(config: MagCacheConfig, model: CacheableModel, state: MagCacheState, inputs: Inputs,
          decision: MagCacheDecision | None = None) -> tuple[Tensor, MagCacheState]:
     """One model call with the plan's entry for it (MagCache is always planned: its rule reads no data)."""
@@ -170,11 +178,8 @@ def step(config: MagCacheConfig, model: CacheableModel, state: MagCacheState, in
     tail = run_blocks(model, 0, streams, aux, call_attention)
     residual = tail[0] - streams[0]
     ratios = state.ratios
-    if config.calibrate:  # step i's ratio against step i-1's residual; step 0 has none: 1.0
-        index = state.count % config.num_inference_steps
-        ratio = torch.where(index == 0, torch.ones((), device=residual.device),
-                            calibration_ratio(residual, state.residual))
-        ratios = ratios.index_put((index.reshape(1),), ratio.reshape(1))
+    if config.calibrate:
+        ratios = record_ratio(ratios, state.count, residual, state.residual, config.num_inference_steps)
     return model.head(tail, aux), MagCacheState(state.count + 1, residual, all_finite(residual), state.nonfinite,
                                                 ratios, state.spec)
 

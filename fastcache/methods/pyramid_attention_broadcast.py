@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fastcache import _validate
-from fastcache.control import Flag, all_finite, branch, guard_reuse, in_open_range
+from fastcache.control import Flag, all_finite, branch, count_misses, guard_reuse, in_open_range
 from fastcache.engine import (
     AttentionSchedule,
     Plan,
@@ -191,16 +191,16 @@ def step(config: PyramidAttentionBroadcastConfig, model: CacheableModel, state: 
     """One model call. `decision`: the plan's entry for this call, or None to decide on the device."""
     check_state(state, PABState, "PyramidAttentionBroadcast")
     check_inputs(state.spec, inputs)
-    check_sites(state.cache, config.hooked_sites(model), None if decision is None else reused_kinds([decision]))
+    reused = None if decision is None else reused_kinds([decision])
+    check_sites(state.cache, config.hooked_sites(model), reused)
     if decision is None:
         decision = decide(config, state.count, model.cache_timestep(inputs))
     else:
-        check_planned_reuse(state.count, any(flag is False for flag in decision), "PyramidAttentionBroadcast")
+        check_planned_reuse(state.count, bool(reused), "PyramidAttentionBroadcast")
     new_cache, new_finite, misses = dict(state.cache), dict(state.finite), []
     attend = attend_with_cache(config.hooked_sites(model), decision, state, new_cache, new_finite, misses)
     out = forward(model, inputs, attend)
-    nonfinite = state.nonfinite + sum(m.long() for m in misses) if misses else state.nonfinite
-    return out, PABState(state.count + 1, new_cache, new_finite, nonfinite, state.spec)
+    return out, PABState(state.count + 1, new_cache, new_finite, count_misses(state.nonfinite, misses), state.spec)
 
 
 def computed_fraction(config: PyramidAttentionBroadcastConfig, model: CacheableModel, inputs: Inputs,

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from fastcache import _validate
-from fastcache.control import all_finite, canonical
+from fastcache.control import all_finite, canonical, count_misses
 from fastcache.engine import Plan, TensorMeta, as_timesteps, check_planned_decision, check_planned_reuse, trace
 from fastcache.protocol import (
     CacheableModel,
@@ -153,31 +153,30 @@ def forecast_sites(config: TaylorSeerCacheConfig, model: CacheableModel) -> dict
     return sites
 
 
-def _template(meta: Any) -> Any:
-    return tree_map(lambda m: torch.empty((*m.shape, 0), dtype=m.dtype, device=m.device), meta,
-                    is_leaf=lambda m: isinstance(m, TensorMeta))
+def template_of(out: Any) -> Any:
+    """Zero-byte tensors that record the shapes and dtypes of a module's output (tensors or TensorMetas)."""
+    return tree_map(lambda x: torch.empty((*x.shape, 0), dtype=x.dtype, device=x.device), out,
+                    is_leaf=lambda x: isinstance(x, TensorMeta))
 
 
-def _from_template(template: Any, fill: Callable[[tuple[int, ...], torch.dtype, torch.device], Tensor]) -> Any:
-    return tree_map(lambda t: fill(tuple(t.shape[:-1]), t.dtype, t.device), template)
+def zeros_from_template(template: Any, dtype: torch.dtype | None = None) -> Any:
+    """Zeros shaped as the recorded output, in its dtype or `dtype`: an inactive module's forecast, or factors."""
+    return tree_map(lambda t: t.new_zeros(t.shape[:-1], dtype=dtype or t.dtype), template)
 
 
 def _factors_like(template: Any, config: TaylorSeerCacheConfig) -> tuple[Any, ...]:
-    def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        return torch.zeros(shape, dtype=config.taylor_factors_dtype or dtype, device=device)
-
-    return tuple(_from_template(template, zeros) for _ in range(config.max_order + 1))
+    return tuple(zeros_from_template(template, config.taylor_factors_dtype) for _ in range(config.max_order + 1))
 
 
 def init(config: TaylorSeerCacheConfig, model: CacheableModel, inputs: Inputs) -> TaylorSeerState:
     check_model(model)
     tr = trace(model, inputs)
     if config.use_lite_mode:
-        templates = {"output": _template(tr.output)}
+        templates = {"output": template_of(tr.output)}
         active = ["output"]
     else:
         sites = forecast_sites(config, model)
-        templates = {name: _template(tr.site_outputs[name]) for name in sites}
+        templates = {name: template_of(tr.site_outputs[name]) for name in sites}
         active = [name for name, forecast_it in sites.items() if forecast_it]
     factors = {name: _factors_like(templates[name], config) for name in active}
     device = tr.output.device
@@ -241,7 +240,7 @@ def step(config: TaylorSeerCacheConfig, model: CacheableModel, state: TaylorSeer
         if name in state.factors:
             misses.append(~state.finite[name])
             return forecast_tree(state.factors[name], state.templates[name], decision)
-        return _from_template(state.templates[name], lambda shape, dt, dev: torch.zeros(shape, dtype=dt, device=dev))
+        return zeros_from_template(state.templates[name])
 
     if config.use_lite_mode:
         out = run("output", lambda: forward(model, inputs))
@@ -252,8 +251,8 @@ def step(config: TaylorSeerCacheConfig, model: CacheableModel, state: TaylorSeer
             return run(site, lambda: fn(*args))
 
         out = forward(model, inputs, attend)
-    nonfinite = state.nonfinite + sum(m.long() for m in misses) if misses else state.nonfinite
-    return out, TaylorSeerState(state.count + 1, new, state.templates, new_finite, nonfinite, state.spec)
+    return out, TaylorSeerState(state.count + 1, new, state.templates, new_finite,
+                                count_misses(state.nonfinite, misses), state.spec)
 
 
 def computed_fraction(config: TaylorSeerCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan,
