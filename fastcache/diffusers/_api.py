@@ -10,6 +10,7 @@ from torch import nn
 
 from fastcache.diffusers._families import family_of
 from fastcache.diffusers._runtime import BATCHED_KWARGS, SESSION_ATTR, Session, install
+from fastcache.methods import mag_cache
 from fastcache.methods.faster_cache import MODULE_CALLBACK_FIELDS, TENSOR_FORMATS, FasterCacheConfig, ModuleCallback
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.mag_cache import MagCacheConfig
@@ -227,16 +228,13 @@ def cache_state(model: Any, name: str | None = None) -> dict | None:
 def calibrated_ratios(model: Any, name: str | None = None) -> tuple[Any, list[float]]:
     """The ratios a `MagCacheConfig(calibrate=True)` run recorded in context `name`: a CPU tensor and a list to
     paste into `mag_ratios` (what diffusers prints at the end of its calibration run)."""
-    from fastcache.methods.mag_cache import MagCacheConfig
-
     session = _session(model)
     if session is None or not isinstance(session.config, MagCacheConfig) or not session.config.calibrate:
         raise ValueError("model: calibrated_ratios needs fastcache enabled with MagCacheConfig(calibrate=True)")
     state = session.state(name)
     if state is None or "ratios" not in state:
         raise ValueError(f"context {name!r}: no calibration call has run in it yet")
-    ratios = state["ratios"].detach().cpu()
-    return ratios, [round(float(r), 5) for r in ratios]
+    return mag_cache.ratios_as_data(state["ratios"])
 
 
 def decided_on(model: Any) -> str | None:

@@ -187,7 +187,12 @@ def step(config: MagCacheConfig, model: CacheableModel, state: MagCacheState, in
 def calibrated_ratios(state: MagCacheState) -> tuple[Tensor, list[float]]:
     """The ratios a `calibrate=True` run recorded: a CPU tensor, and a list to paste into `mag_ratios` (one host
     read, after the loop)."""
-    ratios = state.ratios.detach().cpu()
+    return ratios_as_data(state.ratios)
+
+
+def ratios_as_data(ratios: Tensor) -> tuple[Tensor, list[float]]:
+    """Recorded ratios as a CPU tensor and a list rounded for pasting (5 decimals, as diffusers' ratios)."""
+    ratios = ratios.detach().cpu()
     return ratios, [round(float(r), 5) for r in ratios]
 
 
