@@ -25,6 +25,7 @@ from fastcache.diffusers._tiny import case, denoise, fbc_threshold  # noqa: E402
 from fastcache.methods import faster_cache as fc  # noqa: E402
 from fastcache.methods import pyramid_attention_broadcast as pab  # noqa: E402
 from fastcache.testing import CompileCounter  # noqa: E402
+from tests._families import FASTERCACHE  # noqa: E402
 
 TIMESTEPS = torch.linspace(1000, 0, 10)
 
@@ -138,11 +139,10 @@ def test_without_a_host_timestep_decisions_move_to_the_device(method: str, dynam
 
 
 BACKEND = "eager"  # dynamo capture only, run eagerly
-FASTERCACHE_FAMILIES = ("cogvideox", "mochi", "latte", "allegro", "sd3")  # batched CFG, image/video output
 # the families not compiled with inductor above (those three are, with every method)
 OTHER_FAMILIES = [n for n in CASES_ALL if n not in ("flux", "cogvideox", "wan")]
 EVERY_FAMILY = ([(n, "fbc") for n in OTHER_FAMILIES] + [(n, "pab") for n in OTHER_FAMILIES]
-                + [(n, "fc") for n in FASTERCACHE_FAMILIES if n in OTHER_FAMILIES])
+                + [(n, "fc") for n in FASTERCACHE if n in OTHER_FAMILIES])
 
 
 @pytest.mark.parametrize(("name", "method"), EVERY_FAMILY, ids=[f"{n}-{m}" for n, m in EVERY_FAMILY])

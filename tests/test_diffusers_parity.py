@@ -28,15 +28,10 @@ import fastcache.diffusers as fd  # noqa: E402
 from fastcache.diffusers._families import FAMILIES  # noqa: E402
 from fastcache.diffusers._tiny import CASES, TinyCase, case, denoise, fbc_threshold  # noqa: E402
 from fastcache.methods import pyramid_attention_broadcast as pab  # noqa: E402
+from tests._families import FASTERCACHE, FBC_NO_ORACLE, family  # noqa: E402
 
 TIMESTEPS = torch.linspace(1000, 0, 10)
 ATOL = 1e-5
-# families whose pipelines batch CFG and whose output is an image/video layout (LTX returns tokens: refused)
-FASTERCACHE_FAMILIES = ["cogvideox", "mochi", "latte", "allegro", "sd3"]
-# diffusers' FirstBlockCache fails on these: Flux2 and Latte change the stream shape between block lists,
-# SD3's last block returns no text stream (None - Tensor), Chroma's blocks are not in its block registry
-# ("not registered"); fastcache's own reference instead
-FBC_DIFFUSERS_BROKEN = {"flux2", "latte", "sd3", "chroma"}
 
 
 def _loop(model: torch.nn.Module, tc: TinyCase, ctx: str, clock: dict, set_ctx, observe=None) -> list[torch.Tensor]:
@@ -71,25 +66,20 @@ def _max_diffs(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[float]:
 def _pab_config(name: str, clock: dict) -> diffusers.PyramidAttentionBroadcastConfig:
     return diffusers.PyramidAttentionBroadcastConfig(
         spatial_attention_block_skip_range=2, cross_attention_block_skip_range=3,
-        temporal_attention_block_skip_range=2 if FAMILIES[_class(name)].temporal else None,
+        temporal_attention_block_skip_range=2 if family(name).temporal else None,
         current_timestep_callback=lambda: clock["t"])
 
 
 def _fc_config(name: str, clock: dict, distilled: bool = False) -> diffusers.FasterCacheConfig:
-    family = FAMILIES[_class(name)]
-    return diffusers.FasterCacheConfig(
-        spatial_attention_block_skip_range=2, temporal_attention_block_skip_range=2 if family.temporal else None,
-        unconditional_batch_skip_range=3, tensor_format=family.layout or "BCFHW",
+    fam = family(name)
+    config = diffusers.FasterCacheConfig(
+        spatial_attention_block_skip_range=2, temporal_attention_block_skip_range=2 if fam.temporal else None,
+        unconditional_batch_skip_range=3, tensor_format=fam.layout or "BCFHW",
         is_guidance_distilled=distilled, current_timestep_callback=lambda: clock["t"])
-
-
-_CLASSES: dict[str, str] = {}
-
-
-def _class(name: str) -> str:
-    if name not in _CLASSES:
-        _CLASSES[name] = type(case(name).model).__name__
-    return _CLASSES[name]
+    # diffusers cuts only its default input names; a family that batches more (SD3's pooled text) names them
+    config._unconditional_conditional_input_kwargs_identifiers = (
+        *config._unconditional_conditional_input_kwargs_identifiers, *fam.extra_batched_kwargs)
+    return config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -124,10 +114,6 @@ def _parity(name: str, method: str) -> dict:
         d_apply = d_apply_pab
     else:
         d_cfg, f_cfg = _fc_config(name, clock), _fc_config(name, clock)
-        if name == "sd3":  # diffusers cuts only its default input names; SD3 also batches pooled_projections
-            for cfg in (d_cfg, f_cfg):
-                cfg._unconditional_conditional_input_kwargs_identifiers = (
-                    *cfg._unconditional_conditional_input_kwargs_identifiers, "pooled_projections")
         d_apply = d_apply_faster_cache
 
     skipped: list[bool] = []
@@ -138,7 +124,7 @@ def _parity(name: str, method: str) -> dict:
     fd.disable_cache(f_model)
     info["uncached"] = _loop(f_model, tc, ctx, clock, lambda name: contextlib.nullcontext())
     info["skipped"] = skipped
-    if method == "fbc" and name in FBC_DIFFUSERS_BROKEN:
+    if method == "fbc" and name in FBC_NO_ORACLE:
         info["reference"] = _fbc_reference(tc, ctx, threshold)
     else:
         d_apply(d_model, d_cfg)
@@ -192,7 +178,7 @@ def _fbc_reference(tc: TinyCase, ctx: str, threshold: float) -> list[torch.Tenso
     return _loop(model, tc, ctx, {}, lambda name: contextlib.nullcontext())
 
 
-PARITY = ([(n, "fbc") for n in CASES] + [(n, "pab") for n in CASES] + [(n, "fc") for n in FASTERCACHE_FAMILIES])
+PARITY = ([(n, "fbc") for n in CASES] + [(n, "pab") for n in CASES] + [(n, "fc") for n in FASTERCACHE])
 
 
 @pytest.mark.parametrize(("name", "method"), PARITY, ids=[f"{n}-{m}" for n, m in PARITY])

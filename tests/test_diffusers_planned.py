@@ -15,8 +15,10 @@ pytest.importorskip("diffusers")
 import diffusers  # noqa: E402
 
 import fastcache.diffusers as fd  # noqa: E402
+from fastcache.diffusers._tiny import CASES as CASES_ALL  # noqa: E402
 from fastcache.diffusers._tiny import case, denoise  # noqa: E402
 from fastcache.testing import CompileCounter  # noqa: E402
+from tests._families import MAG_NO_ORACLE, MAG_REFUSED, TAYLOR_NO_ORACLE  # noqa: E402
 from tests.test_diffusers_lifecycle import nan_once_hook  # noqa: E402
 
 STEPS = 12
@@ -133,60 +135,80 @@ def test_a_second_call_in_one_context_is_refused_by_name() -> None:
 
 
 EVERY_ATTENTION = (r"(transformer_blocks|single_transformer_blocks|blocks|temporal_transformer_blocks)\.\d+\.attn\d?",)
-OTHER_FAMILIES = ("flux2", "hunyuanvideo", "ltx", "mochi", "cogview4", "qwenimage", "allegro", "sd3", "latte",
-                  "chroma")
+OTHER_FAMILIES = [n for n in CASES_ALL if n not in ("flux", "cogvideox", "wan")]
+
+
+def _every_attention_config() -> diffusers.TaylorSeerCacheConfig:
+    return diffusers.TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
+                                           taylor_factors_dtype=torch.float32, cache_identifiers=EVERY_ATTENTION)
+
+
+def _gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("name", OTHER_FAMILIES)
 def test_taylorseer_on_every_other_family_equals_diffusers(name: str) -> None:
-    """Every attention module forecast (diffusers' default identifiers miss `attn1`-style names); SD3 has no
-    diffusers oracle (no CacheMixin): it only has to cache something."""
+    """Every attention module forecast (diffusers' default identifiers miss `attn1`-style names); where diffusers'
+    hook cannot run (tests/_families.py says why) the drop-in only has to cache something."""
     tc = case(name)
     tc.model.eval()
     contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
-
-    def config():
-        return diffusers.TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
-                                               taylor_factors_dtype=torch.float32, cache_identifiers=EVERY_ATTENTION)
-
     ours = copy.deepcopy(tc.model)
-    fd.enable_cache(ours, config())
+    fd.enable_cache(ours, _every_attention_config())
     got = denoise(ours, tc, TIMESTEPS, contexts)
-    if name == "sd3":
-        reference = denoise(copy.deepcopy(tc.model), tc, TIMESTEPS, contexts)
-        assert max(float((a - b).abs().max()) for a, b in zip(got, reference)) > 1e-5
+    uncached = denoise(copy.deepcopy(tc.model), tc, TIMESTEPS, contexts)
+    assert _gap(got, uncached) > 1e-5, "the cache must have changed the outputs"
+    if name in TAYLOR_NO_ORACLE:
         return
     theirs = copy.deepcopy(tc.model)
-    theirs.enable_cache(config())
-    reference = denoise(theirs, tc, TIMESTEPS, contexts)
-    assert max(float((a - b).abs().max()) for a, b in zip(got, reference)) <= 1e-5
+    theirs.enable_cache(_every_attention_config())
+    assert _gap(got, denoise(theirs, tc, TIMESTEPS, contexts)) <= 1e-5
 
 
-def test_magcache_on_every_family_equals_diffusers_or_is_refused_before_any_compute() -> None:
-    """Beyond Flux, CogVideoX and Wan: every other family runs MagCache exactly as diffusers' hook (eager), except
-    Latte, whose hidden states change layout between its spatial and temporal blocks (diffusers fails
-    mid-generation there): refused at enable_cache, naming why. Allegro, Chroma and SD3 have no diffusers oracle
-    (no registry entry; no CacheMixin): they only have to cache something."""
-    for name in OTHER_FAMILIES:
-        tc = case(name)
-        tc.model.eval()
-        contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
-        ours = copy.deepcopy(tc.model)
-        if name == "latte":
-            with pytest.raises(ValueError, match="reshapes its hidden states"):
-                fd.enable_cache(ours, _config("mag", name))
-            assert fd.cache_state(ours) is None  # nothing half-enabled
-            continue
-        fd.enable_cache(ours, _config("mag", name))
-        got = denoise(ours, tc, TIMESTEPS, contexts)
-        if name in ("allegro", "sd3", "chroma"):
-            uncached = denoise(copy.deepcopy(tc.model), tc, TIMESTEPS, contexts)
-            assert max(float((a - b).abs().max()) for a, b in zip(got, uncached)) > 1e-5, name
-            continue
-        theirs = copy.deepcopy(tc.model)
-        theirs.enable_cache(_config("mag", name))
-        reference = denoise(theirs, tc, TIMESTEPS, contexts)
-        assert max(float((a - b).abs().max()) for a, b in zip(got, reference)) <= 1e-5, name
+@pytest.mark.parametrize("name", OTHER_FAMILIES)
+def test_magcache_on_every_other_family_equals_diffusers_or_is_refused_before_any_compute(name: str) -> None:
+    """Every other family runs MagCache exactly as diffusers' hook (eager), except where it is refused at
+    enable_cache, naming why (Latte: its hidden states change layout between its spatial and temporal blocks,
+    and diffusers fails mid-generation there). Where diffusers' hook cannot run, it only has to cache something."""
+    tc = case(name)
+    tc.model.eval()
+    contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
+    ours = copy.deepcopy(tc.model)
+    if name in MAG_REFUSED:
+        with pytest.raises(ValueError, match=MAG_REFUSED[name]):
+            fd.enable_cache(ours, _config("mag", name))
+        assert fd.cache_state(ours) is None  # nothing half-enabled
+        return
+    fd.enable_cache(ours, _config("mag", name))
+    got = denoise(ours, tc, TIMESTEPS, contexts)
+    uncached = denoise(copy.deepcopy(tc.model), tc, TIMESTEPS, contexts)
+    assert _gap(got, uncached) > 1e-5, "the cache must have changed the outputs"
+    if name in MAG_NO_ORACLE:
+        return
+    theirs = copy.deepcopy(tc.model)
+    theirs.enable_cache(_config("mag", name))
+    assert _gap(got, denoise(theirs, tc, TIMESTEPS, contexts)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", OTHER_FAMILIES)
+def test_every_other_family_captures_the_planned_methods_fullgraph(name: str, dynamo) -> None:
+    """MagCache (where not refused) and TaylorSeer under torch.compile(fullgraph=True) (dynamo capture, run
+    eagerly): 0 graph breaks, at most 3 graphs, 0 torch.cond, outputs equal to eager."""
+    tc = case(name)
+    tc.model.eval()
+    contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
+    for config in ([] if name in MAG_REFUSED else [_config("mag", name)]) + [_every_attention_config()]:
+        model = copy.deepcopy(tc.model)
+        fd.enable_cache(model, config)
+        eager = denoise(model, tc, TIMESTEPS, contexts)
+        fd.reset_cache(model)
+        counter = CompileCounter("eager")
+        compiled = denoise(torch.compile(model, fullgraph=True, backend=counter), tc, TIMESTEPS, contexts)
+        assert dynamo.graph_breaks == 0, type(config).__name__
+        assert 1 <= counter.graphs <= 3 and counter.max_conds_per_call == 0, counter.conds_per_graph
+        assert _gap(compiled, eager) <= 1e-6, type(config).__name__
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("method", ["mag", "taylor"])

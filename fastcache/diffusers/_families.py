@@ -16,10 +16,17 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class BlockIO:
-    """Where a block returns its streams: tuple indices, or None for `hidden` when it returns a tensor."""
+    """Where a block returns its streams (tuple indices, or None for `hidden` when it returns a tensor) and the
+    names of the arguments that take them (a second stream is text for most families, audio for LTX-2)."""
 
     hidden: int | None
     encoder: int | None = None
+    hidden_arg: str = "hidden_states"
+    encoder_arg: str = "encoder_hidden_states"
+
+    @property
+    def stream_args(self) -> tuple[str, ...]:
+        return (self.hidden_arg,) if self.hidden is None else (self.hidden_arg, self.encoder_arg)
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ BLOCKS: dict[str, BlockIO] = {
 def block_io(block: torch.nn.Module) -> BlockIO | None:
     """Where `block` returns its streams: fastcache's table (by the class or a base class), else diffusers' own
     `TransformerBlockRegistry` metadata (a block whose metadata has no encoder index returns a tensor). None when
-    neither knows the block, or its hidden states are not passed as `hidden_states`."""
+    neither knows the block."""
     for cls in type(block).__mro__:
         if cls.__name__ in BLOCKS:
             return BLOCKS[cls.__name__]
@@ -107,11 +114,12 @@ def block_io(block: torch.nn.Module) -> BlockIO | None:
         meta = TransformerBlockRegistry._registry.get(type(block))
     except (ImportError, AttributeError):
         return None
-    if meta is None or meta.hidden_states_argument_name != "hidden_states":
+    if meta is None:
         return None
     if meta.return_encoder_hidden_states_index is None:
-        return BlockIO(None)
-    return BlockIO(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index)
+        return BlockIO(None, hidden_arg=meta.hidden_states_argument_name)
+    return BlockIO(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index,
+                   meta.hidden_states_argument_name, meta.encoder_hidden_states_argument_name)
 
 
 def family_of(model: torch.nn.Module) -> Family:

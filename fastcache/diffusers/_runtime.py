@@ -623,10 +623,7 @@ def _streams(io: BlockIO, out: Any) -> tuple:
 
 
 def _input_streams(io: BlockIO, positions: dict[str, int], args: tuple, kwargs: dict) -> tuple:
-    hidden = _arg(positions, "hidden_states", args, kwargs)
-    if io.hidden is None:
-        return (hidden,)
-    return (hidden, _arg(positions, "encoder_hidden_states", args, kwargs))
+    return tuple(_arg(positions, name, args, kwargs) for name in io.stream_args)
 
 
 def _as_output(io: BlockIO, streams: tuple) -> Any:
@@ -659,9 +656,8 @@ class Deferred:
 
 def _with_streams(io: BlockIO, positions: dict[str, int], args: tuple, kwargs: dict, streams: tuple) -> tuple:
     """(args, kwargs) with the block's stream arguments replaced by `streams`."""
-    names = ("hidden_states",) if io.hidden is None else ("hidden_states", "encoder_hidden_states")
     args, kwargs = list(args), dict(kwargs)
-    for name, value in zip(names, streams):
+    for name, value in zip(io.stream_args, streams):
         index = positions.get(name)
         if name not in kwargs and index is not None and index < len(args):
             args[index] = value

@@ -1,0 +1,44 @@
+"""Per family, what the drop-in's tests compare against: diffusers' own hooks wherever they run, and why not
+where they do not (the reason is the test's documentation and the README's table). Adding a family to the
+tests is its tiny case (`fastcache.diffusers._tiny`) plus, where diffusers fails, a line here."""
+
+from __future__ import annotations
+
+from fastcache.diffusers._families import FAMILIES
+from fastcache.diffusers._tiny import CASES, case
+
+# diffusers' FirstBlockCache fails on these; fastcache's own hook-based reference instead
+FBC_NO_ORACLE = {
+    "flux2": "the streams change shape between its block lists (text and image concatenated)",
+    "latte": "the stream is reshaped between its spatial and temporal blocks",
+    "sd3": "its last block returns no text stream (None - Tensor)",
+    "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
+}
+# diffusers' MagCache / TaylorSeer hooks cannot run on these (the drop-in only has to cache something there)
+MAG_NO_ORACLE = {
+    "allegro": "its block class is not in diffusers' TransformerBlockRegistry",
+    "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
+    "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
+}
+TAYLOR_NO_ORACLE = {
+    "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
+}
+# MagCache refused at enable_cache (why: the error message names it)
+MAG_REFUSED = {"latte": "reshapes its hidden states"}
+
+_CLASSES: dict[str, str] = {}
+
+
+def class_of(name: str) -> str:
+    if name not in _CLASSES:
+        _CLASSES[name] = type(case(name).model).__name__
+    return _CLASSES[name]
+
+
+def family(name: str):
+    return FAMILIES[class_of(name)]
+
+
+# FasterCache runs its CFG half only where the pipelines batch CFG, and its frequency split needs an image or
+# video layout (LTX returns tokens: refused)
+FASTERCACHE = [n for n in CASES if family(n).cfg_batched and family(n).layout is not None]
