@@ -3,7 +3,8 @@
 A. Drop-in (`fastcache.enable_cache`) vs diffusers' hooks (`model.enable_cache`) on random-weight diffusers
    transformers (`fastcache.diffusers._tiny.case`: Flux, Wan with separate cond/uncond passes, CogVideoX with
    batched CFG), at a launch-bound small size and a compute-bound large size (`SIZES`), for FirstBlockCache
-   (threshold probed so that both skips and computes happen), PAB and FasterCache. Providers:
+   (threshold probed so that both skips and computes happen), PAB, FasterCache, MagCache (synthetic ratios) and
+   TaylorSeer. Providers:
        uncached-compiled           no cache, fullgraph=True (the baseline)
        uncached-reduce-overhead    no cache, fullgraph=True, mode="reduce-overhead" (small sizes only)
        diffusers-compiled          diffusers' hooks, fullgraph=False (its hooks cannot run under fullgraph=True)
@@ -63,7 +64,7 @@ from torch.utils._pytree import tree_map
 import fastcache
 import fastcache.diffusers as fd
 from fastcache.diffusers._tiny import TinyCase, case, fbc_threshold
-from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
+from fastcache.methods import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast, taylorseer
 from fastcache.models.dit import DiT, DiTConfig, cfg_inputs, sampling_timesteps
 from fastcache.protocol import forward
 from fastcache.testing import CompileCounter
@@ -89,9 +90,11 @@ SMOKE_DIT = dict(in_channels=4, sample_size=8, patch_size=2, hidden_size=32, num
 ENGINE_SETTINGS = ("uncached", "PAB spatial N=2", "FasterCache uncond N=2, wide ranges", "FBC threshold 0.2",
                    "FBC threshold 0.2, split step")
 SPLIT = ", split step"  # FBC as a compiled head, one host read of the decision, a compiled tail per decision
-DEFAULT_UNITS = ("flux-small-fbc,flux-small-pab,engine,engine-ro,flux-large-fbc,flux-large-pab,wan-large-fbc,"
-                 "wan-large-pab,wan-small-fbc,wan-small-pab,cogvideox-small-fastercache")
-SMOKE_UNITS = "flux-small-fbc,wan-small-pab,cogvideox-small-fastercache,engine,engine-ro"
+DEFAULT_UNITS = ("flux-small-fbc,flux-small-pab,flux-small-mag,engine,engine-ro,flux-large-fbc,flux-large-pab,"
+                 "flux-large-mag,wan-large-fbc,wan-large-pab,wan-small-fbc,wan-small-pab,flux-small-taylorseer,"
+                 "cogvideox-small-fastercache")
+SMOKE_UNITS = ("flux-small-fbc,wan-small-pab,cogvideox-small-fastercache,flux-small-mag,flux-small-taylorseer,"
+               "engine,engine-ro")
 DEFAULT_ESTIMATE_S = {"small": 45.0, "large": 60.0, "engine": 60.0}
 
 
@@ -243,7 +246,8 @@ class DropIn:
         self.kind = name.split("-")[0]  # uncached | diffusers | fastcache
         self.clock: dict[str, float] = {"t": timesteps[0]}
         self.model = copy.deepcopy(tc.model)
-        self.config = None if self.kind == "uncached" else diffusers_config(method, threshold, self.clock)
+        self.config = (None if self.kind == "uncached"
+                       else diffusers_config(method, threshold, self.clock, steps=len(timesteps)))
         if self.kind == "diffusers":
             self.model.enable_cache(self.config)
         elif self.kind == "fastcache":
@@ -304,6 +308,10 @@ class DropIn:
         ours = fd.to_fastcache_config(self.config)
         if self.method == "fastercache":
             return faster_cache.plan(ours, self.timesteps).rows["uncond"].count("F") / steps
+        if self.method == "mag":  # blocks computed
+            return mag_cache.plan(ours, self.timesteps).rows["blocks"].count("C") / steps
+        if self.method == "taylorseer":  # attention computed (the rest of each block always runs)
+            return taylorseer.plan(ours, self.timesteps).rows["forecast"].count("C") / steps
         from fastcache.diffusers._runtime import classify_sites
 
         rows = pyramid_attention_broadcast.plan(ours, self.timesteps).rows

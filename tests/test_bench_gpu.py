@@ -1,4 +1,4 @@
-"""bench/bench_gpu.py's CPU smoke mode: it runs end to end and writes both sections' rows (about 30 s)."""
+"""bench/bench_gpu.py's CPU smoke mode: it runs end to end and writes both sections' rows (about 45 s)."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_smoke_writes_both_sections(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
-    units = "flux-small-fbc,engine,engine-ro"
+    units = "flux-small-fbc,flux-small-mag,engine,engine-ro"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--smoke", "--device", "cpu",
                            "--units", units, "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -21,7 +21,7 @@ def test_smoke_writes_both_sections(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert [u["unit"] for u in result["units"]] == units.split(",")
     assert all(u["status"] == "done" for u in result["units"]), result["units"]
-    rows = {r["provider"]: r for r in result["dropin"]}
+    rows = {r["provider"]: r for r in result["dropin"] if r["method"] == "fbc"}
     assert set(rows) == {"uncached-compiled", "uncached-reduce-overhead", "diffusers-compiled",
                          "fastcache-compiled", "fastcache-reduce-overhead"}
     for name in ("uncached-compiled", "diffusers-compiled", "fastcache-compiled"):
@@ -31,6 +31,11 @@ def test_smoke_writes_both_sections(tmp_path: Path) -> None:
     assert fastcache["conds_per_call"] >= 1  # FBC decides on the device
     assert 0 < fastcache["computed"] <= 1
     assert fastcache["graph_breaks"] == 0 and rows["uncached-compiled"]["graphs"] == 1
+
+    mag = {r["provider"]: r for r in result["dropin"] if r["method"] == "mag"}
+    assert mag["fastcache-compiled"]["conds_per_call"] == 0  # planned on the host
+    assert 0 < mag["fastcache-compiled"]["computed"] < 1 and mag["fastcache-compiled"]["graph_breaks"] == 0
+    assert "error" not in mag["diffusers-compiled"], mag["diffusers-compiled"]
 
     engine = {(r["mode"], r["setting"]): r for r in result["engine"]}
     assert len(engine) == 10
