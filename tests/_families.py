@@ -33,6 +33,10 @@ MAG_NO_ORACLE = {
 TAYLOR_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
 }
+# block classes whose diffusers TransformerBlockRegistry entry misplaces the streams: fastcache's table overrides it
+REGISTRY_WRONG = {
+    "BriaTransformerBlock": "it returns (encoder_hidden_states, hidden_states); diffusers registers (0, None)",
+}
 # MagCache refused at enable_cache (why: the error message names it)
 MAG_REFUSED = {"latte": "reshapes its hidden states"}
 
