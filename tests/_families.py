@@ -13,15 +13,29 @@ FBC_NO_ORACLE = {
     "latte": "the stream is reshaped between its spatial and temporal blocks",
     "sd3": "its last block returns no text stream (None - Tensor)",
     "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
+    "bria": "its single block class is not in diffusers' TransformerBlockRegistry",
+    "longcatimage": "its block classes are not in diffusers' TransformerBlockRegistry",
+    "ovisimage": "its block classes are not in diffusers' TransformerBlockRegistry",
+    "glmimage": "its block class is not in diffusers' TransformerBlockRegistry",
+    "nucleusmoe": "its block class is not in diffusers' TransformerBlockRegistry",
 }
 # diffusers' MagCache / TaylorSeer hooks cannot run on these (the drop-in only has to cache something there)
 MAG_NO_ORACLE = {
     "allegro": "its block class is not in diffusers' TransformerBlockRegistry",
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
     "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
+    "bria": "its single block class is not in diffusers' TransformerBlockRegistry",
+    "longcatimage": "its block classes are not in diffusers' TransformerBlockRegistry",
+    "ovisimage": "its block classes are not in diffusers' TransformerBlockRegistry",
+    "glmimage": "its block class is not in diffusers' TransformerBlockRegistry",
+    "nucleusmoe": "its block class is not in diffusers' TransformerBlockRegistry",
 }
 TAYLOR_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
+}
+# block classes whose diffusers TransformerBlockRegistry entry misplaces the streams: fastcache's table overrides it
+REGISTRY_WRONG = {
+    "BriaTransformerBlock": "it returns (encoder_hidden_states, hidden_states); diffusers registers (0, None)",
 }
 # MagCache refused at enable_cache (why: the error message names it)
 MAG_REFUSED = {"latte": "reshapes its hidden states"}

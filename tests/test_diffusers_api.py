@@ -156,6 +156,7 @@ def test_block_layouts_derived_from_diffusers_registry_agree_with_the_table() ->
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
     from fastcache.diffusers import _families
+    from tests._families import REGISTRY_WRONG
 
     TransformerBlockRegistry._register()
     both = [cls for cls in TransformerBlockRegistry._registry if cls.__name__ in _families.BLOCKS]
@@ -165,7 +166,9 @@ def test_block_layouts_derived_from_diffusers_registry_agree_with_the_table() ->
         for cls in both:
             del _families.BLOCKS[cls.__name__]
             block = cls.__new__(cls)  # the layout depends on the class only
-            assert _families.block_io(block) == table[cls.__name__], cls.__name__
+            # where diffusers' entry is wrong (tests/_families.py says how), the table must be what overrides it
+            agrees = _families.block_io(block) == table[cls.__name__]
+            assert agrees != (cls.__name__ in REGISTRY_WRONG), cls.__name__
             _families.BLOCKS[cls.__name__] = table[cls.__name__]
     finally:
         _families.BLOCKS.clear()

@@ -77,6 +77,14 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("QwenImageTransformer2DModel", (("transformer_blocks",),), 1000.0),
     # Chroma concatenates its text and image streams before the single blocks (as Flux2): two segments
     Family("ChromaTransformer2DModel", (("transformer_blocks",), ("single_transformer_blocks",)), 1000.0),
+    # Bria's single blocks take and return both streams (as Flux's): one segment; its pipeline passes t
+    Family("BriaTransformer2DModel", (("transformer_blocks", "single_transformer_blocks"),), cfg_batched=True),
+    Family("HunyuanImageTransformer2DModel", (("transformer_blocks", "single_transformer_blocks"),),
+           layout="BCHW"),
+    Family("LongCatImageTransformer2DModel", (("transformer_blocks", "single_transformer_blocks"),), 1000.0),
+    Family("OvisImageTransformer2DModel", (("transformer_blocks", "single_transformer_blocks"),), 1000.0),
+    Family("GlmImageTransformer2DModel", (("transformer_blocks",),), 1.0, 1.0, layout="BCHW"),  # passes t - 1
+    Family("NucleusMoEImageTransformer2DModel", (("transformer_blocks",),), 1000.0),
 )}
 
 BLOCKS: dict[str, BlockIO] = {
@@ -97,6 +105,15 @@ BLOCKS: dict[str, BlockIO] = {
     "QwenImageTransformerBlock": BlockIO(1, 0),
     "ChromaTransformerBlock": BlockIO(1, 0),
     "ChromaSingleTransformerBlock": BlockIO(None),
+    # diffusers' registry has Bria's block as (0, None), but it returns (encoder, hidden) as Flux's
+    "BriaTransformerBlock": BlockIO(1, 0),
+    "BriaSingleTransformerBlock": BlockIO(1, 0),
+    "LongCatImageTransformerBlock": BlockIO(1, 0),
+    "LongCatImageSingleTransformerBlock": BlockIO(1, 0),
+    "OvisImageTransformerBlock": BlockIO(1, 0),
+    "OvisImageSingleTransformerBlock": BlockIO(1, 0),
+    "GlmImageTransformerBlock": BlockIO(0, 1),
+    "NucleusMoEImageTransformerBlock": BlockIO(None),  # text enters as keys/values, never returned
 }
 
 

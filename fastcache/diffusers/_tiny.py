@@ -163,11 +163,65 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
         return TinyCase(name, m, rnd(1, s, 16), lambda x, t: dict(
             hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 1, 1e-3), img_ids=img,
             txt_ids=torch.zeros(text, 3)))
+    if name == "bria":  # Flux's layout without pooled text; its pipeline passes t and batches CFG
+        m = d.BriaTransformer2DModel(patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers,
+                                     attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
+                                     axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8))
+        s = size * size
+        img = torch.zeros(s, 3)
+        img[:, 1], img[:, 2] = torch.arange(s) // size, torch.arange(s) % size
+        enc = rnd(2, text, 32)
+        return TinyCase(name, m, rnd(2, s, 16), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 2), img_ids=img,
+            txt_ids=torch.zeros(text, 3)), cfg_batched=True)
+    if name == "hunyuanimage":
+        m = d.HunyuanImageTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=heads,
+                                             attention_head_dim=hd, num_layers=layers, num_single_layers=layers,
+                                             num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=32,
+                                             rope_axes_dim=(hd // 2, hd // 2))
+        enc = rnd(1, text, 32)
+        return TinyCase(name, m, rnd(1, 4, size, size), lambda x, t: dict(
+            hidden_states=x, timestep=_ts(t, 1), encoder_hidden_states=enc,
+            encoder_attention_mask=torch.ones(1, text)))
+    if name in ("longcatimage", "ovisimage"):  # Flux's layout; their pipelines pass t / 1000
+        cls = d.LongCatImageTransformer2DModel if name == "longcatimage" else d.OvisImageTransformer2DModel
+        m = cls(patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers, attention_head_dim=hd,
+                num_attention_heads=heads, joint_attention_dim=32,
+                axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8),
+                **(dict(pooled_projection_dim=32) if name == "longcatimage" else dict(out_channels=16)))
+        s = size * size
+        img = torch.zeros(s, 3)
+        img[:, 1], img[:, 2] = torch.arange(s) // size, torch.arange(s) % size
+        enc = rnd(1, text, 32)
+        return TinyCase(name, m, rnd(1, s, 16), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 1, 1e-3), img_ids=img,
+            txt_ids=torch.zeros(text, 3)))
+    if name == "glmimage":  # its pipeline passes t - 1
+        m = d.GlmImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
+                                         attention_head_dim=hd, num_attention_heads=heads, text_embed_dim=32,
+                                         time_embed_dim=32, condition_dim=8, prior_vq_quantizer_codebook_size=64)
+        enc = rnd(1, text, 32)
+        prior = torch.randint(0, 64, (1, size * size), generator=g)
+        return TinyCase(name, m, rnd(1, 4, 2 * size, 2 * size), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, prior_token_id=prior,
+            prior_token_drop=torch.zeros(1, size * size, dtype=torch.bool), timestep=_ts(t, 1, 1.0, -1.0),
+            target_size=torch.tensor([[16.0 * size, 16.0 * size]]), crop_coords=torch.zeros(1, 2)))
+    if name == "nucleusmoe":  # a single-stream DiT, text as cross-attention keys; its pipeline passes t / 1000
+        # dense blocks (mlp_ratio 6: a 128-wide FFN): the MoE layers' expert loop syncs (.tolist()) and their grouped
+        # matmul path traces in bf16 only, so neither captures fullgraph in fp32; caching never looks inside a block
+        m = d.NucleusMoEImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=layers,
+                                                attention_head_dim=hd, num_attention_heads=heads,
+                                                joint_attention_dim=32, mlp_ratio=6.0,
+                                                axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8), moe_enabled=False)
+        enc = rnd(1, text, 32)
+        return TinyCase(name, m, rnd(1, size * size, 16), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, encoder_hidden_states_mask=torch.ones(1, text),
+            timestep=_ts(t, 1, 1e-3), img_shapes=[(1, size, size)]))
     raise ValueError(f"name: unknown tiny case {name!r}; known: {', '.join(CASES)}")
 
 
 CASES = ("flux", "flux2", "cogvideox", "hunyuanvideo", "wan", "ltx", "mochi", "latte", "allegro", "cogview4",
-         "sd3", "qwenimage", "chroma")
+         "sd3", "qwenimage", "chroma", "bria", "hunyuanimage", "longcatimage", "ovisimage", "glmimage", "nucleusmoe")
 
 
 def denoise(model: Any, tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ...] = ("cond",),
