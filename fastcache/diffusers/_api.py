@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from fastcache.diffusers._families import family_of
+from fastcache.diffusers._families import coverage, family_of
 from fastcache.diffusers._runtime import BATCHED_KWARGS, SESSION_ATTR, Session, install
 from fastcache.methods import mag_cache
 from fastcache.methods.faster_cache import MODULE_CALLBACK_FIELDS, TENSOR_FORMATS, FasterCacheConfig, ModuleCallback
@@ -79,9 +79,18 @@ def _check_not_cached_by_diffusers(model: nn.Module) -> None:
                              f"({', '.join(registry.hooks)}); remove them before enabling fastcache")
 
 
+_METHOD_OF = {FirstBlockCacheConfig: "FirstBlockCache", PyramidAttentionBroadcastConfig: "PAB",
+              FasterCacheConfig: "FasterCache", MagCacheConfig: "MagCache", TaylorSeerCacheConfig: "TaylorSeer"}
+
+
 def _check_applicable(model: nn.Module, config: Any) -> None:
     family = family_of(model)
     name = type(model).__name__
+    method = _METHOD_OF[type(config)]
+    why = family.refusal(method)
+    if why is not None:
+        others = ", ".join(m for m, cell in coverage(family).items() if m != method and not cell.startswith("no"))
+        raise ValueError(f"config: fastcache does not run {method} on {name}: it {why}; use {others}")
     if not family.temporal and isinstance(config, (PyramidAttentionBroadcastConfig, FasterCacheConfig)):
         if config.skip_range("temporal") is not None:
             raise ValueError(f"config.temporal_attention_block_skip_range: {name} has no temporal attention, "

@@ -47,6 +47,11 @@ class Family:
     per_block_segments: bool = False
     # FasterCache: batched inputs beyond diffusers' default names (SD3's pooled text embedding)
     extra_batched_kwargs: tuple[str, ...] = ()
+    # methods refused at enable_cache on this family: (method, why), method as in METHODS
+    refuses: tuple[tuple[str, str], ...] = ()
+
+    def refusal(self, method: str) -> str | None:
+        return dict(self.refuses).get(method)
 
     def timestep(self, value: Tensor) -> Tensor:
         """The denoising timestep as a 0-dim fp32 tensor, 0..1000, on the device (no host sync).
@@ -69,7 +74,9 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("MochiTransformer3DModel", (("transformer_blocks",),), -1.0, 1000.0, layout="BCFHW",
            cfg_batched=True),
     Family("LatteTransformer3DModel", (("transformer_blocks", "temporal_transformer_blocks"),),
-           layout="BCFHW", cfg_batched=True, temporal=True, per_block_segments=True),
+           layout="BCFHW", cfg_batched=True, temporal=True, per_block_segments=True,
+           refuses=(("MagCache", "reshapes its hidden states between its spatial and temporal blocks, so no residual "
+                                 "of all blocks exists (diffusers' hook fails mid-generation there)"),)),
     Family("AllegroTransformer3DModel", (("transformer_blocks",),), layout="BCFHW", cfg_batched=True),
     Family("CogView4Transformer2DModel", (("transformer_blocks",),), layout="BCHW"),
     Family("SD3Transformer2DModel", (("transformer_blocks",),), layout="BCHW", cfg_batched=True,
@@ -137,6 +144,22 @@ def block_io(block: torch.nn.Module) -> BlockIO | None:
         return BlockIO(None, hidden_arg=meta.hidden_states_argument_name)
     return BlockIO(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index,
                    meta.hidden_states_argument_name, meta.encoder_hidden_states_argument_name)
+
+
+METHODS = ("FirstBlockCache", "PAB", "FasterCache", "MagCache", "TaylorSeer")
+
+
+def coverage(family: Family) -> dict[str, str]:
+    """What each method does on `family`: "yes", "distilled" (FasterCache's attention approximation only, with
+    `is_guidance_distilled=True`: the pipelines never batch CFG), or "no: <why>"."""
+    cells = {}
+    for method in METHODS:
+        why = family.refusal(method)
+        if why is None and method == "FasterCache" and family.layout is None:
+            why = "returns tokens, which the frequency split does not take"
+        cells[method] = (f"no: {why}" if why is not None
+                         else "distilled" if method == "FasterCache" and not family.cfg_batched else "yes")
+    return cells
 
 
 def family_of(model: torch.nn.Module) -> Family:

@@ -74,12 +74,6 @@ def mag_cache_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def mag_cache_roles(model: nn.Module) -> list[tuple[nn.Module, MagRole]]:
-    from fastcache.diffusers._families import family_of
-
-    if family_of(model).per_block_segments:
-        raise ValueError(f"config: MagCache skips all blocks with one residual, but {type(model).__name__} reshapes "
-                         "its hidden states between its spatial and temporal blocks, so no such residual exists "
-                         "(diffusers' hook fails mid-generation there); use FirstBlockCache, PAB or TaylorSeer")
     blocks = [block for _, block in mag_cache_blocks(model)]
     return [(block, MagRole(head=i == 0, tail=i == len(blocks) - 1)) for i, block in enumerate(blocks)]
 
