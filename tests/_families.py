@@ -18,6 +18,10 @@ FBC_NO_ORACLE = {
     "ovisimage": "its block classes are not in diffusers' TransformerBlockRegistry",
     "glmimage": "its block class is not in diffusers' TransformerBlockRegistry",
     "nucleusmoe": "its block class is not in diffusers' TransformerBlockRegistry",
+    "chronoedit": "its block class (its own copy of WanTransformerBlock) is not in diffusers' TransformerBlockRegistry",
+    "skyreelsv2": "its block class is not in diffusers' TransformerBlockRegistry",
+    "helios": "its block class is not in diffusers' TransformerBlockRegistry",
+    "wananimate": "its block class (its own copy of WanTransformerBlock) is not in diffusers' TransformerBlockRegistry",
 }
 # diffusers' MagCache / TaylorSeer hooks cannot run on these (the drop-in only has to cache something there)
 MAG_NO_ORACLE = {
@@ -29,6 +33,10 @@ MAG_NO_ORACLE = {
     "ovisimage": "its block classes are not in diffusers' TransformerBlockRegistry",
     "glmimage": "its block class is not in diffusers' TransformerBlockRegistry",
     "nucleusmoe": "its block class is not in diffusers' TransformerBlockRegistry",
+    "chronoedit": "its block class (its own copy of WanTransformerBlock) is not in diffusers' TransformerBlockRegistry",
+    "skyreelsv2": "its block class is not in diffusers' TransformerBlockRegistry",
+    "helios": "its block class is not in diffusers' TransformerBlockRegistry",
+    "wananimate": "its block class (its own copy of WanTransformerBlock) is not in diffusers' TransformerBlockRegistry",
 }
 TAYLOR_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",

@@ -312,3 +312,39 @@ def test_a_planned_pipeline_run_caches_only_the_kinds_its_schedule_reuses() -> N
     spatial = sum(1 for n, m in pipe.transformer.named_modules() if n.endswith((".attn",)) and
                   n.startswith(("transformer_blocks", "single_transformer_blocks")))
     assert kept[str((100.0, 900.0))] == spatial > 0 and not reused.equal(uncached)
+
+
+def test_skyreels_diffusion_forcing_pab_is_planned_from_the_rows_it_denoises() -> None:
+    """SkyReels-V2's diffusion forcing steps one copy of its scheduler per frame (its own never steps) and passes
+    a row of per-frame timesteps per call (12 calls for 10 steps here, ar_step=1). PAB planned on the host from
+    the pipeline reads that row (its noisiest frame, as Family.timestep), not the schedule's first timestep at
+    every call (which reused nothing), and equals diffusers' PAB given that value by its callback."""
+    import diffusers
+    from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+
+    pipe = SkyReelsV2DiffusionForcingPipeline(
+        tokenizer=None, text_encoder=None, vae=None, transformer=case("skyreelsv2").model.eval(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0))
+    embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1))
+
+    def run() -> torch.Tensor:
+        # guidance 1 (one context): diffusers' PAB keeps one state for the cond and uncond passes, fastcache one each
+        return pipe(None, prompt_embeds=embeds, guidance_scale=1.0, num_frames=9,
+                    base_num_frames=9, height=64, width=64, num_inference_steps=10, ar_step=1, causal_block_size=1,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    def config(callback) -> diffusers.PyramidAttentionBroadcastConfig:
+        return diffusers.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 900),
+            current_timestep_callback=callback)
+
+    uncached = run()
+    pipe.transformer.enable_cache(config(lambda: float(pipe.current_timestep.max())))
+    expected = run()
+    pipe.transformer.disable_cache()
+    assert (expected - uncached).abs().max() > 1e-4, "PAB reused nothing: the comparison would prove nothing"
+    fd.enable_cache(pipe, config(None))  # no callback: the running pipeline gives the timestep
+    ours = run()
+    assert fd.decided_on(pipe.transformer) == "host"
+    fd.disable_cache(pipe)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)

@@ -92,6 +92,16 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("OvisImageTransformer2DModel", (("transformer_blocks", "single_transformer_blocks"),), 1000.0),
     Family("GlmImageTransformer2DModel", (("transformer_blocks",),), 1.0, 1.0, layout="BCHW"),  # passes t - 1
     Family("NucleusMoEImageTransformer2DModel", (("transformer_blocks",),), 1000.0),
+    # Wan derivatives: their pipelines pass t (0..1000) and run CFG as two calls
+    Family("ChronoEditTransformer3DModel", (("blocks",),), layout="BCFHW"),
+    # the history tokens ride in front of the chunk's through the blocks (one stream)
+    Family("HeliosTransformer3DModel", (("blocks",),), layout="BCFHW"),
+    # diffusion forcing passes per-frame timesteps (B, F): the noisiest frame is the step's timestep
+    Family("SkyReelsV2Transformer3DModel", (("blocks",),), layout="BCFHW"),
+    # its face adapters add to the stream after some blocks (not blocks themselves)
+    Family("WanAnimateTransformer3DModel", (("blocks",),), layout="BCFHW"),
+    # the VACE blocks run first (they make the hints, not the denoised stream); the hints are added after blocks
+    Family("WanVACETransformer3DModel", (("blocks",),), layout="BCFHW"),
 )}
 
 BLOCKS: dict[str, BlockIO] = {
@@ -102,7 +112,7 @@ BLOCKS: dict[str, BlockIO] = {
     "CogVideoXBlock": BlockIO(0, 1),
     "HunyuanVideoTransformerBlock": BlockIO(0, 1),
     "HunyuanVideoSingleTransformerBlock": BlockIO(0, 1),
-    "WanTransformerBlock": BlockIO(None),
+    "WanTransformerBlock": BlockIO(None),  # and the copies in ChronoEdit and Wan Animate (same name)
     "LTXVideoTransformerBlock": BlockIO(None),
     "MochiTransformerBlock": BlockIO(0, 1),
     "BasicTransformerBlock": BlockIO(None),  # Latte, spatial and temporal
@@ -121,6 +131,8 @@ BLOCKS: dict[str, BlockIO] = {
     "OvisImageSingleTransformerBlock": BlockIO(1, 0),
     "GlmImageTransformerBlock": BlockIO(0, 1),
     "NucleusMoEImageTransformerBlock": BlockIO(None),  # text enters as keys/values, never returned
+    "HeliosTransformerBlock": BlockIO(None),
+    "SkyReelsV2TransformerBlock": BlockIO(None),
 }
 
 

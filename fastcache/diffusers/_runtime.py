@@ -399,6 +399,12 @@ class Session:
         if not isinstance(timesteps, Tensor):
             return None
         index = scheduler.step_index
+        current = getattr(self.pipeline, "_current_timestep", None)
+        if index is None and self.calls and isinstance(current, Tensor):
+            # called before, yet the scheduler never stepped: the pipeline steps copies of it (SkyReels-V2's
+            # diffusion forcing, one per frame) and its current timestep is a row of per-frame timesteps
+            found = self._scheduler_lookup(scheduler, current)
+            return found if found is not None else float(current.max())  # the noisiest frame (Family.timestep)
         if index is None:
             index = getattr(scheduler, "begin_index", None) or 0
         host = self._host_copy(timesteps)

@@ -217,11 +217,66 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
         return TinyCase(name, m, rnd(1, size * size, 16), lambda x, t: dict(
             hidden_states=x, encoder_hidden_states=enc, encoder_hidden_states_mask=torch.ones(1, text),
             timestep=_ts(t, 1, 1e-3), img_shapes=[(1, size, size)]))
+    if name == "chronoedit":  # Wan I2V-like: condition latents concatenated on channels, CLIP image tokens
+        m = d.ChronoEditTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=hd,
+                                           in_channels=12, out_channels=4, text_dim=32, freq_dim=32,
+                                           ffn_dim=2 * dim, num_layers=layers, image_dim=16, added_kv_proj_dim=dim,
+                                           rope_max_seq_len=32)
+        enc, img, cond = rnd(1, text, 32), rnd(1, 4, 16), rnd(1, 8, frames, size, size)
+        return TinyCase(name, m, rnd(1, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=torch.cat([x, cond], dim=1), timestep=_ts(t, 1), encoder_hidden_states=enc,
+            encoder_hidden_states_image=img))
+    if name == "helios":  # history latents (long, mid, short) in front of the chunk, as its pipeline passes them
+        m = d.HeliosTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=hd,
+                                       in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=2 * dim,
+                                       num_layers=layers, rope_dim=(hd // 4, 3 * hd // 8, 3 * hd // 8))
+        enc = rnd(1, text, 32)
+        idx = torch.arange(1 + 4 + 2 + 1 + frames).split([1, 4, 2, 1, frames])  # prefix, long, mid, 1x, chunk
+        history = dict(indices_hidden_states=idx[4][None], indices_latents_history_long=idx[1][None],
+                       indices_latents_history_mid=idx[2][None],
+                       indices_latents_history_short=torch.cat([idx[0], idx[3]])[None],
+                       latents_history_short=rnd(1, 4, 2, size, size), latents_history_mid=rnd(1, 4, 2, size, size),
+                       latents_history_long=rnd(1, 4, 4, size, size))
+        return TinyCase(name, m, rnd(1, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=x, timestep=_ts(t, 1), encoder_hidden_states=enc, **history))
+    if name == "skyreelsv2":  # diffusion forcing: per-frame timesteps, the first frame a denoised prefix (at 0)
+        m = d.SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=hd,
+                                           in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=2 * dim,
+                                           num_layers=layers, rope_max_seq_len=32, inject_sample_info=True)
+        enc = rnd(1, text, 32)
+        return TinyCase(name, m, rnd(1, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=x, timestep=torch.cat([torch.zeros(1), _ts(t, frames - 1)])[None],
+            encoder_hidden_states=enc, enable_diffusion_forcing=True, fps=[1]))
+    if name == "wananimate":  # reference latents on channels, pose latents, a face video through its adapters
+        m = d.WanAnimateTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=hd,
+                                           in_channels=12, latent_channels=4, out_channels=4, text_dim=32,
+                                           freq_dim=32, ffn_dim=2 * dim, num_layers=layers, image_dim=16,
+                                           rope_max_seq_len=32, motion_encoder_size=16, motion_style_dim=8,
+                                           motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_dim=4,
+                                           motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+                                           inject_face_latents_blocks=2)  # a face adapter after every 2nd block
+        enc, img = rnd(1, text, 32), rnd(1, 4, 16)
+        ref, pose = rnd(1, 8, frames, size, size), rnd(1, 4, frames - 1, size, size)
+        face = rnd(1, 3, 4 * frames - 7, 16, 16)  # its encoder takes 4 * (T - 1) - 3 face frames to T - 1
+        return TinyCase(name, m, rnd(1, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=torch.cat([x, ref], dim=1), timestep=_ts(t, 1), encoder_hidden_states=enc,
+            encoder_hidden_states_image=img, pose_hidden_states=pose, face_pixel_values=face))
+    if name == "wanvace":  # control hints added after the blocks in vace_layers
+        vace = sorted({0, layers - 1})
+        m = d.WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=hd,
+                                        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=2 * dim,
+                                        num_layers=layers, rope_max_seq_len=32, vace_layers=vace, vace_in_channels=8)
+        enc, control = rnd(1, text, 32), rnd(1, 8, frames, size, size)
+        return TinyCase(name, m, rnd(1, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=x, timestep=_ts(t, 1), encoder_hidden_states=enc, control_hidden_states=control,
+            control_hidden_states_scale=torch.ones(len(vace))))
     raise ValueError(f"name: unknown tiny case {name!r}; known: {', '.join(CASES)}")
 
 
 CASES = ("flux", "flux2", "cogvideox", "hunyuanvideo", "wan", "ltx", "mochi", "latte", "allegro", "cogview4",
-         "sd3", "qwenimage", "chroma", "bria", "hunyuanimage", "longcatimage", "ovisimage", "glmimage", "nucleusmoe")
+         "sd3", "qwenimage", "chroma",
+         "bria", "hunyuanimage", "longcatimage", "ovisimage", "glmimage", "nucleusmoe",
+         "chronoedit", "helios", "skyreelsv2", "wananimate", "wanvace")
 
 
 def denoise(model: Any, tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ...] = ("cond",),
