@@ -13,15 +13,26 @@ FBC_NO_ORACLE = {
     "latte": "the stream is reshaped between its spatial and temporal blocks",
     "sd3": "its last block returns no text stream (None - Tensor)",
     "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
+    "hunyuanvideo15": "its block class is not in diffusers' TransformerBlockRegistry",
+    "minimaxh3": "its block class is not in diffusers' TransformerBlockRegistry",
+    "sanawmrefiner": "its block class is not in diffusers' TransformerBlockRegistry",
 }
 # diffusers' MagCache / TaylorSeer hooks cannot run on these (the drop-in only has to cache something there)
 MAG_NO_ORACLE = {
     "allegro": "its block class is not in diffusers' TransformerBlockRegistry",
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
     "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
+    "hunyuanvideo15": "its block class is not in diffusers' TransformerBlockRegistry",
+    "minimaxh3": "its block class is not in diffusers' TransformerBlockRegistry",
+    "sanawmrefiner": "its block class is not in diffusers' TransformerBlockRegistry",
 }
 TAYLOR_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
+}
+# the model itself cannot be captured by torch.compile(fullgraph=True), cached or not (the compile tests check
+# that the uncached model fails with this reason and leave the family out)
+NO_FULLGRAPH = {
+    "hunyuanvideo15": "Data-dependent branching",  # `if torch.all(image_embeds == 0)` in its forward
 }
 # MagCache refused at enable_cache (why: the error message names it)
 MAG_REFUSED = {"latte": "reshapes its hidden states"}

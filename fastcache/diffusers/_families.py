@@ -77,6 +77,16 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("QwenImageTransformer2DModel", (("transformer_blocks",),), 1000.0),
     # Chroma concatenates its text and image streams before the single blocks (as Flux2): two segments
     Family("ChromaTransformer2DModel", (("transformer_blocks",), ("single_transformer_blocks",)), 1000.0),
+    Family("HunyuanVideo15Transformer3DModel", (("transformer_blocks",),), layout="BCFHW"),
+    # HunyuanVideo's blocks; the clean history latents are packed before the blocks and cut off after them
+    Family("HunyuanVideoFramepackTransformer3DModel", (("transformer_blocks", "single_transformer_blocks"),),
+           layout="BCFHW"),
+    # single blocks take and return both streams (they concatenate inside): no code between the lists
+    Family("MotifVideoTransformer3DModel", (("transformer_blocks", "single_transformer_blocks"),), layout="BCFHW"),
+    # timesteps are 1 - sigma in 0..1 (0 = noise), one per distinct noise level of the packed sequence
+    Family("MiniMaxH3Transformer3DModel", (("transformer_blocks",),), -1000.0, 1000.0),
+    # the refiner passes sigma * timestep_scale_multiplier (1000) per token
+    Family("SanaWMLTX2RefinerTransformer3DModel", (("transformer_blocks",),)),
 )}
 
 BLOCKS: dict[str, BlockIO] = {
@@ -97,6 +107,9 @@ BLOCKS: dict[str, BlockIO] = {
     "QwenImageTransformerBlock": BlockIO(1, 0),
     "ChromaTransformerBlock": BlockIO(1, 0),
     "ChromaSingleTransformerBlock": BlockIO(None),
+    "HunyuanVideo15TransformerBlock": BlockIO(0, 1),
+    "MiniMaxH3TransformerBlock": BlockIO(None),
+    "SanaWMLTX2RefinerTransformerBlock": BlockIO(None),
 }
 
 
