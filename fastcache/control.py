@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils._pytree import tree_leaves, tree_map
 
 Flag = bool | Tensor
@@ -42,9 +43,15 @@ def canonical(x: Tensor) -> Tensor:
     for size in reversed(x.shape):
         expected.append(step)
         step *= size
-    if tuple(x.stride()) == tuple(reversed(expected)):
-        return x
-    return x.clone(memory_format=torch.contiguous_format)
+    expected.reverse()
+    # a data-dependent size (compiled Framepack slices its text stream by its mask's sum) has no value to guard
+    # on while tracing: a stride not known to match is copied (guard_or_false); aten.sym_stride, as dynamo fails
+    # reading x.stride() where such a size was refined to a constant (torch 2.13)
+    strides = torch.ops.aten.sym_stride(x)
+    for i in range(x.dim()):
+        if not guard_or_false(strides[i] == expected[i]):
+            return x.clone(memory_format=torch.contiguous_format)
+    return x
 
 
 def branch(pred: Flag, true_fn: Callable[..., T], false_fn: Callable[..., T], operands: tuple) -> T:

@@ -22,6 +22,9 @@ FBC_NO_ORACLE = {
     "skyreelsv2": "its block class is not in diffusers' TransformerBlockRegistry",
     "helios": "its block class is not in diffusers' TransformerBlockRegistry",
     "wananimate": "its block class (its own copy of WanTransformerBlock) is not in diffusers' TransformerBlockRegistry",
+    "hunyuanvideo15": "its block class is not in diffusers' TransformerBlockRegistry",
+    "minimaxh3": "its block class is not in diffusers' TransformerBlockRegistry",
+    "sanawmrefiner": "its block class is not in diffusers' TransformerBlockRegistry",
 }
 # diffusers' MagCache / TaylorSeer hooks cannot run on these (the drop-in only has to cache something there)
 MAG_NO_ORACLE = {
@@ -37,6 +40,9 @@ MAG_NO_ORACLE = {
     "skyreelsv2": "its block class is not in diffusers' TransformerBlockRegistry",
     "helios": "its block class is not in diffusers' TransformerBlockRegistry",
     "wananimate": "its block class (its own copy of WanTransformerBlock) is not in diffusers' TransformerBlockRegistry",
+    "hunyuanvideo15": "its block class is not in diffusers' TransformerBlockRegistry",
+    "minimaxh3": "its block class is not in diffusers' TransformerBlockRegistry",
+    "sanawmrefiner": "its block class is not in diffusers' TransformerBlockRegistry",
 }
 TAYLOR_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
@@ -44,6 +50,11 @@ TAYLOR_NO_ORACLE = {
 # block classes whose diffusers TransformerBlockRegistry entry misplaces the streams: fastcache's table overrides it
 REGISTRY_WRONG = {
     "BriaTransformerBlock": "it returns (encoder_hidden_states, hidden_states); diffusers registers (0, None)",
+}
+# the model itself cannot be captured by torch.compile(fullgraph=True), cached or not (the compile tests check
+# that the uncached model fails with this reason and leave the family out)
+NO_FULLGRAPH = {
+    "hunyuanvideo15": "Data-dependent branching",  # `if torch.all(image_embeds == 0)` in its forward
 }
 # MagCache refused at enable_cache (why: the error message names it)
 MAG_REFUSED = {"latte": "reshapes its hidden states"}

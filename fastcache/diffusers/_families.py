@@ -102,6 +102,16 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("WanAnimateTransformer3DModel", (("blocks",),), layout="BCFHW"),
     # the VACE blocks run first (they make the hints, not the denoised stream); the hints are added after blocks
     Family("WanVACETransformer3DModel", (("blocks",),), layout="BCFHW"),
+    Family("HunyuanVideo15Transformer3DModel", (("transformer_blocks",),), layout="BCFHW"),
+    # HunyuanVideo's blocks; the clean history latents are packed before the blocks and cut off after them
+    Family("HunyuanVideoFramepackTransformer3DModel", (("transformer_blocks", "single_transformer_blocks"),),
+           layout="BCFHW"),
+    # single blocks take and return both streams (they concatenate inside): no code between the lists
+    Family("MotifVideoTransformer3DModel", (("transformer_blocks", "single_transformer_blocks"),), layout="BCFHW"),
+    # timesteps are 1 - sigma in 0..1 (0 = noise), one per distinct noise level of the packed sequence
+    Family("MiniMaxH3Transformer3DModel", (("transformer_blocks",),), -1000.0, 1000.0),
+    # the refiner passes sigma * timestep_scale_multiplier (1000) per token
+    Family("SanaWMLTX2RefinerTransformer3DModel", (("transformer_blocks",),)),
 )}
 
 BLOCKS: dict[str, BlockIO] = {
@@ -133,6 +143,9 @@ BLOCKS: dict[str, BlockIO] = {
     "NucleusMoEImageTransformerBlock": BlockIO(None),  # text enters as keys/values, never returned
     "HeliosTransformerBlock": BlockIO(None),
     "SkyReelsV2TransformerBlock": BlockIO(None),
+    "HunyuanVideo15TransformerBlock": BlockIO(0, 1),
+    "MiniMaxH3TransformerBlock": BlockIO(None),
+    "SanaWMLTX2RefinerTransformerBlock": BlockIO(None),
 }
 
 

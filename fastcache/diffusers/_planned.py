@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 from torch.utils._pytree import tree_map
 
 from fastcache.control import all_finite
@@ -78,10 +79,21 @@ def mag_cache_roles(model: nn.Module) -> list[tuple[nn.Module, MagRole]]:
     return [(block, MagRole(head=i == 0, tail=i == len(blocks) - 1)) for i, block in enumerate(blocks)]
 
 
+def _same_shape(a: Tensor, b: Tensor) -> bool:
+    """`a.shape == b.shape`, where a data-dependent size (compiled Framepack slices its text stream by its mask's
+    sum, and its single blocks split the joint stream by that length) that may equal the other is taken as equal
+    and checked at run time: such a size has no value to guard on while tracing."""
+    if a.dim() != b.dim() or not all(guard_or_true(x == y) for x, y in zip(a.shape, b.shape, strict=True)):
+        return False
+    for x, y in zip(a.shape, b.shape, strict=True):
+        torch._check(x == y)
+    return True
+
+
 def blocks_residual(out: Tensor, blocks_in: Tensor) -> Tensor:
     """diffusers' residual of the blocks: the difference, or, for a 3-D output holding extra leading tokens (a
     text stream concatenated in front), that of its trailing tokens."""
-    if out.shape == blocks_in.shape:
+    if _same_shape(out, blocks_in):
         return out - blocks_in
     if (out.dim() == 3 and blocks_in.dim() == 3 and out.shape[0] == blocks_in.shape[0]
             and out.shape[2] == blocks_in.shape[2] and out.shape[1] >= blocks_in.shape[1]):
@@ -92,7 +104,7 @@ def blocks_residual(out: Tensor, blocks_in: Tensor) -> Tensor:
 
 def with_residual(hidden: Tensor, residual: Tensor) -> Tensor:
     """A skipped call's hidden stream: its input plus the stored residual (diffusers' shape rule)."""
-    if residual.shape == hidden.shape:
+    if _same_shape(residual, hidden):
         return hidden + residual
     if hidden.dim() == 3 and residual.dim() == 3 and hidden.shape[0] == residual.shape[0] and \
             hidden.shape[2] == residual.shape[2] and hidden.shape[1] > residual.shape[1]:

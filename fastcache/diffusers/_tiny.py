@@ -270,13 +270,76 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
         return TinyCase(name, m, rnd(1, 4, frames, size, size), lambda x, t: dict(
             hidden_states=x, timestep=_ts(t, 1), encoder_hidden_states=enc, control_hidden_states=control,
             control_hidden_states_scale=torch.ones(len(vace))))
+    if name == "hunyuanvideo15":  # text-to-video: image_embeds all zeros (the pipeline's t2v input)
+        m = d.HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=heads,
+                                               attention_head_dim=hd, num_layers=layers, num_refiner_layers=1,
+                                               patch_size=2, text_embed_dim=32, text_embed_2_dim=32,
+                                               image_embed_dim=32, rope_axes_dim=(hd // 4, 3 * hd // 8, 3 * hd // 8))
+        enc, enc2 = rnd(1, text, 32), rnd(1, 4, 32)
+        return TinyCase(name, m, rnd(1, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=x, timestep=_ts(t, 1), encoder_hidden_states=enc, encoder_attention_mask=torch.ones(1, text),
+            encoder_hidden_states_2=enc2, encoder_attention_mask_2=torch.ones(1, 4),
+            image_embeds=torch.zeros(1, 4, 32)))
+    if name == "framepack":  # HunyuanVideo's blocks; clean 1x/2x/4x history latents packed before the window
+        m = d.HunyuanVideoFramepackTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=heads,
+                                                      attention_head_dim=hd, num_layers=layers,
+                                                      num_single_layers=layers, num_refiner_layers=1, patch_size=2,
+                                                      text_embed_dim=32, pooled_projection_dim=32,
+                                                      rope_axes_dim=(hd // 4, 3 * hd // 8, 3 * hd // 8),
+                                                      has_image_proj=True, image_proj_dim=32, has_clean_x_embedder=True)
+        enc, pooled, img = rnd(1, text, 32), rnd(1, 32), rnd(1, 4, 32)
+        clean, h2, h4 = rnd(1, 4, 2, size, size), rnd(1, 4, 2, size, size), rnd(1, 4, 4, size, size)
+        return TinyCase(name, m, rnd(1, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=x, timestep=_ts(t, 1), encoder_hidden_states=enc, encoder_attention_mask=torch.ones(1, text),
+            pooled_projections=pooled, image_embeds=img, indices_latents=torch.arange(5, 5 + frames),
+            guidance=torch.full((1,), 10000.0), latents_clean=clean, indices_latents_clean=torch.tensor([0, 4]),
+            latents_history_2x=h2, indices_latents_history_2x=torch.tensor([2, 3]), latents_history_4x=h4,
+            indices_latents_history_4x=torch.tensor([0, 1, 1, 2])))
+    if name == "motifvideo":
+        m = d.MotifVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=heads,
+                                           attention_head_dim=hd, num_layers=layers, num_single_layers=layers,
+                                           patch_size=2, text_embed_dim=32,
+                                           rope_axes_dim=(hd // 4, 3 * hd // 8, 3 * hd // 8))
+        enc = rnd(1, text, 32)
+        return TinyCase(name, m, rnd(1, 4, frames, size, size), lambda x, t: dict(
+            hidden_states=x, timestep=_ts(t, 1), encoder_hidden_states=enc, encoder_attention_mask=torch.ones(1, text)))
+    if name == "minimaxh3":  # one packed sequence: text, video, audio rows; timesteps are 1 - sigma (0 = noise)
+        m = d.MiniMaxH3Transformer3DModel(num_attention_heads=heads, attention_head_dim=hd, hidden_size=dim,
+                                          num_layers=layers, num_refiner_layers=1, ffn_dim=2 * dim, in_channels=4,
+                                          audio_in_channels=8, text_dim=32, freq_dim=32, time_embed_hidden_dim=dim,
+                                          time_embed_dim=dim, rope_freq_dim=hd // 8)
+        v = frames * (size // 2) ** 2
+        a, n = 4, text + v + 4
+        pos = torch.zeros(n, 3, dtype=torch.long)
+        pos[text:text + v] = torch.stack(torch.meshgrid(torch.arange(frames), torch.arange(size // 2),
+                                                        torch.arange(size // 2), indexing="ij"), -1).reshape(-1, 3)
+        tags = torch.tensor([1] * text + [0] * v + [2] * a)
+        rows = torch.tensor([0] * (text + v) + [1] * a)  # video and text rows at the video timestep, audio at its own
+        enc, audio = rnd(1, text, 32), rnd(1, a, 8)
+        return TinyCase(name, m, rnd(1, v, 16), lambda x, t: dict(
+            hidden_states=x, audio_hidden_states=audio, encoder_hidden_states=enc,
+            timestep=torch.stack([1 - t / 1000, 1 - 0.8 * t / 1000]).float(), timestep_indices=rows, token_tags=tags,
+            position_ids=pos, video_indices=torch.arange(text, text + v), audio_indices=torch.arange(text + v, n),
+            text_indices=torch.arange(text)))
+    if name == "sanawmrefiner":  # LTX-2's video blocks; tiny case without the AR refiner's KV cache
+        m = d.SanaWMLTX2RefinerTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=heads,
+                                                  attention_head_dim=hd, cross_attention_dim=dim,
+                                                  audio_in_channels=8, audio_out_channels=8,
+                                                  audio_num_attention_heads=heads, audio_attention_head_dim=8,
+                                                  audio_cross_attention_dim=16, num_layers=layers, caption_channels=32)
+        rope = m.build_rotary_emb_for_absolute_positions(1, list(range(3, 3 + frames)), size, size, "cpu", 24.0)
+        enc, s = rnd(1, text, 32), frames * size * size
+        return TinyCase(name, m, rnd(1, s, 8), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, timestep=(t * torch.ones(1, s)).float(),
+            video_rotary_emb=rope, encoder_attention_mask=torch.ones(1, text)))
     raise ValueError(f"name: unknown tiny case {name!r}; known: {', '.join(CASES)}")
 
 
 CASES = ("flux", "flux2", "cogvideox", "hunyuanvideo", "wan", "ltx", "mochi", "latte", "allegro", "cogview4",
          "sd3", "qwenimage", "chroma",
          "bria", "hunyuanimage", "longcatimage", "ovisimage", "glmimage", "nucleusmoe",
-         "chronoedit", "helios", "skyreelsv2", "wananimate", "wanvace")
+         "chronoedit", "helios", "skyreelsv2", "wananimate", "wanvace",
+         "hunyuanvideo15", "framepack", "motifvideo", "minimaxh3", "sanawmrefiner")
 
 
 def denoise(model: Any, tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ...] = ("cond",),
