@@ -244,3 +244,37 @@ def test_inductor_fullgraph_matches_diffusers(name: str, method: str, dynamo) ->
     compiled = denoise(torch.compile(ours, fullgraph=True, backend=counter), tc, TIMESTEPS, contexts)
     assert max(float((a - b).abs().max()) for a, b in zip(compiled, reference)) <= 1e-4
     assert dynamo.graph_breaks == 0 and 1 <= counter.graphs <= 3 and counter.max_conds_per_call == 0
+
+
+def test_calls_outside_any_cache_context_are_planned_eagerly_and_refused_compiled() -> None:
+    """Some pipelines (Bria, GLM-Image, NucleusMoE-Image, ChronoEdit, Framepack, SANA-WM) call the transformer
+    outside any cache_context. Run eagerly, each call is planned as its own entry of the default context:
+    MagCache equals diffusers' hook (which runs without a context), TaylorSeer equals itself run with contexts.
+    Compiled, a call cannot plan without recompiling every call: refused, naming cache_context."""
+    import contextlib
+
+    tc = case("flux")
+    tc.model.eval()
+
+    def no_context(name: str):
+        return contextlib.nullcontext()
+
+    uncached = denoise(copy.deepcopy(tc.model), tc, TIMESTEPS, ("cond",), no_context)
+    theirs = copy.deepcopy(tc.model)
+    theirs.enable_cache(_config("mag", "flux"))
+    ours = copy.deepcopy(tc.model)
+    fd.enable_cache(ours, _config("mag", "flux"))
+    got = denoise(ours, tc, TIMESTEPS, ("cond",), no_context)
+    assert _gap(got, denoise(theirs, tc, TIMESTEPS, ("cond",), no_context)) <= 1e-5
+    assert _gap(got, uncached) > 1e-5 and fd.decided_on(ours) == "host"
+
+    with_contexts = copy.deepcopy(tc.model)
+    fd.enable_cache(with_contexts, _config("taylor", "flux"))
+    fd.enable_cache(ours_t := copy.deepcopy(tc.model), _config("taylor", "flux"))
+    assert _gap(denoise(ours_t, tc, TIMESTEPS, ("cond",), no_context),
+                denoise(with_contexts, tc, TIMESTEPS, ("cond",))) == 0.0
+
+    fd.reset_cache(ours)
+    compiled = torch.compile(ours, fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="cache_context"):
+        denoise(compiled, tc, TIMESTEPS[:1], ("cond",), no_context)

@@ -365,6 +365,16 @@ class Session:
                           stacklevel=3)
         self.pending = None
 
+    def plan_outside_context(self) -> bool:
+        """A call outside any cache_context (the Bria, GLM-Image, NucleusMoE, ChronoEdit, Framepack and SANA-WM
+        pipelines make such calls): run eagerly, it is its own entry of the default context, planned here. A
+        compiled forward cannot plan (it would guard on the call count and recompile every call): there the
+        planned methods need `cache_context` around each call."""
+        if self.active is not None or self.pending is not None or torch.compiler.is_compiling():
+            return False
+        self._plan_next_call()
+        return True
+
     def take_planned(self) -> Any:
         """Inside the forward: the decision planned at the context's entry, or None (decide on the device)."""
         pending = self.pending
@@ -518,6 +528,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             t = family.timestep(timestep)
             _prewarm(model)
             scratch.state, scratch.new, scratch.misses = state, {}, []
+            implicit = session.plan_outside_context()
             planned = session.take_planned()
             if isinstance(config, FasterCacheConfig):
                 out, new = _faster_cache_forward(session, original, positions, state, t, planned, args, kwargs)
@@ -547,6 +558,8 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             # keeps arbitrary strides, which recompiled FasterCache twice), and inductor asserts them
             slot.state = tree_map(lambda x: canonical(x) if isinstance(x, Tensor) else x, new)
             scratch.state, scratch.new, scratch.decision = None, {}, None
+            if implicit:
+                session._count_calls()
             return out
 
         return forward
