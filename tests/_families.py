@@ -13,12 +13,15 @@ FBC_NO_ORACLE = {
     "latte": "the stream is reshaped between its spatial and temporal blocks",
     "sd3": "its last block returns no text stream (None - Tensor)",
     "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
+    "acestep": "its block class is not in diffusers' TransformerBlockRegistry",
+    "kandinsky5": "its head hook asks the block for 'hidden_states' (the registry names 'visual_embed'): ValueError",
 }
 # diffusers' MagCache / TaylorSeer hooks cannot run on these (the drop-in only has to cache something there)
 MAG_NO_ORACLE = {
     "allegro": "its block class is not in diffusers' TransformerBlockRegistry",
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
     "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
+    "acestep": "its block class is not in diffusers' TransformerBlockRegistry",
 }
 TAYLOR_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",

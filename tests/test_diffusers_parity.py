@@ -138,7 +138,7 @@ def _fbc_reference(tc: TinyCase, ctx: str, threshold: float) -> list[torch.Tenso
     on a skip every other block returns its input, and the last block of each segment returns its input
     plus that segment's residual from the last computed step (the segment's start is the head's output
     for the first segment, the segment's first input otherwise)."""
-    from fastcache.diffusers._families import BLOCKS
+    from fastcache.diffusers._families import block_io
     from fastcache.diffusers._runtime import _as_output, _input_streams, _positions, _streams, fbc_roles
 
     model = copy.deepcopy(tc.model)
@@ -146,7 +146,7 @@ def _fbc_reference(tc: TinyCase, ctx: str, threshold: float) -> list[torch.Tenso
     mem: dict = {"ref": None, "res": {}, "skip": False, "starts": {}}
     originals = {}
     for block, role in roles:
-        io, pos, orig = BLOCKS[type(block).__name__], _positions(block), block.forward
+        io, pos, orig = block_io(block), _positions(block), block.forward
         originals[block] = orig
 
         def fwd(*args, _io=io, _pos=pos, _orig=orig, _role=role, **kwargs):

@@ -134,7 +134,9 @@ def test_a_second_call_in_one_context_is_refused_by_name() -> None:
             model(**tc.kwargs(tc.latent, TIMESTEPS[0]), return_dict=False)
 
 
-EVERY_ATTENTION = (r"(transformer_blocks|single_transformer_blocks|blocks|temporal_transformer_blocks)\.\d+\.attn\d?",)
+EVERY_ATTENTION = (r"(transformer_blocks|single_transformer_blocks|blocks|temporal_transformer_blocks)\.\d+\.attn\d?",
+                   # Kandinsky's text and visual blocks, AceStep's layers
+                   r"(text_|visual_)?(transformer_blocks|layers)\.\d+\.(self|cross)_att(n|ention)")
 OTHER_FAMILIES = [n for n in CASES_ALL if n not in ("flux", "cogvideox", "wan")]
 
 

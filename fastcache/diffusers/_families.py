@@ -77,6 +77,10 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("QwenImageTransformer2DModel", (("transformer_blocks",),), 1000.0),
     # Chroma concatenates its text and image streams before the single blocks (as Flux2): two segments
     Family("ChromaTransformer2DModel", (("transformer_blocks",), ("single_transformer_blocks",)), 1000.0),
+    # its text blocks see only text and time (no latent): the visual blocks alone are cached; pipelines pass t
+    Family("Kandinsky5Transformer3DModel", (("visual_transformer_blocks",),)),
+    # sigmas in 0..1; CFG as one [cond; null] batch (a tokens output: no frequency split)
+    Family("AceStepTransformer1DModel", (("layers",),), 1000.0, cfg_batched=True),
 )}
 
 BLOCKS: dict[str, BlockIO] = {
@@ -97,6 +101,7 @@ BLOCKS: dict[str, BlockIO] = {
     "QwenImageTransformerBlock": BlockIO(1, 0),
     "ChromaTransformerBlock": BlockIO(1, 0),
     "ChromaSingleTransformerBlock": BlockIO(None),
+    "AceStepTransformerBlock": BlockIO(None),
 }
 
 

@@ -31,6 +31,13 @@ def _ts(t: Tensor, batch: int, scale: float = 1.0, offset: float = 0.0) -> Tenso
     return (t * scale + offset).float().expand(batch)
 
 
+def _modulate(model: nn.Module) -> None:
+    """Random modulation weights where the model initialises them to zero (zero gates: every block an identity)."""
+    for name, p in model.named_parameters():
+        if "modulation" in name and not p.any():
+            nn.init.normal_(p, std=0.2)
+
+
 def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 8, seed: int = 0,
          layers: int = 2, heads: int = 2) -> TinyCase:
     import diffusers as d
@@ -163,11 +170,30 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
         return TinyCase(name, m, rnd(1, s, 16), lambda x, t: dict(
             hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 1, 1e-3), img_ids=img,
             txt_ids=torch.zeros(text, 3)))
+    if name == "kandinsky5":  # text-encoder blocks, then the cached visual-decoder blocks; (B, T, H, W, C) latents
+        m = d.Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=32, in_text_dim2=16, time_dim=32,
+                                           out_visual_dim=4, model_dim=dim, ff_dim=2 * dim, num_text_blocks=layers,
+                                           num_visual_blocks=layers, axes_dims=(hd // 4, 3 * hd // 8, 3 * hd // 8))
+        _modulate(m)
+        enc, pooled = rnd(1, text, 32), rnd(1, 16)
+        pos = [torch.arange(frames), torch.arange(size // 2), torch.arange(size // 2)]
+        return TinyCase(name, m, rnd(1, frames, size, size, 4), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=_ts(t, 1),
+            visual_rope_pos=pos, text_rope_pos=torch.arange(text)))
+    if name == "acestep":  # 1-D audio tokens (B, T, C), a context latent concatenated on the channels
+        m = d.AceStepTransformer1DModel(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=layers,
+                                        num_attention_heads=heads, num_key_value_heads=1, head_dim=hd, in_channels=16,
+                                        audio_acoustic_hidden_dim=8, patch_size=2, sliding_window=4,
+                                        encoder_hidden_size=32)
+        enc, ctx = rnd(2, text, 32), rnd(2, 2 * size, 8)
+        return TinyCase(name, m, rnd(2, 2 * size, 8), lambda x, t: dict(
+            hidden_states=x, timestep=_ts(t, 2, 1e-3), timestep_r=_ts(t, 2, 1e-3), encoder_hidden_states=enc,
+            context_latents=ctx), cfg_batched=True)
     raise ValueError(f"name: unknown tiny case {name!r}; known: {', '.join(CASES)}")
 
 
 CASES = ("flux", "flux2", "cogvideox", "hunyuanvideo", "wan", "ltx", "mochi", "latte", "allegro", "cogview4",
-         "sd3", "qwenimage", "chroma")
+         "sd3", "qwenimage", "chroma", "kandinsky5", "acestep")
 
 
 def denoise(model: Any, tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ...] = ("cond",),
