@@ -14,6 +14,9 @@ FBC_NO_ORACLE = {
     "sd3": "its last block returns no text stream (None - Tensor)",
     "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
     "acestep": "its block class is not in diffusers' TransformerBlockRegistry",
+    "qwenimage21": "its block class is not in diffusers' TransformerBlockRegistry",
+    "kandinsky6": "its block class is not in diffusers' TransformerBlockRegistry",
+    "ltx2": "its block class is not in diffusers' TransformerBlockRegistry",
     "kandinsky5": "its head hook asks the block for 'hidden_states' (the registry names 'visual_embed'): ValueError",
 }
 # diffusers' MagCache / TaylorSeer hooks cannot run on these (the drop-in only has to cache something there)
@@ -22,12 +25,19 @@ MAG_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
     "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
     "acestep": "its block class is not in diffusers' TransformerBlockRegistry",
+    "qwenimage21": "its block class is not in diffusers' TransformerBlockRegistry",
 }
 TAYLOR_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
 }
+# diffusers' own forward breaks the graph here, cached or not: no fullgraph capture to test (checked by
+# test_diffusers_compile.py::test_no_fullgraph_families_break_the_graph_uncached)
+NO_FULLGRAPH = {
+    "qwenimage21": "its forward reads img_mask on the host (.tolist() for the rope positions)",
+}
 # MagCache refused at enable_cache (why: the error message names it)
-MAG_REFUSED = {"latte": "reshapes its hidden states"}
+MAG_REFUSED = {"latte": "reshapes its hidden states", "kandinsky6": "undenoised audio",
+               "ltx2": "undenoised audio"}
 
 _CLASSES: dict[str, str] = {}
 

@@ -18,7 +18,7 @@ import fastcache.diffusers as fd  # noqa: E402
 from fastcache.diffusers._tiny import CASES as CASES_ALL  # noqa: E402
 from fastcache.diffusers._tiny import case, denoise  # noqa: E402
 from fastcache.testing import CompileCounter  # noqa: E402
-from tests._families import MAG_NO_ORACLE, MAG_REFUSED, TAYLOR_NO_ORACLE  # noqa: E402
+from tests._families import MAG_NO_ORACLE, MAG_REFUSED, NO_FULLGRAPH, TAYLOR_NO_ORACLE  # noqa: E402
 from tests.test_diffusers_lifecycle import nan_once_hook  # noqa: E402
 
 STEPS = 12
@@ -135,8 +135,9 @@ def test_a_second_call_in_one_context_is_refused_by_name() -> None:
 
 
 EVERY_ATTENTION = (r"(transformer_blocks|single_transformer_blocks|blocks|temporal_transformer_blocks)\.\d+\.attn\d?",
-                   # Kandinsky's text and visual blocks, AceStep's layers
-                   r"(text_|visual_)?(transformer_blocks|layers)\.\d+\.(self|cross)_att(n|ention)")
+                   # Kandinsky's text, visual and fused blocks, AceStep's layers
+                   r"(\w+_)?(transformer_blocks|layers)\.\d+\.((\w+_dec_block\.)?(\w+_)?(self|cross)_att(n|ention)|attn)",
+                   r"transformer_blocks\.\d+\.(audio_|audio_to_video_|video_to_audio_)attn\d?")  # LTX-2's audio
 OTHER_FAMILIES = [n for n in CASES_ALL if n not in ("flux", "cogvideox", "wan")]
 
 
@@ -193,7 +194,7 @@ def test_magcache_on_every_other_family_equals_diffusers_or_is_refused_before_an
     assert _gap(got, denoise(theirs, tc, TIMESTEPS, contexts)) <= 1e-5
 
 
-@pytest.mark.parametrize("name", OTHER_FAMILIES)
+@pytest.mark.parametrize("name", [n for n in OTHER_FAMILIES if n not in NO_FULLGRAPH])
 def test_every_other_family_captures_the_planned_methods_fullgraph(name: str, dynamo) -> None:
     """MagCache (where not refused) and TaylorSeer under torch.compile(fullgraph=True) (dynamo capture, run
     eagerly): 0 graph breaks, at most 3 graphs, 0 torch.cond, outputs equal to eager."""

@@ -47,6 +47,9 @@ class Family:
     per_block_segments: bool = False
     # FasterCache: batched inputs beyond diffusers' default names (SD3's pooled text embedding)
     extra_batched_kwargs: tuple[str, ...] = ()
+    # the blocks' second stream is audio that the model outputs (Kandinsky 6, LTX-2), not text it drops: MagCache's
+    # skip (diffusers' rule) carries a residual for the first stream only and would return the audio undenoised
+    audio_stream: bool = False
 
     def timestep(self, value: Tensor) -> Tensor:
         """The denoising timestep as a 0-dim fp32 tensor, 0..1000, on the device (no host sync).
@@ -80,6 +83,11 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     # its text blocks see only text and time (no latent): the visual blocks alone are cached; pipelines pass t
     Family("Kandinsky5Transformer3DModel", (("visual_transformer_blocks",),)),
     # sigmas in 0..1; CFG as one [cond; null] batch (a tokens output: no frequency split)
+    # video and audio through one list of fused blocks (text blocks per modality see no latent); pipelines pass t
+    Family("Kandinsky6Transformer3DModel", (("visual_transformer_blocks",),), audio_stream=True),
+    # video and audio streams through one block list; pipelines pass t (conditioning tokens at 0: the max)
+    Family("LTX2VideoTransformer3DModel", (("transformer_blocks",),), cfg_batched=True, audio_stream=True),
+    Family("QwenImage21Transformer2DModel", (("transformer_blocks",),), 1000.0),
     Family("AceStepTransformer1DModel", (("layers",),), 1000.0, cfg_batched=True),
 )}
 
@@ -102,6 +110,9 @@ BLOCKS: dict[str, BlockIO] = {
     "ChromaTransformerBlock": BlockIO(1, 0),
     "ChromaSingleTransformerBlock": BlockIO(None),
     "AceStepTransformerBlock": BlockIO(None),
+    "QwenImage21TransformerBlock": BlockIO(None),
+    "LTX2VideoTransformerBlock": BlockIO(0, 1, encoder_arg="audio_hidden_states"),  # (video, audio)
+    "Kandinsky6FusedTransformerDecoderBlock": BlockIO(0, 1, "vis", "aud"),  # (video, audio); audio may be None
 }
 
 

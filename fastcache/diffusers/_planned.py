@@ -80,6 +80,11 @@ def mag_cache_roles(model: nn.Module) -> list[tuple[nn.Module, MagRole]]:
         raise ValueError(f"config: MagCache skips all blocks with one residual, but {type(model).__name__} reshapes "
                          "its hidden states between its spatial and temporal blocks, so no such residual exists "
                          "(diffusers' hook fails mid-generation there); use FirstBlockCache, PAB or TaylorSeer")
+    if family_of(model).audio_stream:
+        raise ValueError(f"config: MagCache skips all blocks with one residual of the first stream and passes the "
+                         f"second through (diffusers' rule, for a text stream), but {type(model).__name__}'s second "
+                         "stream is audio it outputs: a skipped step would return undenoised audio; use "
+                         "FirstBlockCache (a residual per stream), PAB or TaylorSeer")
     blocks = [block for _, block in mag_cache_blocks(model)]
     return [(block, MagRole(head=i == 0, tail=i == len(blocks) - 1)) for i, block in enumerate(blocks)]
 
