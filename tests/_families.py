@@ -26,6 +26,8 @@ MAG_NO_ORACLE = {
     "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
     "acestep": "its block class is not in diffusers' TransformerBlockRegistry",
     "qwenimage21": "its block class is not in diffusers' TransformerBlockRegistry",
+    "kandinsky6": "its block class is not in diffusers' TransformerBlockRegistry",
+    "ltx2": "its block class is not in diffusers' TransformerBlockRegistry",
 }
 TAYLOR_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
@@ -36,8 +38,7 @@ NO_FULLGRAPH = {
     "qwenimage21": "its forward reads img_mask on the host (.tolist() for the rope positions)",
 }
 # MagCache refused at enable_cache (why: the error message names it)
-MAG_REFUSED = {"latte": "reshapes its hidden states", "kandinsky6": "undenoised audio",
-               "ltx2": "undenoised audio"}
+MAG_REFUSED = {"latte": "reshapes its hidden states"}
 
 _CLASSES: dict[str, str] = {}
 

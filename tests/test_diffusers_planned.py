@@ -5,6 +5,7 @@ in a 12-step run)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -247,3 +248,57 @@ def test_inductor_fullgraph_matches_diffusers(name: str, method: str, dynamo) ->
     compiled = denoise(torch.compile(ours, fullgraph=True, backend=counter), tc, TIMESTEPS, contexts)
     assert max(float((a - b).abs().max()) for a, b in zip(compiled, reference)) <= 1e-4
     assert dynamo.graph_breaks == 0 and 1 <= counter.graphs <= 3 and counter.max_conds_per_call == 0
+
+
+@pytest.mark.parametrize("name", ["ltx2", "kandinsky6"])
+def test_magcache_skips_the_audio_stream_with_its_own_residual(name: str) -> None:
+    """LTX-2 and Kandinsky 6 return audio next to the video, from the blocks' second stream: on a skipped step both
+    streams get their residual from the last computed step (diffusers' rule passes the second stream through, as
+    for text, which would return undenoised audio). Against forward hooks written here, both outputs."""
+    from fastcache.diffusers._families import block_io
+    from fastcache.diffusers._planned import mag_cache_blocks
+    from fastcache.diffusers._runtime import _as_output, _input_streams, _positions, _streams
+    from fastcache.methods import mag_cache
+
+    tc = case(name)
+    tc.model.eval()
+    contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
+    config = _config("mag", name)
+    plan = mag_cache.skips(fd.to_fastcache_config(config), STEPS)
+    assert any(plan), plan
+
+    def run(model: torch.nn.Module, step: list[int], cached: bool = False) -> list[tuple[torch.Tensor, ...]]:
+        x, outs = tc.latent.clone(), []
+        for i, t in enumerate(TIMESTEPS):
+            step[0] = i
+            with torch.no_grad(), (model.cache_context(contexts[0]) if cached else contextlib.nullcontext()):
+                video, sound = model(**tc.kwargs(x, t), return_dict=False)
+            outs.append((video, sound))
+            x = x - 0.05 * video
+        return outs
+
+    reference, step, mem = copy.deepcopy(tc.model), [0], {}
+    blocks = [block for _, block in mag_cache_blocks(reference)]
+    for index, block in enumerate(blocks):
+        io, positions = block_io(block), _positions(block)
+
+        def forward(*args, _orig=block.forward, _io=io, _pos=positions, _head=index == 0, _index=index, **kwargs):
+            ins = _input_streams(_io, _pos, args, kwargs)
+            if plan[step[0]]:
+                return _as_output(_io, tuple(a + r for a, r in zip(ins, mem["res"])) if _head else ins)
+            if _head:
+                mem["start"] = ins
+            out = _orig(*args, **kwargs)
+            if _index == len(blocks) - 1:
+                mem["res"] = tuple(o - s for o, s in zip(_streams(_io, out), mem["start"]))
+            return out
+
+        block.forward = forward
+    expected = run(reference, step)
+    ours = copy.deepcopy(tc.model)
+    fd.enable_cache(ours, config)
+    got = run(ours, [0], cached=True)
+    uncached = run(copy.deepcopy(tc.model), [0])
+    for kind in (0, 1):  # video, audio
+        assert _gap([o[kind] for o in got], [e[kind] for e in expected]) <= 1e-5, kind
+        assert _gap([o[kind] for o in got], [u[kind] for u in uncached]) > 1e-5, kind

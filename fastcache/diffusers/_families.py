@@ -47,8 +47,8 @@ class Family:
     per_block_segments: bool = False
     # FasterCache: batched inputs beyond diffusers' default names (SD3's pooled text embedding)
     extra_batched_kwargs: tuple[str, ...] = ()
-    # the blocks' second stream is audio that the model outputs (Kandinsky 6, LTX-2), not text it drops: MagCache's
-    # skip (diffusers' rule) carries a residual for the first stream only and would return the audio undenoised
+    # the blocks' second stream is audio that the model outputs (Kandinsky 6, LTX-2), not text it drops: MagCache
+    # skips it with a residual of its own (diffusers' rule passes the second stream through a skip unchanged)
     audio_stream: bool = False
 
     def timestep(self, value: Tensor) -> Tensor:
