@@ -82,12 +82,13 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("ChromaTransformer2DModel", (("transformer_blocks",), ("single_transformer_blocks",)), 1000.0),
     # its text blocks see only text and time (no latent): the visual blocks alone are cached; pipelines pass t
     Family("Kandinsky5Transformer3DModel", (("visual_transformer_blocks",),)),
-    # sigmas in 0..1; CFG as one [cond; null] batch (a tokens output: no frequency split)
     # video and audio through one list of fused blocks (text blocks per modality see no latent); pipelines pass t
     Family("Kandinsky6Transformer3DModel", (("visual_transformer_blocks",),), audio_stream=True),
     # video and audio streams through one block list; pipelines pass t (conditioning tokens at 0: the max)
     Family("LTX2VideoTransformer3DModel", (("transformer_blocks",),), cfg_batched=True, audio_stream=True),
+    # one joint text+image stream; pipelines pass t / 1000
     Family("QwenImage21Transformer2DModel", (("transformer_blocks",),), 1000.0),
+    # sigmas in 0..1; CFG as one [cond; null] batch (a tokens output: no frequency split)
     Family("AceStepTransformer1DModel", (("layers",),), 1000.0, cfg_batched=True),
 )}
 
