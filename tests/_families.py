@@ -25,6 +25,11 @@ FBC_NO_ORACLE = {
     "hunyuanvideo15": "its block class is not in diffusers' TransformerBlockRegistry",
     "minimaxh3": "its block class is not in diffusers' TransformerBlockRegistry",
     "sanawmrefiner": "its block class is not in diffusers' TransformerBlockRegistry",
+    "acestep": "its block class is not in diffusers' TransformerBlockRegistry",
+    "qwenimage21": "its block class is not in diffusers' TransformerBlockRegistry",
+    "kandinsky6": "its block class is not in diffusers' TransformerBlockRegistry",
+    "ltx2": "its block class is not in diffusers' TransformerBlockRegistry",
+    "kandinsky5": "its head hook asks the block for 'hidden_states' (the registry names 'visual_embed'): ValueError",
 }
 # diffusers' MagCache / TaylorSeer hooks cannot run on these (the drop-in only has to cache something there)
 MAG_NO_ORACLE = {
@@ -43,6 +48,10 @@ MAG_NO_ORACLE = {
     "hunyuanvideo15": "its block class is not in diffusers' TransformerBlockRegistry",
     "minimaxh3": "its block class is not in diffusers' TransformerBlockRegistry",
     "sanawmrefiner": "its block class is not in diffusers' TransformerBlockRegistry",
+    "acestep": "its block class is not in diffusers' TransformerBlockRegistry",
+    "qwenimage21": "its block class is not in diffusers' TransformerBlockRegistry",
+    "kandinsky6": "its block class is not in diffusers' TransformerBlockRegistry",
+    "ltx2": "its block class is not in diffusers' TransformerBlockRegistry",
 }
 TAYLOR_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
@@ -51,10 +60,11 @@ TAYLOR_NO_ORACLE = {
 REGISTRY_WRONG = {
     "BriaTransformerBlock": "it returns (encoder_hidden_states, hidden_states); diffusers registers (0, None)",
 }
-# the model itself cannot be captured by torch.compile(fullgraph=True), cached or not (the compile tests check
-# that the uncached model fails with this reason and leave the family out)
+# diffusers' own forward breaks the graph here, cached or not: no fullgraph capture to test (checked by
+# test_diffusers_compile.py::test_no_fullgraph_families_break_the_graph_uncached)
 NO_FULLGRAPH = {
-    "hunyuanvideo15": "Data-dependent branching",  # `if torch.all(image_embeds == 0)` in its forward
+    "hunyuanvideo15": "its forward branches on data (`if torch.all(image_embeds == 0)`)",
+    "qwenimage21": "its forward reads img_mask on the host (.tolist() for the rope positions)",
 }
 # MagCache refused at enable_cache (why: the error message names it)
 MAG_REFUSED = {"latte": "reshapes its hidden states"}

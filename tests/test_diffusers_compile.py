@@ -181,9 +181,11 @@ def test_every_family_captures_fullgraph(name: str, method: str, dynamo) -> None
 
 
 @pytest.mark.parametrize("name", sorted(NO_FULLGRAPH))
-def test_a_family_left_out_of_fullgraph_fails_there_uncached(name: str, dynamo) -> None:
-    """A family the compile tests leave out fails fullgraph capture without fastcache too, for the reason named."""
+def test_no_fullgraph_families_break_the_graph_uncached(name: str) -> None:
+    """The families left out of the capture tests above cannot be captured whole even without a cache (the
+    reason is in tests/_families.py): diffusers' own forward breaks the graph."""
     tc = case(name)
-    model = tc.model.eval()
-    with pytest.raises(Exception, match=NO_FULLGRAPH[name]):
-        denoise(torch.compile(model, fullgraph=True, backend="eager"), tc, TIMESTEPS[:1])
+    compiled = torch.compile(tc.model.eval(), fullgraph=True, backend="eager")
+    with torch.no_grad(), pytest.raises(torch._dynamo.exc.Unsupported):
+        compiled(**tc.kwargs(tc.latent, TIMESTEPS[0]), return_dict=False)
+    torch._dynamo.reset()

@@ -133,11 +133,15 @@ def _parity(name: str, method: str) -> dict:
 
 
 def _fbc_reference(tc: TinyCase, ctx: str, threshold: float) -> list[torch.Tensor]:
+    return _loop(_fbc_reference_model(tc, threshold), tc, ctx, {}, lambda name: contextlib.nullcontext())
+
+
+def _fbc_reference_model(tc: TinyCase, threshold: float) -> torch.nn.Module:
     """FirstBlockCache by segments, written directly with forward hooks on the uncached model: head computes;
     on a skip every other block returns its input, and the last block of each segment returns its input
     plus that segment's residual from the last computed step (the segment's start is the head's output
     for the first segment, the segment's first input otherwise)."""
-    from fastcache.diffusers._families import BLOCKS
+    from fastcache.diffusers._families import block_io
     from fastcache.diffusers._runtime import _as_output, _input_streams, _positions, _streams, fbc_roles
 
     model = copy.deepcopy(tc.model)
@@ -145,7 +149,7 @@ def _fbc_reference(tc: TinyCase, ctx: str, threshold: float) -> list[torch.Tenso
     mem: dict = {"ref": None, "res": {}, "skip": False, "starts": {}}
     originals = {}
     for block, role in roles:
-        io, pos, orig = BLOCKS[type(block).__name__], _positions(block), block.forward
+        io, pos, orig = block_io(block), _positions(block), block.forward
         originals[block] = orig
 
         def fwd(*args, _io=io, _pos=pos, _orig=orig, _role=role, **kwargs):
@@ -174,7 +178,7 @@ def _fbc_reference(tc: TinyCase, ctx: str, threshold: float) -> list[torch.Tenso
             return out
 
         block.forward = fwd
-    return _loop(model, tc, ctx, {}, lambda name: contextlib.nullcontext())
+    return model
 
 
 # FasterCache runs in full where the pipelines batch CFG; elsewhere its attention approximation alone
@@ -201,3 +205,61 @@ def test_pab_decisions_follow_diffusers_rule() -> None:
     cfg = fd.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2)
     plan = pab.plan(cfg, [1000, 900, 800, 700, 600, 500, 400, 300, 200, 100])
     assert plan.rows["spatial"] == "CCCRCRCRCC"
+
+
+def test_fbc_restarts_when_the_streams_change_length_under_qwenimage21_kv_cache() -> None:
+    """QwenImage 2.1's pipeline (use_kv_cache=True, its default) runs the whole joint sequence at the first step and
+    only the target image's tokens after: the blocks' streams get shorter for the same input. FirstBlockCache
+    computes that second call whole (nothing stored fits) and caches from there."""
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+    tc = case("qwenimage21")
+    tc.model.eval()
+
+    def run(model: torch.nn.Module, skipped: list[bool] | None = None) -> list[torch.Tensor]:
+        kv, x, outs = QwenImage21KVCache(len(model.transformer_blocks)), tc.latent.clone(), []
+        for i, t in enumerate(TIMESTEPS):
+            kwargs = dict(tc.kwargs(x, t), kv_cache=kv, kv_cache_mode="extract" if i == 0 else "cached")
+            with torch.no_grad(), (model.cache_context("cond") if skipped is not None else contextlib.nullcontext()):
+                outs.append(model(**kwargs, return_dict=False)[0])
+            if skipped is not None:
+                skipped.append(bool(fd.cache_state(model, "cond")["skipped"]))
+            x = x - 0.05 * outs[-1][:, -x.shape[1]:]
+        return outs
+
+    uncached = run(copy.deepcopy(tc.model))
+    model, skipped = copy.deepcopy(tc.model), []
+    fd.enable_cache(model, fd.FirstBlockCacheConfig(threshold=1e9))
+    ours = run(model, skipped)
+    assert [tuple(o.shape[1:2]) for o in ours[:2]] == [(72,), (64,)]
+    assert skipped == [False, False] + [True] * (len(TIMESTEPS) - 2)
+    assert int(fd.cache_state(model, "cond")["num_computed"]) == 2
+    assert max(_max_diffs(ours[:2], uncached[:2])) == 0.0
+    assert max(_max_diffs(ours[2:], uncached[2:])) > 1e-5
+
+
+@pytest.mark.parametrize("name", ["ltx2", "kandinsky6"])
+def test_fbc_caches_the_audio_stream_too(name: str) -> None:
+    """LTX-2 and Kandinsky 6 return audio next to the video: FirstBlockCache keeps a residual per stream, so a
+    skipped step's audio equals the reference's (the other tests compare the video output only)."""
+    tc = case(name)
+    tc.model.eval()
+    ctx = _context_name(tc)
+    threshold = fbc_threshold(tc, TIMESTEPS, (ctx,))
+
+    def run(model: torch.nn.Module, set_ctx) -> list[torch.Tensor]:
+        x, audio = tc.latent.clone(), []
+        for t in TIMESTEPS:
+            with torch.no_grad(), set_ctx(ctx):
+                video, sound = model(**tc.kwargs(x, t), return_dict=False)
+            audio.append(sound)
+            x = x - 0.05 * video
+        return audio
+
+    uncached = run(copy.deepcopy(tc.model), lambda name: contextlib.nullcontext())
+    reference = run(_fbc_reference_model(tc, threshold), lambda name: contextlib.nullcontext())
+    ours = copy.deepcopy(tc.model)
+    fd.enable_cache(ours, fd.FirstBlockCacheConfig(threshold=threshold))
+    got = run(ours, ours.cache_context)
+    assert max(_max_diffs(got, reference)) <= ATOL
+    assert max(_max_diffs(got, uncached)) > 1e-5, "no step was skipped"

@@ -5,6 +5,7 @@ in a 12-step run)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -134,7 +135,10 @@ def test_a_second_call_in_one_context_is_refused_by_name() -> None:
             model(**tc.kwargs(tc.latent, TIMESTEPS[0]), return_dict=False)
 
 
-EVERY_ATTENTION = (r"(transformer_blocks|single_transformer_blocks|blocks|temporal_transformer_blocks)\.\d+\.attn\d?",)
+EVERY_ATTENTION = (r"(transformer_blocks|single_transformer_blocks|blocks|temporal_transformer_blocks)\.\d+\.attn\d?",
+                   # Kandinsky's text, visual and fused blocks, AceStep's layers
+                   r"(\w+_)?(transformer_blocks|layers)\.\d+\.((\w+_dec_block\.)?(\w+_)?(self|cross)_att(n|ention)|attn)",
+                   r"transformer_blocks\.\d+\.(audio_|audio_to_video_|video_to_audio_)attn\d?")  # LTX-2's audio
 OTHER_FAMILIES = [n for n in CASES_ALL if n not in ("flux", "cogvideox", "wan")]
 
 
@@ -278,3 +282,55 @@ def test_calls_outside_any_cache_context_are_planned_eagerly_and_refused_compile
     compiled = torch.compile(ours, fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="cache_context"):
         denoise(compiled, tc, TIMESTEPS[:1], ("cond",), no_context)
+@pytest.mark.parametrize("name", ["ltx2", "kandinsky6"])
+def test_magcache_skips_the_audio_stream_with_its_own_residual(name: str) -> None:
+    """LTX-2 and Kandinsky 6 return audio next to the video, from the blocks' second stream: on a skipped step both
+    streams get their residual from the last computed step (diffusers' rule passes the second stream through, as
+    for text, which would return undenoised audio). Against forward hooks written here, both outputs."""
+    from fastcache.diffusers._families import block_io
+    from fastcache.diffusers._planned import mag_cache_blocks
+    from fastcache.diffusers._runtime import _as_output, _input_streams, _positions, _streams
+    from fastcache.methods import mag_cache
+
+    tc = case(name)
+    tc.model.eval()
+    contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
+    config = _config("mag", name)
+    plan = mag_cache.skips(fd.to_fastcache_config(config), STEPS)
+    assert any(plan), plan
+
+    def run(model: torch.nn.Module, step: list[int], cached: bool = False) -> list[tuple[torch.Tensor, ...]]:
+        x, outs = tc.latent.clone(), []
+        for i, t in enumerate(TIMESTEPS):
+            step[0] = i
+            with torch.no_grad(), (model.cache_context(contexts[0]) if cached else contextlib.nullcontext()):
+                video, sound = model(**tc.kwargs(x, t), return_dict=False)
+            outs.append((video, sound))
+            x = x - 0.05 * video
+        return outs
+
+    reference, step, mem = copy.deepcopy(tc.model), [0], {}
+    blocks = [block for _, block in mag_cache_blocks(reference)]
+    for index, block in enumerate(blocks):
+        io, positions = block_io(block), _positions(block)
+
+        def forward(*args, _orig=block.forward, _io=io, _pos=positions, _head=index == 0, _index=index, **kwargs):
+            ins = _input_streams(_io, _pos, args, kwargs)
+            if plan[step[0]]:
+                return _as_output(_io, tuple(a + r for a, r in zip(ins, mem["res"])) if _head else ins)
+            if _head:
+                mem["start"] = ins
+            out = _orig(*args, **kwargs)
+            if _index == len(blocks) - 1:
+                mem["res"] = tuple(o - s for o, s in zip(_streams(_io, out), mem["start"]))
+            return out
+
+        block.forward = forward
+    expected = run(reference, step)
+    ours = copy.deepcopy(tc.model)
+    fd.enable_cache(ours, config)
+    got = run(ours, [0], cached=True)
+    uncached = run(copy.deepcopy(tc.model), [0])
+    for kind in (0, 1):  # video, audio
+        assert _gap([o[kind] for o in got], [e[kind] for e in expected]) <= 1e-5, kind
+        assert _gap([o[kind] for o in got], [u[kind] for u in uncached]) > 1e-5, kind

@@ -47,6 +47,9 @@ class Family:
     per_block_segments: bool = False
     # FasterCache: batched inputs beyond diffusers' default names (SD3's pooled text embedding)
     extra_batched_kwargs: tuple[str, ...] = ()
+    # the blocks' second stream is audio that the model outputs (Kandinsky 6, LTX-2), not text it drops: MagCache
+    # skips it with a residual of its own (diffusers' rule passes the second stream through a skip unchanged)
+    audio_stream: bool = False
     # methods refused at enable_cache on this family: (method, why), method as in METHODS
     refuses: tuple[tuple[str, str], ...] = ()
 
@@ -112,6 +115,16 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("MiniMaxH3Transformer3DModel", (("transformer_blocks",),), -1000.0, 1000.0),
     # the refiner passes sigma * timestep_scale_multiplier (1000) per token
     Family("SanaWMLTX2RefinerTransformer3DModel", (("transformer_blocks",),)),
+    # its text blocks see only text and time (no latent): the visual blocks alone are cached; pipelines pass t
+    Family("Kandinsky5Transformer3DModel", (("visual_transformer_blocks",),)),
+    # video and audio through one list of fused blocks (text blocks per modality see no latent); pipelines pass t
+    Family("Kandinsky6Transformer3DModel", (("visual_transformer_blocks",),), audio_stream=True),
+    # video and audio streams through one block list; pipelines pass t (conditioning tokens at 0: the max)
+    Family("LTX2VideoTransformer3DModel", (("transformer_blocks",),), cfg_batched=True, audio_stream=True),
+    # one joint text+image stream; pipelines pass t / 1000
+    Family("QwenImage21Transformer2DModel", (("transformer_blocks",),), 1000.0),
+    # sigmas in 0..1; CFG as one [cond; null] batch (a tokens output: no frequency split)
+    Family("AceStepTransformer1DModel", (("layers",),), 1000.0, cfg_batched=True),
 )}
 
 BLOCKS: dict[str, BlockIO] = {
@@ -146,6 +159,10 @@ BLOCKS: dict[str, BlockIO] = {
     "HunyuanVideo15TransformerBlock": BlockIO(0, 1),
     "MiniMaxH3TransformerBlock": BlockIO(None),
     "SanaWMLTX2RefinerTransformerBlock": BlockIO(None),
+    "AceStepTransformerBlock": BlockIO(None),
+    "QwenImage21TransformerBlock": BlockIO(None),
+    "LTX2VideoTransformerBlock": BlockIO(0, 1, encoder_arg="audio_hidden_states"),  # (video, audio)
+    "Kandinsky6FusedTransformerDecoderBlock": BlockIO(0, 1, "vis", "aud"),  # (video, audio); audio may be None
 }
 
 

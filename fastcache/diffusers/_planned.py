@@ -116,10 +116,13 @@ def with_residual(hidden: Tensor, residual: Tensor) -> Tensor:
 
 def mag_cache_wrapper(session: Any, block: nn.Module, role: MagRole) -> Wrapper:
     """One block under MagCache: on a planned skip it runs nothing (the head adds the residual, the others
-    pass their inputs through); on a computed call the tail measures the residual against the head's input."""
+    pass their inputs through); on a computed call the tail measures the residual against the head's input.
+    The second stream passes through a skip (diffusers' rule: text, dropped after the blocks), except where it
+    is audio the model outputs (`Family.audio_stream`: LTX-2, Kandinsky 6): it gets a residual of its own."""
     scratch, config = session.scratch, session.config
     io = block_io(block)
     positions = _positions(block)
+    audio = session.family.audio_stream
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -127,18 +130,28 @@ def mag_cache_wrapper(session: Any, block: nn.Module, role: MagRole) -> Wrapper:
             inputs = _input_streams(io, positions, args, kwargs)
             if role.head:
                 scratch.starts[0] = inputs[0]
+                scratch.starts[1] = inputs[1] if audio else None
             if skip:
                 if role.head:  # a planned skip cannot be refused on data: a non-finite residual is counted
                     scratch.misses.append(~state["residual_finite"])
                     scratch.new.update(residual=state["residual"], residual_finite=state["residual_finite"])
-                    return _as_output(io, (with_residual(inputs[0], state["residual"]), *inputs[1:]))
+                    streams = (with_residual(inputs[0], state["residual"]), *inputs[1:])
+                    if state.get("audio_residual") is not None and inputs[1] is not None:
+                        scratch.new["audio_residual"] = state["audio_residual"]
+                        streams = (streams[0], inputs[1] + state["audio_residual"])
+                    return _as_output(io, streams)
                 return _as_output(io, inputs)
             out = original(*args, **kwargs)
             if role.tail:
-                residual = blocks_residual(_streams(io, out)[0], scratch.starts[0])
+                streams = _streams(io, out)
+                residual = blocks_residual(streams[0], scratch.starts[0])
                 if config.calibrate:
                     _record_ratio(scratch, state, residual, config)
-                scratch.new["residual"], scratch.new["residual_finite"] = residual, all_finite(residual)
+                finite = all_finite(residual)
+                if audio and streams[1] is not None and scratch.starts[1] is not None:
+                    scratch.new["audio_residual"] = streams[1] - scratch.starts[1]
+                    finite = all_finite((residual, scratch.new["audio_residual"]))
+                scratch.new["residual"], scratch.new["residual_finite"] = residual, finite
             return out
 
         return forward

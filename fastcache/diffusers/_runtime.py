@@ -714,10 +714,17 @@ def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
                 out = original(*args, **kwargs)
                 streams = _streams(io, out)
                 residual = streams[0] - inputs[0]
+                before = state
+                if state is not None and state["ref"].shape != residual.shape:
+                    # the blocks' streams changed length for the same input (QwenImage 2.1's KV cache drops the
+                    # prefix tokens after the first step): nothing stored fits, so this call computes every block
+                    state = scratch.state = None
                 if state is None:
                     scratch.skip, ref, ratio = False, residual, residual.new_full((), float("inf")).float()
                     computed = torch.ones((), dtype=torch.int64, device=residual.device)
                     nonfinite = torch.zeros((), dtype=torch.int64, device=residual.device)
+                    if before is not None:
+                        computed, nonfinite = before["num_computed"] + 1, before["nonfinite"]
                 else:
                     # the engine's rule: NaN never counts as small (diffusers would skip on NaN), and cached
                     # residuals holding a NaN or Inf (from a later block) are never reused: computed and counted

@@ -31,6 +31,13 @@ def _ts(t: Tensor, batch: int, scale: float = 1.0, offset: float = 0.0) -> Tenso
     return (t * scale + offset).float().expand(batch)
 
 
+def _modulate(model: nn.Module) -> None:
+    """Random modulation weights where the model initialises them to zero (zero gates: every block an identity)."""
+    for name, p in model.named_parameters():
+        if "modulation" in name and not p.any():
+            nn.init.normal_(p, std=0.2)
+
+
 def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 8, seed: int = 0,
          layers: int = 2, heads: int = 2) -> TinyCase:
     import diffusers as d
@@ -332,6 +339,57 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
         return TinyCase(name, m, rnd(1, s, 8), lambda x, t: dict(
             hidden_states=x, encoder_hidden_states=enc, timestep=(t * torch.ones(1, s)).float(),
             video_rotary_emb=rope, encoder_attention_mask=torch.ones(1, text)))
+    if name == "kandinsky5":  # text-encoder blocks, then the cached visual-decoder blocks; (B, T, H, W, C) latents
+        m = d.Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=32, in_text_dim2=16, time_dim=32,
+                                           out_visual_dim=4, model_dim=dim, ff_dim=2 * dim, num_text_blocks=layers,
+                                           num_visual_blocks=layers, axes_dims=(hd // 4, 3 * hd // 8, 3 * hd // 8))
+        _modulate(m)
+        enc, pooled = rnd(1, text, 32), rnd(1, 16)
+        pos = [torch.arange(frames), torch.arange(size // 2), torch.arange(size // 2)]
+        return TinyCase(name, m, rnd(1, frames, size, size, 4), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=_ts(t, 1),
+            visual_rope_pos=pos, text_rope_pos=torch.arange(text)))
+    if name == "acestep":  # 1-D audio tokens (B, T, C), a context latent concatenated on the channels
+        m = d.AceStepTransformer1DModel(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=layers,
+                                        num_attention_heads=heads, num_key_value_heads=1, head_dim=hd, in_channels=16,
+                                        audio_acoustic_hidden_dim=8, patch_size=2, sliding_window=4,
+                                        encoder_hidden_size=32)
+        enc, ctx = rnd(2, text, 32), rnd(2, 2 * size, 8)
+        return TinyCase(name, m, rnd(2, 2 * size, 8), lambda x, t: dict(
+            hidden_states=x, timestep=_ts(t, 2, 1e-3), timestep_r=_ts(t, 2, 1e-3), encoder_hidden_states=enc,
+            context_latents=ctx), cfg_batched=True)
+    if name == "qwenimage21":  # one joint text+image stream; each image slot of img_mask is 2x2 latent tokens
+        m = d.QwenImage21Transformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=layers,
+                                            attention_head_dim=hd, num_attention_heads=heads, context_in_dim=32,
+                                            axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8))
+        enc = rnd(1, text, 32)
+        valid = torch.ones(1, text, dtype=torch.bool)
+        mask = torch.cat([~valid, torch.ones(1, size * size // 4, dtype=torch.bool)], 1)  # text slots, image slots
+        return TinyCase(name, m, rnd(1, size * size, 16), lambda x, t: dict(
+            hidden_states=x, encoder_hidden_states=enc, encoder_hidden_states_mask=valid, timestep=_ts(t, 1, 1e-3),
+            img_shapes=[[(1, size, size)]], img_mask=mask))
+    if name == "kandinsky6":  # fused video+audio blocks (streams `vis`, `aud`), text blocks per modality
+        m = d.Kandinsky6Transformer3DModel(in_visual_dim=4, out_visual_dim=4, in_text_dim=32, in_text_dim2=16,
+                                           time_dim=32, model_dim=dim, ff_dim=2 * dim, num_text_blocks=layers,
+                                           num_visual_blocks=layers, axes_dims=(hd // 4, 3 * hd // 8, 3 * hd // 8),
+                                           visual_cond=False, in_audio_dim=8, out_audio_dim=8, ca_rope=True,
+                                           cross_gates=True, fix_modulation=True, text_token_padding=True)
+        enc, pooled, audio = rnd(1, text, 32), rnd(1, 16), rnd(1, 2 * size, 8)
+        return TinyCase(name, m, rnd(1, frames, size, size, 4), lambda x, t: dict(
+            hidden_states=x, audio_hidden_states=audio, encoder_hidden_states=enc, pooled_projections=pooled,
+            timestep=_ts(t, 1), encoder_attention_mask=torch.ones(1, text, dtype=torch.bool)))
+    if name == "ltx2":  # video and audio token streams through the same blocks, CFG batched
+        m = d.LTX2VideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=heads,
+                                          attention_head_dim=hd, cross_attention_dim=dim, audio_in_channels=8,
+                                          audio_out_channels=8, audio_num_attention_heads=heads,
+                                          audio_attention_head_dim=hd, audio_cross_attention_dim=dim,
+                                          num_layers=layers, caption_channels=32)
+        enc, audio, audio_frames = rnd(2, text, 32), rnd(2, 2 * size, 8), 2 * size
+        return TinyCase(name, m, rnd(2, frames * size * size, 8), lambda x, t: dict(
+            hidden_states=x, audio_hidden_states=audio, encoder_hidden_states=enc, audio_encoder_hidden_states=enc,
+            timestep=_ts(t, 2), sigma=_ts(t, 2), encoder_attention_mask=torch.ones(2, text),
+            audio_encoder_attention_mask=torch.ones(2, text), num_frames=frames, height=size, width=size,
+            audio_num_frames=audio_frames), cfg_batched=True)
     raise ValueError(f"name: unknown tiny case {name!r}; known: {', '.join(CASES)}")
 
 
@@ -339,7 +397,8 @@ CASES = ("flux", "flux2", "cogvideox", "hunyuanvideo", "wan", "ltx", "mochi", "l
          "sd3", "qwenimage", "chroma",
          "bria", "hunyuanimage", "longcatimage", "ovisimage", "glmimage", "nucleusmoe",
          "chronoedit", "helios", "skyreelsv2", "wananimate", "wanvace",
-         "hunyuanvideo15", "framepack", "motifvideo", "minimaxh3", "sanawmrefiner")
+         "hunyuanvideo15", "framepack", "motifvideo", "minimaxh3", "sanawmrefiner",
+         "kandinsky5", "acestep", "qwenimage21", "kandinsky6", "ltx2")
 
 
 def denoise(model: Any, tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ...] = ("cond",),
@@ -363,7 +422,10 @@ def denoise(model: Any, tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ..
                 outs.append(model(**tc.kwargs(x, t), return_dict=False)[0])
         if observe is not None:
             observe(i)
-        x = x - 0.05 * outs[-1]
+        out = outs[-1]
+        if out.dim() == x.dim() == 3 and out.shape[1] > x.shape[1]:  # a joint text+image output: its image tokens
+            out = out[:, -x.shape[1]:]
+        x = x - 0.05 * out
     return outs
 
 
