@@ -370,7 +370,8 @@ class Session:
         pipelines make such calls): run eagerly, it is its own entry of the default context, planned here. A
         compiled forward cannot plan (it would guard on the call count and recompile every call): there the
         planned methods need `cache_context` around each call."""
-        if self.active is not None or self.pending is not None or torch.compiler.is_compiling():
+        # is_compiling first: traced, nothing else is read (the context's name must never become a guard)
+        if torch.compiler.is_compiling() or self.active is not None or self.pending is not None:
             return False
         self._plan_next_call()
         return True
