@@ -7,51 +7,53 @@ from __future__ import annotations
 from fastcache.diffusers._families import FAMILIES
 from fastcache.diffusers._tiny import CASES, case
 
+# diffusers' hooks look a block up by its exact class ("Model class ... not registered")
+NOT_REGISTERED = "a block class is not in diffusers' TransformerBlockRegistry"
 # diffusers' FirstBlockCache fails on these; fastcache's own hook-based reference instead
 FBC_NO_ORACLE = {
     "flux2": "the streams change shape between its block lists (text and image concatenated)",
     "latte": "the stream is reshaped between its spatial and temporal blocks",
     "sd3": "its last block returns no text stream (None - Tensor)",
-    "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
-    "bria": "its single block class is not in diffusers' TransformerBlockRegistry",
-    "longcatimage": "its block classes are not in diffusers' TransformerBlockRegistry",
-    "ovisimage": "its block classes are not in diffusers' TransformerBlockRegistry",
-    "glmimage": "its block class is not in diffusers' TransformerBlockRegistry",
-    "nucleusmoe": "its block class is not in diffusers' TransformerBlockRegistry",
-    "chronoedit": "its block class (its own copy of WanTransformerBlock) is not in diffusers' TransformerBlockRegistry",
-    "skyreelsv2": "its block class is not in diffusers' TransformerBlockRegistry",
-    "helios": "its block class is not in diffusers' TransformerBlockRegistry",
-    "wananimate": "its block class (its own copy of WanTransformerBlock) is not in diffusers' TransformerBlockRegistry",
-    "hunyuanvideo15": "its block class is not in diffusers' TransformerBlockRegistry",
-    "minimaxh3": "its block class is not in diffusers' TransformerBlockRegistry",
-    "sanawmrefiner": "its block class is not in diffusers' TransformerBlockRegistry",
-    "acestep": "its block class is not in diffusers' TransformerBlockRegistry",
-    "qwenimage21": "its block class is not in diffusers' TransformerBlockRegistry",
-    "kandinsky6": "its block class is not in diffusers' TransformerBlockRegistry",
-    "ltx2": "its block class is not in diffusers' TransformerBlockRegistry",
+    "chroma": NOT_REGISTERED,
+    "bria": NOT_REGISTERED,
+    "longcatimage": NOT_REGISTERED,
+    "ovisimage": NOT_REGISTERED,
+    "glmimage": NOT_REGISTERED,
+    "nucleusmoe": NOT_REGISTERED,
+    "chronoedit": NOT_REGISTERED,
+    "skyreelsv2": NOT_REGISTERED,
+    "helios": NOT_REGISTERED,
+    "wananimate": NOT_REGISTERED,
+    "hunyuanvideo15": NOT_REGISTERED,
+    "minimaxh3": NOT_REGISTERED,
+    "sanawmrefiner": NOT_REGISTERED,
+    "acestep": NOT_REGISTERED,
+    "qwenimage21": NOT_REGISTERED,
+    "kandinsky6": NOT_REGISTERED,
+    "ltx2": NOT_REGISTERED,
     "kandinsky5": "its head hook asks the block for 'hidden_states' (the registry names 'visual_embed'): ValueError",
 }
 # diffusers' MagCache / TaylorSeer hooks cannot run on these (the drop-in only has to cache something there)
 MAG_NO_ORACLE = {
-    "allegro": "its block class is not in diffusers' TransformerBlockRegistry",
+    "allegro": NOT_REGISTERED,
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
-    "chroma": "its block classes are not in diffusers' TransformerBlockRegistry",
-    "bria": "its single block class is not in diffusers' TransformerBlockRegistry",
-    "longcatimage": "its block classes are not in diffusers' TransformerBlockRegistry",
-    "ovisimage": "its block classes are not in diffusers' TransformerBlockRegistry",
-    "glmimage": "its block class is not in diffusers' TransformerBlockRegistry",
-    "nucleusmoe": "its block class is not in diffusers' TransformerBlockRegistry",
-    "chronoedit": "its block class (its own copy of WanTransformerBlock) is not in diffusers' TransformerBlockRegistry",
-    "skyreelsv2": "its block class is not in diffusers' TransformerBlockRegistry",
-    "helios": "its block class is not in diffusers' TransformerBlockRegistry",
-    "wananimate": "its block class (its own copy of WanTransformerBlock) is not in diffusers' TransformerBlockRegistry",
-    "hunyuanvideo15": "its block class is not in diffusers' TransformerBlockRegistry",
-    "minimaxh3": "its block class is not in diffusers' TransformerBlockRegistry",
-    "sanawmrefiner": "its block class is not in diffusers' TransformerBlockRegistry",
-    "acestep": "its block class is not in diffusers' TransformerBlockRegistry",
-    "qwenimage21": "its block class is not in diffusers' TransformerBlockRegistry",
-    "kandinsky6": "its block class is not in diffusers' TransformerBlockRegistry",
-    "ltx2": "its block class is not in diffusers' TransformerBlockRegistry",
+    "chroma": NOT_REGISTERED,
+    "bria": NOT_REGISTERED,
+    "longcatimage": NOT_REGISTERED,
+    "ovisimage": NOT_REGISTERED,
+    "glmimage": NOT_REGISTERED,
+    "nucleusmoe": NOT_REGISTERED,
+    "chronoedit": NOT_REGISTERED,
+    "skyreelsv2": NOT_REGISTERED,
+    "helios": NOT_REGISTERED,
+    "wananimate": NOT_REGISTERED,
+    "hunyuanvideo15": NOT_REGISTERED,
+    "minimaxh3": NOT_REGISTERED,
+    "sanawmrefiner": NOT_REGISTERED,
+    "acestep": NOT_REGISTERED,
+    "qwenimage21": NOT_REGISTERED,
+    "kandinsky6": NOT_REGISTERED,
+    "ltx2": NOT_REGISTERED,
 }
 TAYLOR_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
@@ -85,3 +87,44 @@ def family(name: str):
 # FasterCache runs its CFG half only where the pipelines batch CFG, and its frequency split needs an image or
 # video layout (LTX returns tokens: refused)
 FASTERCACHE = [n for n in CASES if family(n).cfg_batched and family(n).layout is not None]
+
+
+def _timestep_passed(fam) -> str:
+    known = {(1.0, 0.0): "t", (1000.0, 0.0): "t / 1000", (-1.0, 1000.0): "1000 - t", (1.0, 1.0): "t - 1",
+             (-1000.0, 1000.0): "1 - t / 1000"}
+    return known.get((fam.timestep_scale, fam.timestep_offset), f"(t - {fam.timestep_offset}) / {fam.timestep_scale}")
+
+
+def readme_table() -> str:
+    """The README's families x methods table: for each tiny case (one per supported transformer), what each
+    method is checked against. `=` diffusers' own hook, step by step; `ref` fastcache's own reference (diffusers'
+    hook fails, a numbered note says how); `runs` no oracle (diffusers' hook fails): it caches and compiles;
+    `distilled` FasterCache's attention approximation alone (its pipelines never batch CFG), `=` diffusers;
+    `no` refused at enable_cache, with the reason in a note."""
+    from fastcache.diffusers._families import METHODS, coverage
+
+    notes: list[str] = []
+
+    def note(text: str) -> str:
+        if text not in notes:
+            notes.append(text)
+        return f"[{notes.index(text) + 1}]"
+
+    rows = ["| transformer | timestep passed | " + " | ".join(METHODS) + " | fullgraph |",
+            "|---|---|" + "---|" * (len(METHODS) + 1)]
+    for name in sorted(CASES, key=class_of):
+        fam = family(name)
+        cells = []
+        for method, cell in coverage(fam).items():
+            if cell.startswith("no: "):
+                cells.append("no " + note(f"{method}: {cell[4:]}"))
+                continue
+            missing = {"FirstBlockCache": FBC_NO_ORACLE, "MagCache": MAG_NO_ORACLE,
+                       "TaylorSeer": TAYLOR_NO_ORACLE}.get(method, {}).get(name)
+            kind = "ref" if method == "FirstBlockCache" else "runs"
+            text = f"{kind} " + note(f"diffusers' hook fails: {missing}") if missing else "="
+            cells.append(f"distilled {text} " + note(f"{method}: {cell[11:]}") if cell.startswith("distilled")
+                         else text)
+        graph = "no " + note(f"fullgraph: {NO_FULLGRAPH[name]}") if name in NO_FULLGRAPH else "0 breaks"
+        rows.append(f"| {fam.model_class} | {_timestep_passed(fam)} | " + " | ".join(cells) + f" | {graph} |")
+    return "\n".join(rows + [""] + [f"[{i + 1}] {text}  " for i, text in enumerate(notes)]).rstrip() + "\n"

@@ -43,3 +43,15 @@ def test_readme_tour_runs_with_the_other_configs_swapped_in(name: str, dynamo) -
     fraction = scope["method"].computed_fraction(scope["model"], scope["cfg_inputs"](
         scope["x"], 0.0, scope["labels"], 10), scope["plan"], scope["state"])
     assert 0.0 < fraction < 1.0  # it cached something
+
+
+def test_readme_families_table_is_the_one_the_tests_check() -> None:
+    """The families x methods table in the README is generated from fastcache's coverage and the tests' oracles
+    (tests/_families.py): regenerate it with `readme_table()` when either changes."""
+    pytest.importorskip("diffusers")
+    from tests._families import readme_table
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = re.search(r"<!-- families table: begin -->\n(.*?)<!-- families table: end -->", readme, re.S)
+    assert table is not None, "the README has no families table"
+    assert table.group(1) == readme_table(), "regenerate the README's families table: " + readme_table()

@@ -66,6 +66,11 @@ class Family:
         return t.amax() if t.dim() else t
 
 
+# diffusers' FasterCache approximates only attention under `^blocks`, `^transformer_blocks`,
+# `^single_transformer_blocks` or `^temporal_transformer_blocks` (a fixed pre-filter, whatever the config says)
+_UNNAMED_ATTENTION = ("FasterCache", "keeps its attention outside the block lists diffusers' FasterCache filters by "
+                                     "(^blocks, ^transformer_blocks, ...), so there it approximates nothing")
+
 FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("FluxTransformer2DModel", (("transformer_blocks", "single_transformer_blocks"),), 1000.0),
     Family("Flux2Transformer2DModel", (("transformer_blocks",), ("single_transformer_blocks",)), 1000.0),
@@ -116,15 +121,16 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     # the refiner passes sigma * timestep_scale_multiplier (1000) per token
     Family("SanaWMLTX2RefinerTransformer3DModel", (("transformer_blocks",),)),
     # its text blocks see only text and time (no latent): the visual blocks alone are cached; pipelines pass t
-    Family("Kandinsky5Transformer3DModel", (("visual_transformer_blocks",),)),
+    Family("Kandinsky5Transformer3DModel", (("visual_transformer_blocks",),), refuses=(_UNNAMED_ATTENTION,)),
     # video and audio through one list of fused blocks (text blocks per modality see no latent); pipelines pass t
-    Family("Kandinsky6Transformer3DModel", (("visual_transformer_blocks",),), audio_stream=True),
+    Family("Kandinsky6Transformer3DModel", (("visual_transformer_blocks",),), audio_stream=True,
+           refuses=(_UNNAMED_ATTENTION,)),
     # video and audio streams through one block list; pipelines pass t (conditioning tokens at 0: the max)
     Family("LTX2VideoTransformer3DModel", (("transformer_blocks",),), cfg_batched=True, audio_stream=True),
     # one joint text+image stream; pipelines pass t / 1000
     Family("QwenImage21Transformer2DModel", (("transformer_blocks",),), 1000.0),
     # sigmas in 0..1; CFG as one [cond; null] batch (a tokens output: no frequency split)
-    Family("AceStepTransformer1DModel", (("layers",),), 1000.0, cfg_batched=True),
+    Family("AceStepTransformer1DModel", (("layers",),), 1000.0, cfg_batched=True, refuses=(_UNNAMED_ATTENTION,)),
 )}
 
 BLOCKS: dict[str, BlockIO] = {
@@ -192,15 +198,16 @@ METHODS = ("FirstBlockCache", "PAB", "FasterCache", "MagCache", "TaylorSeer")
 
 
 def coverage(family: Family) -> dict[str, str]:
-    """What each method does on `family`: "yes", "distilled" (FasterCache's attention approximation only, with
-    `is_guidance_distilled=True`: the pipelines never batch CFG), or "no: <why>"."""
+    """What each method does on `family`: "yes"; "distilled: <why>" (FasterCache's attention approximation alone,
+    `is_guidance_distilled=True`, where its unconditional-batch skip cannot run); or "no: <why>" (refused)."""
     cells = {}
     for method in METHODS:
         why = family.refusal(method)
-        if why is None and method == "FasterCache" and family.layout is None:
-            why = "returns tokens, which the frequency split does not take"
-        cells[method] = (f"no: {why}" if why is not None
-                         else "distilled" if method == "FasterCache" and not family.cfg_batched else "yes")
+        cells[method] = "yes" if why is None else f"no: {why}"
+        if why is None and method == "FasterCache" and not family.cfg_batched:
+            cells[method] = "distilled: its pipelines run CFG as separate calls, not one [uncond; cond] batch"
+        elif why is None and method == "FasterCache" and family.layout is None:
+            cells[method] = "distilled: it returns tokens, which the frequency split does not take"
     return cells
 
 
