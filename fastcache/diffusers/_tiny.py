@@ -38,6 +38,14 @@ def _modulate(model: nn.Module) -> None:
             nn.init.normal_(p, std=0.2)
 
 
+def _image_ids(size: int) -> Tensor:
+    """Flux-style position ids of a size x size token grid: (0, row, column) per token."""
+    s = size * size
+    ids = torch.zeros(s, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(s) // size, torch.arange(s) % size
+    return ids
+
+
 def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 8, seed: int = 0,
          layers: int = 2, heads: int = 2) -> TinyCase:
     import diffusers as d
@@ -54,9 +62,7 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
         m = d.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers,
                                      attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
                                      pooled_projection_dim=32, axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8))
-        s = size * size
-        img = torch.zeros(s, 3)
-        img[:, 1], img[:, 2] = torch.arange(s) // size, torch.arange(s) % size
+        s, img = size * size, _image_ids(size)
         enc, pooled = rnd(1, text, 32), rnd(1, 32)
         return TinyCase(name, m, rnd(1, s, 16), lambda x, t: dict(
             hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled, timestep=_ts(t, 1, 1e-3),
@@ -163,9 +169,7 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
                                        attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
                                        axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8), approximator_num_channels=8,
                                        approximator_hidden_dim=32, approximator_layers=1)
-        s = size * size
-        img = torch.zeros(s, 3)
-        img[:, 1], img[:, 2] = torch.arange(s) // size, torch.arange(s) % size
+        s, img = size * size, _image_ids(size)
         enc = rnd(1, text, 32)
         return TinyCase(name, m, rnd(1, s, 16), lambda x, t: dict(
             hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 1, 1e-3), img_ids=img,
@@ -174,9 +178,7 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
         m = d.BriaTransformer2DModel(patch_size=1, in_channels=16, num_layers=layers, num_single_layers=layers,
                                      attention_head_dim=hd, num_attention_heads=heads, joint_attention_dim=32,
                                      axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8))
-        s = size * size
-        img = torch.zeros(s, 3)
-        img[:, 1], img[:, 2] = torch.arange(s) // size, torch.arange(s) % size
+        s, img = size * size, _image_ids(size)
         enc = rnd(2, text, 32)
         return TinyCase(name, m, rnd(2, s, 16), lambda x, t: dict(
             hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 2), img_ids=img,
@@ -196,9 +198,7 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
                 num_attention_heads=heads, joint_attention_dim=32,
                 axes_dims_rope=(hd // 4, 3 * hd // 8, 3 * hd // 8),
                 **(dict(pooled_projection_dim=32) if name == "longcatimage" else dict(out_channels=16)))
-        s = size * size
-        img = torch.zeros(s, 3)
-        img[:, 1], img[:, 2] = torch.arange(s) // size, torch.arange(s) % size
+        s, img = size * size, _image_ids(size)
         enc = rnd(1, text, 32)
         return TinyCase(name, m, rnd(1, s, 16), lambda x, t: dict(
             hidden_states=x, encoder_hidden_states=enc, timestep=_ts(t, 1, 1e-3), img_ids=img,
