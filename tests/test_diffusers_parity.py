@@ -264,3 +264,27 @@ def test_fbc_caches_the_audio_stream_too(name: str) -> None:
     got = run(ours, ours.cache_context)
     assert max(_max_diffs(got, reference)) <= ATOL
     assert max(_max_diffs(got, uncached)) > 1e-5, "no step was skipped"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_decisions_on_the_device_follow_the_denoising_timestep(name: str) -> None:
+    """Every family's timestep convention (the README's "timestep passed"): PAB without a host timestep decides on
+    the device from the model's own `timestep` argument, as the tiny case passes it the family's pipelines' way
+    (t / 1000, 1000 - t, t - 1, per-frame with a finished prefix frame at 0, per-token). Its outputs equal PAB
+    planned on the host from the scheduler's t; a wrong scale or offset, or element 0 of a per-token tensor,
+    would move the timestep out of (or into) the skip range and change them."""
+    tc = case(name)
+    tc.model.eval()
+    ctx = _context_name(tc)
+    clock: dict = {}
+    runs = []
+    for callback in (lambda: clock["t"], None):
+        model = copy.deepcopy(tc.model)
+        fd.enable_cache(model, fd.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, cross_attention_block_skip_range=3,
+            spatial_attention_timestep_skip_range=(100, 700), current_timestep_callback=callback))
+        runs.append(_loop(model, tc, ctx, clock, model.cache_context))
+        assert fd.decided_on(model) == ("host" if callback else "device")
+    assert max(_max_diffs(runs[1], runs[0])) <= ATOL
+    uncached = _loop(tc.model, tc, ctx, clock, lambda name: contextlib.nullcontext())
+    assert max(_max_diffs(runs[0], uncached)) > 1e-5, "PAB must have reused something"
