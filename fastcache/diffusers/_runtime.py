@@ -195,6 +195,9 @@ class Session:
         # FirstBlockCache: whether each block's output goes straight to the next block (checked on first calls)
         self.fbc_chained = True
         self.restarted = False  # set by a forward that met a new input shape (see denoiser_wrapper)
+        # attention processors the forward pre-traces before any torch.cond (`_prewarm`); none where the
+        # method takes no cond (its decisions planned on the host)
+        self.processors: tuple[Any, ...] = ()
 
     # -- installing wrappers --
     def wrap(self, module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
@@ -527,7 +530,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             if not isinstance(timestep, Tensor):
                 timestep = torch.as_tensor(timestep if timestep is not None else 0.0)
             t = family.timestep(timestep)
-            _prewarm(model)
+            _prewarm(session.processors)
             scratch.state, scratch.new, scratch.misses = state, {}, []
             implicit = session.plan_outside_context()
             planned = session.take_planned()
@@ -609,17 +612,16 @@ def pab_wrapper(session: Session, name: str, kind: str) -> Callable[[Callable[..
     return make
 
 
-def _prewarm(module: nn.Module) -> None:
+def _prewarm(processors: tuple[Any, ...]) -> None:
     # diffusers' attention forwards call inspect.signature(self.processor.__call__); dynamo traces that at
     # the top level of a graph but not first inside a torch.cond branch (torch 2.13: "'Signature' object
-    # has no attribute '_parameters'"), so the traced forward evaluates it once per attention in the model,
-    # before any branch.
+    # has no attribute '_parameters'"), so the traced forward evaluates it once per attention processor,
+    # before any branch. The processors are found once, eagerly: walking the module tree in the graph
+    # guarded on every submodule's attributes (a third of a tiny Flux call's guard time).
     if not torch.compiler.is_compiling():
         return
-    for sub in module.modules():
-        processor = getattr(sub, "processor", None)
-        if processor is not None:
-            inspect.signature(processor.__call__)
+    for processor in processors:
+        inspect.signature(processor.__call__)
 
 
 def _call(fn: Callable[..., Any], args_kwargs: tuple) -> Any:
@@ -992,6 +994,8 @@ def install(session: Session) -> None:
                         else fastercache_attention_wrapper)(session, name, kind)
                 session.wrap(module, make)
                 session.sites[name] = kind
+        if not session.step_indexed:
+            session.processors = tuple(p for m in model.modules() if (p := getattr(m, "processor", None)) is not None)
         session.wrap(model, denoiser_wrapper(session))
     except BaseException:
         session.unwrap_all()
