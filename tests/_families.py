@@ -19,6 +19,7 @@ FBC_NO_ORACLE = {
     "latte": "the stream is reshaped between its spatial and temporal blocks",
     "sd3": "its last block returns no text stream (None - Tensor)",
     "kandinsky5": "its head hook asks the block for 'hidden_states' (the registry names 'visual_embed'): ValueError",
+    "cosmos3": "its head hook asks the block for 'hidden_states' (the registry names 'gen_seq'): ValueError",
     **dict.fromkeys(UNREGISTERED, NOT_REGISTERED),
 }
 # diffusers' MagCache / TaylorSeer hooks cannot run on these (the drop-in only has to cache something there);
@@ -26,6 +27,7 @@ FBC_NO_ORACLE = {
 MAG_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",
     **dict.fromkeys(("allegro", *UNREGISTERED), NOT_REGISTERED),
+    "cosmos3": "its skip asks the block for 'encoder_hidden_states' (the registry names 'und_seq'): KeyError",
 }
 TAYLOR_NO_ORACLE = {
     "sd3": "SD3Transformer2DModel has no CacheMixin in diffusers",

@@ -135,13 +135,12 @@ def test_return_dict_and_contexts_are_separate_states() -> None:
 
 
 # CacheMixin transformers fastcache does not cover yet, and why
-NOT_YET = {"Cosmos3OmniTransformer": "a unified text/vision/sound/action model: its forward takes packed token "
-                                     "sequences and per-modality timesteps, not hidden_states and timestep"}
+NOT_YET: dict[str, str] = {}
 
 
 def test_supported_models_are_every_cached_diffusers_transformer_each_with_a_tiny_case() -> None:
-    """Every transformer the installed diffusers exports with CacheMixin (its ControlNets aside; Cosmos 3 Omni not
-    yet), plus SD3 (which has none), and each has a tiny case."""
+    """Every transformer the installed diffusers exports with CacheMixin (its ControlNets aside), plus SD3 (which has
+    none), and each has a tiny case."""
     from diffusers.models.cache_utils import CacheMixin
 
     cached = {name for name in dir(diffusers) if "Transformer" in name

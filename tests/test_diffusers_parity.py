@@ -288,3 +288,62 @@ def test_decisions_on_the_device_follow_the_denoising_timestep(name: str) -> Non
     assert max(_max_diffs(runs[1], runs[0])) <= ATOL
     uncached = _loop(tc.model, tc, ctx, clock, lambda name: contextlib.nullcontext())
     assert max(_max_diffs(runs[0], uncached)) > 1e-5, "PAB must have reused something"
+@pytest.fixture
+def _diffusers_stream_names_from_the_registry(monkeypatch):
+    """diffusers' FirstBlockCache and MagCache hooks ask a block for "hidden_states" / "encoder_hidden_states" by
+    those literal names in places, where Cosmos 3's registry entry names `gen_seq` / `und_seq`: read the
+    registry's names there instead, so that diffusers' own hooks run on Cosmos 3 and can serve as the oracle."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata
+
+    original = TransformerBlockMetadata._get_parameter_from_args_kwargs
+
+    def lookup(self, identifier, args=(), kwargs=None):
+        names = {"hidden_states": self.hidden_states_argument_name,
+                 "encoder_hidden_states": self.encoder_hidden_states_argument_name}
+        return original(self, names.get(identifier) or identifier, args, kwargs)
+
+    monkeypatch.setattr(TransformerBlockMetadata, "_get_parameter_from_args_kwargs", lookup)
+
+
+@pytest.mark.usefixtures("_diffusers_stream_names_from_the_registry")
+@pytest.mark.parametrize("method", ["fbc", "mag"])
+def test_cosmos3_equals_diffusers_hooks_once_they_read_the_registry_stream_names(method: str) -> None:
+    """Cosmos 3's FirstBlockCache and MagCache have no oracle in the generic tests (diffusers' hooks fail on its
+    stream names, tests/_families.py): with that lookup fixed, diffusers' hooks are the oracle, step by step."""
+    tc = case("cosmos3")
+    tc.model.eval()
+    if method == "fbc":
+        timesteps = TIMESTEPS
+        d_cfg, f_cfg = (diffusers.FirstBlockCacheConfig(threshold=fbc_threshold(tc, timesteps)) for _ in range(2))
+    else:
+        timesteps = torch.linspace(1000, 1000 / 12, 12)
+        ratios = [1.0] + [1.0 + 0.004 * i for i in range(1, 12)]
+        d_cfg, f_cfg = (diffusers.MagCacheConfig(mag_ratios=ratios, num_inference_steps=12, threshold=0.1)
+                        for _ in range(2))
+    ours, theirs = copy.deepcopy(tc.model), copy.deepcopy(tc.model)
+    fd.enable_cache(ours, f_cfg)
+    got = denoise(ours, tc, timesteps)
+    theirs.enable_cache(d_cfg)
+    reference = denoise(theirs, tc, timesteps)
+    uncached = denoise(tc.model, tc, timesteps, set_context=lambda name: contextlib.nullcontext())
+    assert max(_max_diffs(got, reference)) <= ATOL
+    assert max(_max_diffs(got, uncached)) > 1e-5, "nothing was skipped"
+
+
+def test_cosmos3_a_new_latent_size_starts_its_context_afresh() -> None:
+    """Cosmos 3's latent comes as a list of per-item tensors (`vision_tokens`): a new size in one context must
+    start it afresh, as for every other family's `hidden_states`."""
+    small, big = case("cosmos3"), case("cosmos3", size=12)  # same seed, same config: the same weights
+    model = small.model.eval()
+    fd.enable_cache(model, fd.FirstBlockCacheConfig(threshold=0.5))
+    with torch.no_grad():
+        with model.cache_context("cond"):
+            model(**small.kwargs(small.latent, torch.tensor(900.0)))
+        with model.cache_context("cond"):
+            out = model(**big.kwargs(big.latent, torch.tensor(800.0)), return_dict=False)[0][0]
+        assert int(fd.cache_state(model, "cond")["count"]) == 1
+        fd.reset_cache(model)
+        with model.cache_context("cond"):
+            fresh = model(**big.kwargs(big.latent, torch.tensor(800.0)), return_dict=False)[0][0]
+    fd.disable_cache(model)
+    assert out.shape == big.latent.shape and out.equal(fresh)

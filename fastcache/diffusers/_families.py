@@ -50,6 +50,10 @@ class Family:
     # the blocks' second stream is audio that the model outputs (Kandinsky 6, LTX-2), not text it drops: MagCache
     # skips it with a residual of its own (diffusers' rule passes the second stream through a skip unchanged)
     audio_stream: bool = False
+    # the model's arguments holding its latent (a new shape, dtype or device starts a context afresh) and its
+    # timestep (`timestep()` maps it to 0..1000); Cosmos 3 takes a list of per-item latents and per-token timesteps
+    hidden_arg: str = "hidden_states"
+    timestep_arg: str = "timestep"
     # methods refused at enable_cache on this family: (method, why), method as in METHODS
     refuses: tuple[tuple[str, str], ...] = ()
 
@@ -131,6 +135,10 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("QwenImage21Transformer2DModel", (("transformer_blocks",),), 1000.0),
     # sigmas in 0..1; CFG as one [cond; null] batch (a tokens output: no frequency split)
     Family("AceStepTransformer1DModel", (("layers",),), 1000.0, cfg_batched=True, refuses=(_UNNAMED_ATTENTION,)),
+    # text ("und", causal) and video ("gen") tokens as two streams through one list of decoder layers; the pipeline
+    # passes t per noisy vision token (the model scales it by 1 / 1000) and runs CFG as two calls
+    Family("Cosmos3OmniTransformer", (("layers",),), hidden_arg="vision_tokens", timestep_arg="vision_timesteps",
+           refuses=(_UNNAMED_ATTENTION,)),
 )}
 
 BLOCKS: dict[str, BlockIO] = {

@@ -522,11 +522,11 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             state = slot.state
             # a zero-byte record of the input: a new shape, dtype or device (a new resolution, or a call that
             # failed half-way) starts the context afresh instead of meeting the old state
-            spec = _spec(_arg(positions, "hidden_states", args, kwargs))
+            spec = _spec(_arg(positions, family.hidden_arg, args, kwargs))
             if state is not None and not _same_spec(state["spec"], spec):
                 state = None
                 session.restarted = True
-            timestep = _arg(positions, "timestep", args, kwargs)
+            timestep = _arg(positions, family.timestep_arg, args, kwargs)
             if not isinstance(timestep, Tensor):
                 timestep = torch.as_tensor(timestep if timestep is not None else 0.0)
             t = family.timestep(timestep)
@@ -571,11 +571,16 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
     return make
 
 
-def _spec(hidden: Any) -> Tensor | None:
+def _spec(hidden: Any) -> Any:
+    if isinstance(hidden, (list, tuple)):  # one latent per item (Cosmos 3)
+        return tuple(_spec(h) for h in hidden)
     return hidden.new_empty((0, *hidden.shape)) if isinstance(hidden, Tensor) else None
 
 
-def _same_spec(a: Tensor | None, b: Tensor | None) -> bool:
+def _same_spec(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        return (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b)
+                and all(_same_spec(x, y) for x, y in zip(a, b)))
     if a is None or b is None:
         return a is b
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device

@@ -390,6 +390,25 @@ def case(name: str, scale: int = 1, frames: int = 2, size: int = 8, text: int = 
             timestep=_ts(t, 2), sigma=_ts(t, 2), encoder_attention_mask=torch.ones(2, text),
             audio_encoder_attention_mask=torch.ones(2, text), num_frames=frames, height=size, width=size,
             audio_num_frames=audio_frames), cfg_batched=True)
+    if name == "cosmos3":  # packed sequence: text prefix (causal "und" stream), then the video patches ("gen")
+        p, ch = 2, 4
+        m = d.Cosmos3OmniTransformer(head_dim=hd, hidden_size=dim, intermediate_size=2 * dim, latent_channel=ch,
+                                     latent_patch_size=p, num_attention_heads=heads, num_hidden_layers=layers,
+                                     num_key_value_heads=1, patch_latent_dim=p * p * ch, vocab_size=64,
+                                     rope_axes_dim=(hd // 8, 3 * hd // 16, 3 * hd // 16))
+        grid = (frames, size // p, size // p)
+        vision = frames * grid[1] * grid[2]
+        ids = torch.randint(0, 64, (text,), generator=g)
+        pos = torch.arange(text).expand(3, text)
+        f, h, w = torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")
+        pos = torch.cat([pos, torch.stack([f.flatten(), h.flatten(), w.flatten()]) + text], 1)
+        gen = torch.arange(text, text + vision)
+        # the pipeline passes t per noisy vision token (torch.full), the model scales it by 1 / 1000
+        return TinyCase(name, m, rnd(1, ch, frames, size, size), lambda x, t: dict(
+            input_ids=ids, text_indexes=torch.arange(text), position_ids=pos, und_len=text,
+            sequence_length=text + vision, vision_tokens=[x], vision_token_shapes=[grid],
+            vision_sequence_indexes=gen, vision_mse_loss_indexes=gen, vision_timesteps=_ts(t, vision),
+            vision_noisy_frame_indexes=[torch.arange(frames)]))
     raise ValueError(f"name: unknown tiny case {name!r}; known: {', '.join(CASES)}")
 
 
@@ -398,7 +417,7 @@ CASES = ("flux", "flux2", "cogvideox", "hunyuanvideo", "wan", "ltx", "mochi", "l
          "bria", "hunyuanimage", "longcatimage", "ovisimage", "glmimage", "nucleusmoe",
          "chronoedit", "helios", "skyreelsv2", "wananimate", "wanvace",
          "hunyuanvideo15", "framepack", "motifvideo", "minimaxh3", "sanawmrefiner",
-         "kandinsky5", "acestep", "qwenimage21", "kandinsky6", "ltx2")
+         "kandinsky5", "acestep", "qwenimage21", "kandinsky6", "ltx2", "cosmos3")
 
 
 def denoise(model: Any, tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ...] = ("cond",),
@@ -419,7 +438,8 @@ def denoise(model: Any, tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ..
             clock["t"] = t
         for name in contexts:
             with torch.no_grad(), set_context(name):
-                outs.append(model(**tc.kwargs(x, t), return_dict=False)[0])
+                out = model(**tc.kwargs(x, t), return_dict=False)[0]
+                outs.append(out[0] if isinstance(out, list) else out)  # Cosmos 3: one prediction per item
         if observe is not None:
             observe(i)
         out = outs[-1]
