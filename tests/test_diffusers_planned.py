@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -151,23 +152,28 @@ def _gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("name", OTHER_FAMILIES)
-def test_taylorseer_on_every_other_family_equals_diffusers(name: str) -> None:
-    """Every attention module forecast (diffusers' default identifiers miss `attn1`-style names); where diffusers'
-    hook cannot run (tests/_families.py says why) the drop-in only has to cache something."""
+def _caches_and_equals_diffusers(name: str, config: Callable[[], object], has_oracle: bool) -> None:
+    """The drop-in with `config()` changes the outputs and, where diffusers' hook runs on the family
+    (`has_oracle`), equals it step by step (eager)."""
     tc = case(name)
     tc.model.eval()
     contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
     ours = copy.deepcopy(tc.model)
-    fd.enable_cache(ours, _every_attention_config())
+    fd.enable_cache(ours, config())
     got = denoise(ours, tc, TIMESTEPS, contexts)
     uncached = denoise(copy.deepcopy(tc.model), tc, TIMESTEPS, contexts)
     assert _gap(got, uncached) > 1e-5, "the cache must have changed the outputs"
-    if name in TAYLOR_NO_ORACLE:
-        return
-    theirs = copy.deepcopy(tc.model)
-    theirs.enable_cache(_every_attention_config())
-    assert _gap(got, denoise(theirs, tc, TIMESTEPS, contexts)) <= 1e-5
+    if has_oracle:
+        theirs = copy.deepcopy(tc.model)
+        theirs.enable_cache(config())
+        assert _gap(got, denoise(theirs, tc, TIMESTEPS, contexts)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", OTHER_FAMILIES)
+def test_taylorseer_on_every_other_family_equals_diffusers(name: str) -> None:
+    """Every attention module forecast (diffusers' default identifiers miss `attn1`-style names); where diffusers'
+    hook cannot run (tests/_families.py says why) the drop-in only has to cache something."""
+    _caches_and_equals_diffusers(name, _every_attention_config, name not in TAYLOR_NO_ORACLE)
 
 
 @pytest.mark.parametrize("name", OTHER_FAMILIES)
@@ -175,24 +181,13 @@ def test_magcache_on_every_other_family_equals_diffusers_or_is_refused_before_an
     """Every other family runs MagCache exactly as diffusers' hook (eager), except where it is refused at
     enable_cache, naming why (Latte: its hidden states change layout between its spatial and temporal blocks,
     and diffusers fails mid-generation there). Where diffusers' hook cannot run, it only has to cache something."""
-    tc = case(name)
-    tc.model.eval()
-    contexts = ("cond_uncond",) if tc.cfg_batched else ("cond",)
-    ours = copy.deepcopy(tc.model)
     if name in MAG_REFUSED:
+        model = copy.deepcopy(case(name).model)
         with pytest.raises(ValueError, match=MAG_REFUSED[name]):
-            fd.enable_cache(ours, _config("mag", name))
-        assert fd.cache_state(ours) is None  # nothing half-enabled
+            fd.enable_cache(model, _config("mag", name))
+        assert fd.cache_state(model) is None  # nothing half-enabled
         return
-    fd.enable_cache(ours, _config("mag", name))
-    got = denoise(ours, tc, TIMESTEPS, contexts)
-    uncached = denoise(copy.deepcopy(tc.model), tc, TIMESTEPS, contexts)
-    assert _gap(got, uncached) > 1e-5, "the cache must have changed the outputs"
-    if name in MAG_NO_ORACLE:
-        return
-    theirs = copy.deepcopy(tc.model)
-    theirs.enable_cache(_config("mag", name))
-    assert _gap(got, denoise(theirs, tc, TIMESTEPS, contexts)) <= 1e-5
+    _caches_and_equals_diffusers(name, lambda: _config("mag", name), name not in MAG_NO_ORACLE)
 
 
 @pytest.mark.parametrize("name", [n for n in OTHER_FAMILIES if n not in NO_FULLGRAPH])
