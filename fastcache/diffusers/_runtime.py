@@ -540,8 +540,8 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                 if planned is None:
                     raise RuntimeError(f"{type(config).__name__}: fastcache plans each call at its cache_context "
                                        f"entry from the context's call count; call {type(model).__name__} once per "
-                                       "`with model.cache_context(name):`, as most diffusers pipelines do (Bria, "
-                                       "GLM-Image and NucleusMoE-Image do not; diffusers' own hooks fail there too)")
+                                       "`with model.cache_context(name):`, as most diffusers pipelines do (a call "
+                                       "outside any context is planned on its own only when run eagerly)")
                 scratch.decision, scratch.starts = planned, {}
                 out = original(*args, **kwargs)
                 new = dict(scratch.new)
