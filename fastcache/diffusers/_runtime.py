@@ -369,8 +369,8 @@ class Session:
         self.pending = None
 
     def plan_outside_context(self) -> bool:
-        """A call outside any cache_context (the Bria, GLM-Image, NucleusMoE, ChronoEdit, Framepack and SANA-WM
-        pipelines make such calls): run eagerly, it is its own entry of the default context, planned here. A
+        """A call outside any cache_context (eight diffusers pipelines make such calls, the README lists them):
+        run eagerly, it is its own entry of the default context, planned here. A
         compiled forward cannot plan (it would guard on the call count and recompile every call): there the
         planned methods need `cache_context` around each call."""
         # is_compiling first: traced, nothing else is read (the context's name must never become a guard)
