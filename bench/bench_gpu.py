@@ -25,11 +25,11 @@ B. Engine (`fastcache.make(config)`: `init` / `plan` / `step`) on the reference 
    speedup vs uncached in the same mode, share of FLOPs computed.
 
 Units run in `--units` order and each is skipped when the time left (`--budget-s`) is under its estimate (the
-last similar unit's duration; first guesses in `DEFAULT_ESTIMATE_S`); `gpu_bench.{json,md}` are rewritten in
-`--out` after every unit, so a run cut short keeps what finished. Rerun skipped units with `--units`.
-Sizing: compiling dominates (each provider compiles its own graphs; graphs holding `torch.cond` bypass the FX
-graph cache), about 10-30 s per provider and unit on an H100 host (estimated, not yet measured), so a
-~300 s budget covers the first three or four units in `DEFAULT_UNITS`, ordered by how much each tells us.
+last similar unit's duration; first guesses in `DEFAULT_ESTIMATE_S`, or 15 s + 30 s per provider given with
+`--providers`); `gpu_bench.{json,md}` are rewritten in `--out` after every unit, so a run cut short keeps what
+finished; `--append` adds to them (bench/gpu.sh runs one process per unit, so that a CUDA-graph failure cannot
+leave cudagraph trees broken for the units after it). Sizing, measured on an H100 host (run 2): compiling
+dominates, 15-60 s per provider (diffusers' hooks the slowest), 130-150 s per unit with every provider.
 
     OUT_DIR=$OUT bash bench/gpu.sh                              # on the GPU machine: setup, kernels, this
     python bench/bench_gpu.py --out bench/results              # this script only (CUDA)
@@ -59,7 +59,6 @@ from bench_diffusers import _config as diffusers_config
 from bench_diffusers import own_frame
 from torch import Tensor
 from torch._dynamo.utils import counters
-from torch.utils._pytree import tree_map
 
 import fastcache
 import fastcache.diffusers as fd
@@ -95,7 +94,7 @@ DEFAULT_UNITS = ("flux-small-fbc,flux-small-pab,flux-small-mag,engine,engine-ro,
                  "cogvideox-small-fastercache")
 SMOKE_UNITS = ("flux-small-fbc,wan-small-pab,cogvideox-small-fastercache,flux-small-mag,flux-small-taylorseer,"
                "engine,engine-ro")
-DEFAULT_ESTIMATE_S = {"small": 45.0, "large": 60.0, "engine": 60.0}
+DEFAULT_ESTIMATE_S = {"small": 150.0, "large": 130.0, "engine": 65.0}  # measured on an H100 (run 2)
 
 
 # ---------------------------------------------------------------------------------------------- utilities
@@ -114,14 +113,20 @@ def graphs_and_breaks() -> tuple[int, int]:
 
 
 class CudagraphLog(logging.Handler):
-    """Collects inductor's 'skipping cudagraphs due to ...' messages (first line of each)."""
+    """Collects inductor's 'skipping cudagraphs due to ...' messages and cudagraph trees' re-recordings with their
+    reason (first line of each)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage().strip().splitlines()[0][:200])
+        message = record.getMessage().strip()
+        if record.name.endswith("__cudagraphs"):  # cudagraph trees' debug log: only its re-recordings
+            if "Re-recording" not in message:
+                return
+            message = "re-recorded: " + message.split("reason=", 1)[-1]
+        self.messages.append(message.splitlines()[0][:200])
 
     @classmethod
     def install(cls) -> CudagraphLog:
@@ -136,6 +141,14 @@ class CudagraphLog(logging.Handler):
             logger = getattr(cudagraph_utils, name, None)
             if isinstance(logger, logging.Logger):
                 logger.addHandler(handler)
+        # re-recording reasons are computed only at DEBUG (torch 2.11), on this artifact logger alone
+        from torch._inductor import cudagraph_trees
+
+        trees_log = getattr(cudagraph_trees, "log", None)
+        if isinstance(trees_log, logging.Logger):
+            trees_log.setLevel(logging.DEBUG)
+            trees_log.propagate = False
+            trees_log.addHandler(handler)
         return handler
 
     def mark(self) -> tuple[int, int]:
@@ -455,7 +468,7 @@ class EngineRun:
         self.timesteps = sampling_timesteps(steps, self.device)
         self.zero = torch.zeros((), device=self.device)
         first = cfg_inputs(x0, self.timesteps[0], labels, bench_engine.NULL)
-        self.clone_state = False
+        self.uses_cuda_graphs = compile_options.get("mode") == "reduce-overhead"
         self.last_state: Any = None
         self.latent: Tensor | None = None
         self.times: list[float] = []
@@ -489,9 +502,11 @@ class EngineRun:
     def generate(self) -> Tensor:
         x, state, ts = self.x0, self.state0, self.timesteps
         for i in range(self.steps):
-            out, state = self.step(state, cfg_inputs(x, ts[i], self.labels, bench_engine.NULL), self.plan[i])
-            if self.clone_state:  # out of CUDA graphs' pool, which the next replay may overwrite
-                state = tree_map(lambda v: v.clone() if isinstance(v, Tensor) else v, state)
+            if self.uses_cuda_graphs:  # one cudagraph-trees generation per step: the split step's head and tail
+                torch.compiler.cudagraph_mark_step_begin()  # share one, so the tail reads the head's outputs
+            out, new = self.step(state, cfg_inputs(x, ts[i], self.labels, bench_engine.NULL), self.plan[i])
+            # CUDA graphs: out of the pool, which the next step's recordings free (fastcache.cuda_graphs)
+            state = fastcache.out_of_cuda_graph_pool(new, state) if self.uses_cuda_graphs else new
             u, c = out.chunk(2)
             t_next = ts[i + 1] if i + 1 < self.steps else self.zero
             x = x + (t_next - ts[i]) / 1000 * (u + 4.0 * (c - u))
@@ -517,11 +532,15 @@ def engine_unit(mode: str, args: argparse.Namespace, log: Callable[[str], None],
     configs["FBC threshold 0.2" + SPLIT] = configs["FBC threshold 0.2"]
     torch._dynamo.reset()
     counters.clear()
-    rows = {name: dict(base, setting=name) for name in ENGINE_SETTINGS}
+    names = args.settings.split(";") if args.settings else ENGINE_SETTINGS
+    unknown = [n for n in names if n not in ENGINE_SETTINGS]
+    if unknown:
+        raise ValueError(f"--settings: unknown {unknown}; expected some of {ENGINE_SETTINGS}")
+    rows = {name: dict(base, setting=name) for name in names}
     runs: list[EngineRun] = []
     # every setting's compiled step shares one code object; each planned step variant is one cache entry
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
-        for name in ENGINE_SETTINGS:
+        for name in names:
             run = EngineRun(name, configs[name], model, x0, labels, args.steps, options)
             if warm_engine(run, rows[name], args, log, skips):
                 runs.append(run)
@@ -539,25 +558,20 @@ def engine_unit(mode: str, args: argparse.Namespace, log: Callable[[str], None],
 
 def warm_engine(run: EngineRun, row: dict[str, Any], args: argparse.Namespace, log: Callable[[str], None],
                 skips: CudagraphLog) -> bool:
-    """Compile (the first generation) and warm up one engine setting; in reduce-overhead mode, retry once
-    with the state cloned out of the graph if CUDA graphs overwrote it. Records compile time, graphs, CUDA
-    graphs and the computed FLOP share (read right after a generation, before another replay)."""
+    """Compile (the first generation) and warm up one engine setting. Records compile time, graphs, CUDA graphs
+    and the computed FLOP share (read right after a generation, before another replay)."""
     graphs, breaks = graphs_and_breaks()
     nodes, before = cudagraph_nodes(run.device), skips.mark()
     start = time.perf_counter()
-    for attempt in range(2):
-        try:
-            for _ in range(max(args.warmup, 1)):
-                timed(run)
-            break
-        except Exception as error:  # recorded in the row
-            if attempt == 0 and "overwritten" in str(error):
-                run.clone_state = True
-                row["note"] = "state cloned outside the graph (CUDA graphs overwrote it)"
-                continue
-            row["error"] = f"warm-up: {short_error(error)}"
-            log(f"  {run.name} failed: {row['error']}")
-            return False
+    try:
+        for _ in range(max(args.warmup, 1)):
+            timed(run)
+    except Exception as error:  # recorded in the row
+        row["error"] = f"warm-up: {short_error(error)}"
+        log(f"  {run.name} failed: {row['error']}")
+        if args.verbose:
+            traceback.print_exc()
+        return False
     new_graphs, new_breaks = graphs_and_breaks()
     after = cudagraph_nodes(run.device)
     run.skip_reasons += skips.since(before)
@@ -671,6 +685,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 3 steps, 1 warm-up + 1 timed round")
     parser.add_argument("--units", default=None, help=f"comma-separated, in order (default: {DEFAULT_UNITS})")
     parser.add_argument("--providers", default=None, help="section A providers for every unit (default: by size)")
+    parser.add_argument("--settings", default=None, help="engine settings, separated by ; (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 20; smoke 3)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up generations (default 2; smoke 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; smoke 1)")
@@ -678,6 +693,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backend", default=None, help="torch.compile backend (default inductor; cpu smoke eager)")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default on cuda) or float32 (default on cpu)")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of provider failures")
+    parser.add_argument("--append", action="store_true",
+                        help="add to the results in --out (one process per unit: a failure cannot leave CUDA graph "
+                             "trees broken for the next unit)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     cpu = args.device.type == "cpu"
@@ -715,10 +733,19 @@ def main(argv: list[str] | None = None) -> int:
     printable["smoke"] = args.smoke
     result: dict[str, Any] = dict(machine=machine_info(args.device), args=printable, dropin=[], engine=[], units=[],
                                   engine_dit=SMOKE_DIT if args.smoke else ENGINE_DIT, elapsed_s=0.0)
+    before = 0.0
+    if args.append and (args.out / "gpu_bench.json").exists():  # an earlier process's units (bench/gpu.sh)
+        earlier = json.loads((args.out / "gpu_bench.json").read_text())
+        for key in ("dropin", "engine", "units"):
+            result[key] = earlier[key] + result[key]
+        before = earlier["elapsed_s"]
     log(f"machine: {result['machine']}")
     estimates = dict(DEFAULT_ESTIMATE_S)
+    measured: set[str] = set()
     for unit in args.units.split(","):
         kind = "engine" if unit.startswith("engine") else unit.split("-")[1] if unit.count("-") == 2 else "small"
+        if kind != "engine" and args.providers and kind not in measured:  # first guess: by provider count
+            estimates[kind] = 15.0 + 30.0 * len(args.providers.split(","))
         left = args.budget_s - (time.perf_counter() - start)
         if left < estimates[kind]:
             status = f"skipped: {left:.0f} s left, estimate {estimates[kind]:.0f} s"
@@ -737,11 +764,12 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
         seconds = time.perf_counter() - unit_start
         estimates[kind] = max(seconds, 10.0)
+        measured.add(kind)
         result["units"].append(dict(unit=unit, status=status, seconds=round(seconds, 1)))
-        result["elapsed_s"] = time.perf_counter() - start
+        result["elapsed_s"] = before + time.perf_counter() - start
         write(result, args.out)
         log(f"unit {unit}: {status} in {seconds:.0f} s; wrote {args.out / 'gpu_bench.md'}")
-    result["elapsed_s"] = time.perf_counter() - start
+    result["elapsed_s"] = before + time.perf_counter() - start
     write(result, args.out)
     print(markdown(result), flush=True)
     return 0

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from fastcache.kernels import absmean_rel_diff, extrapolate, fastercache_uncond, frequency_split
+from fastcache.kernels import absmean_rel_diff, absmean_sums, extrapolate, fastercache_uncond, frequency_split
 from fastcache.kernels.frequency_split import triton_split_config, triton_split_fits
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -298,6 +298,40 @@ def cuda_elementwise_rows(dtype, dev, n, l2_bytes, ms) -> list[dict]:
     return rows
 
 
+ABSMEAN_SWEEP = ([(block, warps, per_sm) for block in (4096, 8192) for warps in (4, 8) for per_sm in (4, 16, 64)]
+                 + [(block, 16, per_sm) for block in (8192, 16384) for per_sm in (4, 16)])
+
+
+def cuda_absmean_sweep(dev, n, l2_bytes, ms) -> list[dict]:
+    """`absmean_sums` (both kernels) at each (elements per iteration, warps, programs per SM) of ABSMEAN_SWEEP, in
+    fp32 and bf16, against a copy of the same bytes; the module's configs are restored afterwards."""
+    from fastcache.kernels import absmean as module
+
+    saved = dict(module.CUDA_CONFIGS)
+    try:
+        return [row for dtype in (torch.float32, torch.bfloat16)
+                for row in _absmean_sweep_rows(module, dtype, dev, n, l2_bytes, ms)]
+    finally:
+        module.CUDA_CONFIGS.clear()
+        module.CUDA_CONFIGS.update(saved)
+
+
+def _absmean_sweep_rows(module, dtype, dev, n, l2_bytes, ms) -> list[dict]:
+    size = torch.empty((), dtype=dtype).element_size()
+    pair = rotating(lambda: tuple(torch.randn(n, device=dev).to(dtype) for _ in range(2)), 2 * n * size, l2_bytes)
+    copy_gbs = 2 * n * size / ms(lambda: pair()[0].clone()) / 1e6
+    rows = []
+    for config in ABSMEAN_SWEEP:
+        module.CUDA_CONFIGS[size] = config
+        a, b = pair()
+        close = torch.allclose(absmean_sums(a, b).double(), module.absmean_sums_reference(a, b), rtol=1e-4)
+        gbs = 2 * n * size / ms(lambda: absmean_sums(*pair())) / 1e6
+        rows.append({"dtype": str(dtype).removeprefix("torch."), "block": config[0], "warps": config[1],
+                     "programs_per_sm": config[2], "gbs": round(gbs, 1), "copy_gbs": round(copy_gbs, 1),
+                     "fraction_of_copy": round(gbs / copy_gbs, 3), "matches_reference": close})
+    return rows
+
+
 def cuda_split_row(shape, dev, l2_bytes, ms) -> dict:
     """frequency_split at one fp32 latent shape: the matmul path vs the Triton kernel (ms, GB/s against a
     copy), plus torch.fft's split (and its inverse round trip) for scale. Inputs rotate over 2x L2."""
@@ -362,7 +396,8 @@ def bench_cuda(dev: torch.device | None = None, n: int = 64 * 2**20, ms: Callabl
         rows += cuda_elementwise_rows(dtype, dev, n, l2_bytes, ms)
     for shape in SPLIT_SHAPES.values():
         rows.append(cuda_split_row(shape, dev, l2_bytes, ms))
-    return {"numel": n, "l2_bytes": l2_bytes, "shapes": SPLIT_SHAPES, "rows": rows}
+    sweep = cuda_absmean_sweep(dev, n, l2_bytes, ms)
+    return {"numel": n, "l2_bytes": l2_bytes, "shapes": SPLIT_SHAPES, "rows": rows, "absmean_sweep": sweep}
 
 
 def cuda_markdown(result: dict) -> str:
@@ -399,6 +434,13 @@ def cuda_markdown(result: dict) -> str:
             f"{r['triton_gbs']} | {r['copy_gbs']} | {r['torch_fft_ms']} | {r['torch_fft_roundtrip_ms']} | "
             f"{r['max_abs_diff']:.2e} (max abs x {r['max_abs_x']:.1f}) |"
         )
+    sweep = result.get("absmean_sweep", [])
+    if sweep:
+        lines += ["", "absmean_sums configs (elements per loop iteration, warps, programs per SM; both kernels):", "",
+                  "| dtype | block | warps | programs/SM | GB/s | copy GB/s | / copy | matches reference |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['dtype']} | {r['block']} | {r['warps']} | {r['programs_per_sm']} | {r['gbs']} | "
+                  f"{r['copy_gbs']} | {r['fraction_of_copy']} | {r['matches_reference']} |" for r in sweep]
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,9 @@
 #   TOTAL_S       whole-script budget in seconds (default 450); bench_gpu.py gets what setup and kernels left
 #   KERNELS_S     time limit of bench_kernels.py (default 120)
 #   KERNEL_NUMEL  elements per tensor in bench_kernels.py (default 67108864)
-#   BENCH_ARGS    extra arguments of bench_gpu.py, e.g. "--units wan-large-fbc,wan-large-pab"
+#   UNITS         bench_gpu.py units, comma-separated, each run in its own process (default: its DEFAULT_UNITS);
+#                 a unit may name its providers after @, joined by +: flux-small-pab@uncached-compiled+fastcache-compiled
+#   BENCH_ARGS    extra arguments of bench_gpu.py, e.g. "--providers uncached-compiled,fastcache-compiled"
 # Every stage writes its results as soon as it finishes, so a time-out keeps what finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,56 +18,34 @@ OUT_DIR="${1:-${OUT_DIR:-bench/results}}"
 TOTAL_S="${TOTAL_S:-450}"
 KERNELS_S="${KERNELS_S:-120}"
 KERNEL_NUMEL="${KERNEL_NUMEL:-67108864}"
-export PYTHONUNBUFFERED=1
 mkdir -p "$OUT_DIR"
-log() { echo "[gpu.sh +${SECONDS}s] $*"; }
-
-log "setup"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-fi
-# fastcache.kernels lives in the top-level kernels/ folder (setuptools package-dir): an editable install maps
-# it; if that fails, a copy of the package with kernels/ in place goes on PYTHONPATH.
-if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
-    || ! python3 -c "import fastcache.kernels" 2> /dev/null; then
-  log "editable install failed: copying the package to /tmp/fastcache-src"
-  rm -rf /tmp/fastcache-src && mkdir -p /tmp/fastcache-src
-  cp -r fastcache /tmp/fastcache-src/ && cp -r kernels /tmp/fastcache-src/fastcache/kernels
-  export PYTHONPATH="/tmp/fastcache-src:${PYTHONPATH:-}"
-fi
-
-log "versions"
-nvidia-smi -L || true
-python3 - << 'EOF'
-import platform
-
-import torch
-
-print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-      f"GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else None}")
-for name in ("triton", "diffusers", "fastcache"):
-    try:
-        module = __import__(name)
-        print(f"{name} {getattr(module, '__version__', '?')} from {module.__file__}")
-    except Exception as error:
-        print(f"{name}: not importable ({type(error).__name__}: {error})")
-EOF
+# shellcheck source=bench/_gpu_setup.sh
+source bench/_gpu_setup.sh
+UNITS="${UNITS:-$(cd bench && python3 -c 'from bench_gpu import DEFAULT_UNITS; print(DEFAULT_UNITS)')}"
 
 log "bench_kernels.py (limit ${KERNELS_S} s)"
 timeout "$KERNELS_S" python3 bench/bench_kernels.py --skip-cpu --numel "$KERNEL_NUMEL" --out "$OUT_DIR" \
   || log "bench_kernels.py exited with status $?"
 
-LEFT=$((TOTAL_S - SECONDS))
-if [ "$LEFT" -lt 60 ]; then
-  log "only ${LEFT} s left: bench_gpu.py not started"
-  exit 0
-fi
-# the script skips units that would not fit in its budget; the time-out is a backstop (results are written
-# after every unit)
-log "bench_gpu.py (budget $((LEFT - 30)) s, limit ${LEFT} s)"
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-timeout "$LEFT" python3 bench/bench_gpu.py --out "$OUT_DIR" --budget-s "$((LEFT - 30))" ${BENCH_ARGS:-} \
-  || { log "bench_gpu.py exited with status $?"; cat "$OUT_DIR/gpu_bench.md" 2> /dev/null || true; }
+# one process per unit: a failure inside CUDA graph trees cannot break the units after it; each appends its rows
+rm -f "$OUT_DIR/gpu_bench.json" "$OUT_DIR/gpu_bench.md"
+for unit in ${UNITS//,/ }; do
+  LEFT=$((TOTAL_S - SECONDS))
+  if [ "$LEFT" -lt 45 ]; then
+    log "only ${LEFT} s left: $unit not started"
+    continue
+  fi
+  providers=()
+  if [[ "$unit" == *@* ]]; then
+    providers=(--providers "${unit#*@}")
+    providers[1]="${providers[1]//+/,}"
+    unit="${unit%%@*}"
+  fi
+  log "bench_gpu.py --units $unit ${providers[*]} (budget $((LEFT - 10)) s, limit ${LEFT} s)"
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+  timeout "$LEFT" python3 bench/bench_gpu.py --out "$OUT_DIR" --append --verbose --units "$unit" "${providers[@]}" \
+    --budget-s "$((LEFT - 10))" ${BENCH_ARGS:-} || log "bench_gpu.py --units $unit exited with status $?"
+done
+cat "$OUT_DIR/gpu_bench.md" 2> /dev/null || true
 log "done; files in $OUT_DIR:"
 ls -l "$OUT_DIR"

@@ -8,6 +8,7 @@
 """
 
 from fastcache.control import branch
+from fastcache.cuda_graphs import out_of_cuda_graph_pool
 from fastcache.diffusers import (
     apply_faster_cache,
     apply_first_block_cache,
@@ -58,5 +59,6 @@ __all__ = [
     "enable_cache",
     "load_state",
     "make",
+    "out_of_cuda_graph_pool",
     "trace",
 ]

@@ -93,8 +93,14 @@ def check_model(model: object) -> CacheableModel:
 AUTOCAST = "(autocast)"  # the spec entry recording the autocast dtype the state was built under
 
 
+# Read once at import: dynamo in torch 2.11 cannot trace `torch.amp.is_autocast_available` (a skipped builtin),
+# and the compiled step checks the autocast dtype on every call.
+_AUTOCAST_DEVICE_TYPES = frozenset(t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "ipu", "maia")
+                                   if torch.amp.is_autocast_available(t))
+
+
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if not torch.amp.is_autocast_available(device.type):  # e.g. the meta device (sizing a state)
+    if device.type not in _AUTOCAST_DEVICE_TYPES:  # e.g. the meta device (sizing a state)
         return None
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 

@@ -224,3 +224,4 @@ def test_pab_and_fastercache_never_reuse_a_nan_attention_output_on_the_device(na
         assert all(torch.isfinite(o).all() for o in outs[1:])
     else:
         assert not torch.isfinite(outs[1]).all()
+

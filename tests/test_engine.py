@@ -706,3 +706,34 @@ def test_cached_attention_is_kept_in_the_dtype_the_model_computes_in(name: str) 
     half_inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
     state = method.init(bf16_model, half_inputs)
     assert all(x.dtype == torch.bfloat16 for x in tree_leaves(state.cache if name == "pab" else state.windows))
+
+
+def test_a_state_leaves_cuda_graphs_pool_by_copying_only_what_the_step_made() -> None:
+    """mode="reduce-overhead" (`fastcache.out_of_cuda_graph_pool`, also at the drop-in's context exits): a PAB
+    step that reuses its cached attention carries those tensors over; only what the step made (its counters) is
+    copied, to equal values in new storage."""
+    from fastcache.cuda_graphs import copy_new_tensors
+
+    model, config = tiny_dit(), METHODS["pab"](False)
+    method = fastcache.make(config)
+    inputs = cfg_inputs(noise(False, 0), 500.0, LABELS, NULL)
+    plan = method.plan([500.0, 500.0])
+    with torch.no_grad():
+        _, computed = method.step(model, method.init(model, inputs), inputs, plan[0])
+        _, reused = method.step(model, computed, inputs, plan[1])
+    assert plan[1].spatial is False  # the second call reuses the spatial attention
+    old = {id(x) for x in tree_leaves(computed)}
+    carried = [x for x in tree_leaves(reused) if isinstance(x, torch.Tensor) and id(x) in old]
+    made = [x for x in tree_leaves(reused) if isinstance(x, torch.Tensor) and id(x) not in old]
+    assert carried and made
+    out = copy_new_tensors(reused, computed)
+    assert type(out) is type(reused)
+    for before, after in zip(tree_leaves(reused), tree_leaves(out)):
+        if any(before is x for x in carried):
+            assert after is before
+        else:
+            assert after is not before and after.data_ptr() != before.data_ptr() or before.numel() == 0
+            assert after.dtype == before.dtype and torch.equal(after, before)
+    assert copy_new_tensors(computed, computed) is computed
+    # on CPU (no CUDA tensor, no CUDA graph) nothing is copied
+    assert fastcache.out_of_cuda_graph_pool(reused, computed) is reused

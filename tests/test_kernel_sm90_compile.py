@@ -18,6 +18,7 @@ import time
 
 import fastcache.kernels
 import pytest
+from fastcache.kernels.absmean import CUDA_CONFIGS
 
 pytest.importorskip("triton")
 
@@ -25,18 +26,23 @@ FLOATS = ("fp32", "fp16", "bf16")
 # (module, kernel, pointer dtypes by argument name, constexprs, num_warps); constexpr values and warps are
 # read from the module in the subprocess where given as a string naming a module attribute.
 VARIANTS: list[tuple[str, str, dict[str, str], dict[str, object], object]] = []
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 for dt in FLOATS:
     for contiguous in (True, False):
+        block, warps, _ = CUDA_CONFIGS[ITEMSIZE[dt]]  # the launcher's config for this element size
         VARIANTS.append(
             ("absmean", "_absmean_partials_kernel", {"a_ptr": dt, "b_ptr": dt, "partial_ptr": "fp32"},
-             {"CONTIGUOUS": contiguous, "BLOCK": "_BLOCK_CUDA"}, "_NUM_WARPS_CUDA")
+             {"CONTIGUOUS": contiguous, "BLOCK": block}, warps)
         )  # fmt: skip
         VARIANTS.append(
             ("extrapolate", "_extrapolate_kernel", {"f_k_ptr": dt, "f_prev_ptr": dt, "w_ptr": "fp32", "out_ptr": dt},
              {"CONTIGUOUS": contiguous, "BLOCK": "_BLOCK_CUDA"}, "_NUM_WARPS_CUDA")
         )  # fmt: skip
-# Partials: 4 programs per SM, 132 SMs on an H100 -> 528 -> BLOCK 1024.
-VARIANTS.append(("absmean", "_absmean_finalize_kernel", {"partial_ptr": "fp32", "out_ptr": "fp32"}, {"BLOCK": 1024}, 4))
+# Partials: the most programs per SM times 132 SMs on an H100, to the next power of two.
+PARTIALS = 1 << (max(per_sm for *_, per_sm in CUDA_CONFIGS.values()) * 132 - 1).bit_length()
+VARIANTS.append(
+    ("absmean", "_absmean_finalize_kernel", {"partial_ptr": "fp32", "out_ptr": "fp32"}, {"BLOCK": PARTIALS}, 4)
+)  # fmt: skip
 # c in any float dtype with fp32 deltas (what the engine stores), and deltas stored in c's low precision.
 for dt, delta in [(d, "fp32") for d in FLOATS] + [("bf16", "bf16"), ("fp16", "fp16")]:
     for contiguous in (True, False) if delta == "fp32" else (True,):

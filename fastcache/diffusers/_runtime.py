@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fastcache import kernels
 from fastcache.control import all_finite, branch, canonical, count_misses, guard_reuse, select
+from fastcache.cuda_graphs import out_of_cuda_graph_pool
 from fastcache.diffusers._families import BlockIO, Family, block_io
 from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
 from fastcache.methods.faster_cache import FasterCacheConfig
@@ -229,10 +230,12 @@ class Session:
         self._store()
         self._load(name)
         self._plan_next_call()
+        entry = self.slot.state
         try:
             yield
         finally:
             self._count_calls()
+            self.slot.state = out_of_cuda_graph_pool(self.slot.state, entry)
             self._store()
             self._load(previous)
 
