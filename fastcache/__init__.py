@@ -27,6 +27,7 @@ from fastcache.methods.pyramid_attention_broadcast import (
     PyramidAttentionBroadcastConfig,
 )
 from fastcache.methods.taylorseer import TaylorSeerCacheConfig, TaylorSeerDecision, TaylorSeerState
+from fastcache.methods.teacache import TeaCacheConfig, TeaCacheDecision, TeaCacheState
 from fastcache.protocol import AttentionSite, CacheableModel
 
 __version__ = "0.1.0"
@@ -50,6 +51,9 @@ __all__ = [
     "TaylorSeerCacheConfig",
     "TaylorSeerDecision",
     "TaylorSeerState",
+    "TeaCacheConfig",
+    "TeaCacheDecision",
+    "TeaCacheState",
     "apply_faster_cache",
     "apply_first_block_cache",
     "apply_pyramid_attention_broadcast",

@@ -93,7 +93,14 @@ class AttentionSchedule:
 
 def make(config: Any) -> CacheMethod:
     """Build the cache method described by `config` (one of fastcache's config classes)."""
-    from fastcache.methods import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast, taylorseer
+    from fastcache.methods import (
+        faster_cache,
+        first_block_cache,
+        mag_cache,
+        pyramid_attention_broadcast,
+        taylorseer,
+        teacache,
+    )
 
     modules = {
         pyramid_attention_broadcast.PyramidAttentionBroadcastConfig: pyramid_attention_broadcast,
@@ -101,6 +108,7 @@ def make(config: Any) -> CacheMethod:
         first_block_cache.FirstBlockCacheConfig: first_block_cache,
         mag_cache.MagCacheConfig: mag_cache,
         taylorseer.TaylorSeerCacheConfig: taylorseer,
+        teacache.TeaCacheConfig: teacache,
     }
     module = modules.get(type(config))
     if module is None:
@@ -126,10 +134,18 @@ def state_bytes(init: Callable[..., Any], config: Any, model: CacheableModel, in
 def load_state(f: Any) -> Any:
     """`torch.load(f, weights_only=True)` of a saved state (`torch.save(state, f)`): the state classes are
     allowed for that one load only (no global change to torch's safe list)."""
-    from fastcache.methods import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast, taylorseer
+    from fastcache.methods import (
+        faster_cache,
+        first_block_cache,
+        mag_cache,
+        pyramid_attention_broadcast,
+        taylorseer,
+        teacache,
+    )
 
     allowed = [pyramid_attention_broadcast.PABState, faster_cache.FasterCacheState,
-               first_block_cache.FirstBlockCacheState, mag_cache.MagCacheState, taylorseer.TaylorSeerState]
+               first_block_cache.FirstBlockCacheState, mag_cache.MagCacheState, taylorseer.TaylorSeerState,
+               teacache.TeaCacheState]
     with torch.serialization.safe_globals(allowed):
         return torch.load(f, weights_only=True)
 

@@ -46,6 +46,8 @@ METHODS: dict[str, Callable[[bool], Any]] = {
         unconditional_batch_skip_range=3, unconditional_batch_timestep_skip_range=(-1, 900),
         spatial_attention_timestep_skip_range=(-1, 900), temporal_attention_timestep_skip_range=(-1, 900)),
     "fbc": lambda video: fastcache.FirstBlockCacheConfig(threshold=0.06),
+    # rescaling = the raw relative change (the published fits are for full-size models)
+    "teacache": lambda video: fastcache.TeaCacheConfig(threshold=0.3, coefficients=(0, 0, 0, 1, 0)),
 }
 
 

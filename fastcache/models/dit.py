@@ -171,6 +171,13 @@ class DiT(nn.Module):
         hidden = hidden + gate3[:, None, None] * blk.mlp(x).view(b, f, n, d)
         return (hidden,)
 
+    def modulated_input(self, streams: Streams, aux: Aux) -> Tensor:
+        """Block 0's timestep-modulated input, `norm1(x) * (1 + scale) + shift` (TeaCache's indicator)."""
+        (hidden,) = streams
+        b, f, n, d = hidden.shape
+        shift, scale = self.blocks[0].adaln(aux["temb"]).chunk(9, dim=-1)[:2]
+        return modulate(self.blocks[0].norm1(hidden).view(b, f * n, d), shift, scale)
+
     def head(self, streams: Streams, aux: Aux) -> Tensor:
         (hidden,) = streams
         cfg, p = self.cfg, self.cfg.patch_size
