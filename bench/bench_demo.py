@@ -37,8 +37,10 @@ PSNR_MIN = 30.0
 ACC_DROP_MAX = 0.01  # "within 1 point" of the uncached class accuracy
 
 
-METHODS = ("pab", "fastercache", "fbc", "mag", "taylorseer")
-ASCENDING = ("fbc", "mag")  # swept by one threshold, gentle to aggressive
+# teacache: the model's calibrated coefficients; teacache-flux: TeaCache's FLUX fit (no calibration), for comparison
+# dbcache-taylor: DBCache with TaylorSeer (order 1) forecasting the cached middle residual
+METHODS = ("pab", "fastercache", "fbc", "mag", "taylorseer", "teacache", "teacache-flux", "dbcache", "dbcache-taylor")
+ASCENDING = ("fbc", "mag", "teacache", "teacache-flux", "dbcache", "dbcache-taylor")  # one threshold, gentle first
 
 
 def sweep(kind: str, quick: bool, steps: int = 30, methods: tuple[str, ...] = METHODS) -> list[demo.RunSpec]:
@@ -51,8 +53,11 @@ def sweep(kind: str, quick: bool, steps: int = 30, methods: tuple[str, ...] = ME
     fbc = [0.02, 0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4]
     mag = [0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3]
     taylor = [(2, 3, 1), (3, 3, 1), (4, 3, 1), (5, 3, 1), (3, 3, 2), (4, 3, 2), (6, 3, 1)]
+    tea = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
+    db = [0.05, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4]
     if quick:
-        pab, fc, fbc, mag, taylor = pab[:2], fc[:2], [0.05, 0.1, 0.2], [0.04, 0.1], taylor[:2]
+        pab, fc, fbc, mag, taylor, tea = pab[:2], fc[:2], [0.05, 0.1, 0.2], [0.04, 0.1], taylor[:2], [0.1, 0.3]
+        db = [0.1, 0.2]
     for spatial, cross, (lo, hi) in pab:
         cfg = demo.pab_config(kind, spatial=spatial, temporal=spatial, cross=cross, lo=lo, hi=hi)
         runs.append(demo.RunSpec("pab", demo.describe(cfg), cfg))
@@ -69,6 +74,14 @@ def sweep(kind: str, quick: bool, steps: int = 30, methods: tuple[str, ...] = ME
         cfg = fastcache.TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=before,
                                               max_order=order, taylor_factors_dtype=torch.float32)
         runs.append(demo.RunSpec("taylorseer", demo.describe(cfg), cfg))
+    for method, coefficients in (("teacache", None), ("teacache-flux", "flux")):
+        for t in tea:
+            cfg = demo.teacache_config(kind, threshold=t, coefficients=coefficients)
+            runs.append(demo.RunSpec(method, demo.describe(cfg), cfg))
+    for method, order in (("dbcache", 0), ("dbcache-taylor", 1)):
+        for t in db:
+            cfg = demo.dbcache_config(steps, threshold=t, taylorseer_order=order)
+            runs.append(demo.RunSpec(method, demo.describe(cfg), cfg))
     return [r for r in runs if r.method in methods]
 
 

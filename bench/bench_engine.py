@@ -65,6 +65,30 @@ def step_indexed_settings(model: DiT, x0: torch.Tensor, labels: torch.Tensor, st
     }
 
 
+def beyond_diffusers_settings(model: DiT, x0: torch.Tensor, labels: torch.Tensor, steps: int) -> dict[str, Any]:
+    """TeaCache (its coefficients fitted on this random model by one uncached run) and DBCache."""
+    from fastcache.methods import teacache
+
+    def generate(denoise: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
+        timesteps, x = sampling_timesteps(steps, x0.device), x0
+        for i in range(steps):
+            u, c = denoise(cfg_inputs(x, timesteps[i], labels, NULL)).chunk(2)
+            t_next = timesteps[i + 1] if i + 1 < steps else torch.zeros((), device=x.device)
+            x = x + (t_next - timesteps[i]) / 1000 * (u + 4.0 * (c - u))
+
+    coefficients = teacache.calibrate(model, generate)
+    return {
+        "TeaCache threshold 0.3 (calibrated)": fastcache.TeaCacheConfig(threshold=0.3, coefficients=coefficients),
+        "DBCache F1B0 threshold 0.2 (= FBC + warm-up 2)": fastcache.DBCacheConfig(
+            Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.2, max_warmup_steps=2),
+        "DBCache F2B1 threshold 0.2": fastcache.DBCacheConfig(
+            Fn_compute_blocks=2, Bn_compute_blocks=1, residual_diff_threshold=0.2, max_warmup_steps=2),
+        "DBCache F2B1 threshold 0.2 + TaylorSeer 1": fastcache.DBCacheConfig(
+            Fn_compute_blocks=2, Bn_compute_blocks=1, residual_diff_threshold=0.2, max_warmup_steps=2,
+            taylorseer_order=1),
+    }
+
+
 def build_model(device: str) -> DiT:
     torch.manual_seed(0)
     model = DiT(DiTConfig(in_channels=4, sample_size=32, patch_size=2, hidden_size=256, num_heads=4, depth=8))
@@ -131,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--only", default=None,
+                        help="comma-separated prefixes of the settings to run (uncached always runs)")
+    parser.add_argument("--stem", default=None, help="results file stem (default engine_<device>)")
     args = parser.parse_args(argv)
 
     model = build_model(args.device)
@@ -142,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     # Every setting's compiled step shares one code object here, and each planned step variant is one cache
     # entry: 14 in all, over dynamo's default limit of 8 per code object (a bench setting, not a library one).
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
-        for name, config in {**settings(), **step_indexed_settings(model, x0, labels, args.steps)}.items():
+        everything = {**settings(), **step_indexed_settings(model, x0, labels, args.steps),
+                      **beyond_diffusers_settings(model, x0, labels, args.steps)}
+        prefixes = args.only.split(",") if args.only else None
+        chosen = {name: config for name, config in everything.items()
+                  if name == "uncached" or prefixes is None or any(name.startswith(p) for p in prefixes)}
+        for name, config in chosen.items():
             counters.clear()
             generate, fraction = make_generate(model, config, x0, labels, args.steps)
             start = time.perf_counter()
@@ -177,10 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"engine_{args.device}"
+    stem = out / (args.stem or f"engine_{args.device}")
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# Engine benchmark ({args.device})", "", "`python bench/bench_engine.py"
-             + (" --device cuda" if args.device == "cuda" else "") + "`", "",
+    command = " ".join(["python bench/bench_engine.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = [f"# Engine benchmark ({args.device})", "", f"`{command.strip()}`", "",
              " | ".join(f"{k}: {v}" for k, v in meta.items()), "",
              "| setting | FLOPs computed | ideal speedup | median s/generation | speedup | efficiency | graphs | "
              "graph breaks | compile s |", "|---|---|---|---|---|---|---|---|---|"]

@@ -18,6 +18,7 @@ from fastcache.diffusers import (
     enable_cache,
 )
 from fastcache.engine import CacheMethod, Plan, load_state, make, trace
+from fastcache.methods.db_cache import DBCacheConfig, DBCacheDecision, DBCacheState
 from fastcache.methods.faster_cache import FasterCacheConfig, FasterCacheDecision, FasterCacheState
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig, FirstBlockCacheState
 from fastcache.methods.mag_cache import MagCacheConfig, MagCacheDecision, MagCacheState
@@ -36,6 +37,9 @@ __all__ = [
     "AttentionSite",
     "CacheMethod",
     "CacheableModel",
+    "DBCacheConfig",
+    "DBCacheDecision",
+    "DBCacheState",
     "FasterCacheConfig",
     "FasterCacheDecision",
     "FasterCacheState",

@@ -10,7 +10,8 @@ USAGE = """usage: fastcache <command> [options]
 commands:
   demo       run every cache method on the embedded digit models and compare speed and quality
              (fastcache demo --help for its options)
-  calibrate  measure a method's model constants (MagCache's mag_ratios) on an embedded digit model
+  calibrate  measure a method's model constants (MagCache's mag_ratios, TeaCache's coefficients) on an
+             embedded digit model
 """
 
 

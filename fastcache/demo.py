@@ -37,7 +37,7 @@ from fastcache.models import digits
 from fastcache.models.dit import DiT, cfg_inputs, sampling_timesteps
 from fastcache.protocol import forward
 
-METHODS = ("uncached", "pab", "fastercache", "fbc", "mag", "taylorseer")
+METHODS = ("uncached", "pab", "fastercache", "fbc", "mag", "taylorseer", "teacache", "dbcache")
 MODEL_CHOICES = ("image", "video", "both")
 DEFAULT_THRESHOLDS = (0.05, 0.1, 0.2)
 MAX_THRESHOLD = 1.0  # a relative residual change above 1 means "always skip": no longer a cache setting
@@ -103,6 +103,25 @@ def taylorseer_config(kind: str, steps: int) -> Any:
                                            taylor_factors_dtype=torch.float32)
 
 
+def teacache_config(kind: str, threshold: float = 0.3, coefficients: Any = None) -> Any:
+    """TeaCache with the model's shipped coefficients (`fastcache calibrate --method teacache`), or the given
+    ones (a published fit's name, e.g. "flux", or 5 numbers)."""
+    import fastcache
+    from fastcache.calibrate import load_teacache_coefficients
+
+    fitted = load_teacache_coefficients(kind) if coefficients is None else coefficients
+    return fastcache.TeaCacheConfig(threshold=threshold, coefficients=fitted)
+
+
+def dbcache_config(steps: int, threshold: float = 0.15, fn: int = 1, bn: int = 1, taylorseer_order: int = 0
+                   ) -> Any:
+    """DBCache F1B1 on the 4-block digit models (the two middle blocks cached), warm-up a tenth of the steps."""
+    import fastcache
+
+    return fastcache.DBCacheConfig(Fn_compute_blocks=fn, Bn_compute_blocks=bn, residual_diff_threshold=threshold,
+                                   max_warmup_steps=max(1, steps // 10), taylorseer_order=taylorseer_order)
+
+
 def describe(config: Any) -> str:
     """Short settings text for the table, e.g. "spatial=2 cross=4 in (100,800)"."""
     import fastcache
@@ -123,6 +142,15 @@ def describe(config: Any) -> str:
     if isinstance(config, fastcache.TaylorSeerCacheConfig):
         return (f"interval={config.cache_interval} after {config.disable_cache_before_step} "
                 f"order={config.max_order}")
+    if isinstance(config, fastcache.DBCacheConfig):
+        taylor = f" taylorseer={config.taylorseer_order}" if config.taylorseer_order else ""
+        return (f"F{config.Fn_compute_blocks}B{config.Bn_compute_blocks} threshold={config.residual_diff_threshold:g} "
+                f"warmup={config.max_warmup_steps}{taylor}")
+    if isinstance(config, fastcache.TeaCacheConfig):
+        from fastcache.methods.teacache import COEFFICIENTS
+
+        named = next((name for name, c in COEFFICIENTS.items() if c == config.coefficients), "calibrated")
+        return f"threshold={config.threshold:g} coefficients={named}"
     if isinstance(config, fastcache.FasterCacheConfig):
         return (f"spatial={config.spatial_attention_block_skip_range} in "
                 f"{rng(config.spatial_attention_timestep_skip_range)}, "
@@ -149,6 +177,12 @@ def default_runs(kind: str, methods: Sequence[str], thresholds: Sequence[float],
         elif method == "taylorseer":
             cfg = taylorseer_config(kind, steps)
             runs.append(RunSpec("taylorseer", describe(cfg), cfg))
+        elif method == "teacache":
+            cfg = teacache_config(kind)
+            runs.append(RunSpec("teacache", describe(cfg), cfg))
+        elif method == "dbcache":
+            cfg = dbcache_config(steps)
+            runs.append(RunSpec("dbcache", describe(cfg), cfg))
     return runs
 
 
@@ -395,7 +429,8 @@ def save_plot(path: Path, rows: list[dict[str, Any]]) -> None:
     fig = Figure(figsize=(5.5 * len(kinds), 4.2))
     FigureCanvasAgg(fig)
     colors = {"uncached": "black", "pab": "tab:blue", "fastercache": "tab:orange", "fbc": "tab:green",
-              "mag": "tab:red", "taylorseer": "tab:purple"}
+              "mag": "tab:red", "taylorseer": "tab:purple", "teacache": "tab:brown",
+              "dbcache": "tab:pink"}
     for k, kind in enumerate(kinds):
         ax = fig.add_subplot(1, len(kinds), k + 1)
         ok = [r for r in rows if r["model"] == kind and not r.get("error") and r.get("speedup")]

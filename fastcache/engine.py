@@ -94,6 +94,7 @@ class AttentionSchedule:
 def make(config: Any) -> CacheMethod:
     """Build the cache method described by `config` (one of fastcache's config classes)."""
     from fastcache.methods import (
+        db_cache,
         faster_cache,
         first_block_cache,
         mag_cache,
@@ -109,6 +110,7 @@ def make(config: Any) -> CacheMethod:
         mag_cache.MagCacheConfig: mag_cache,
         taylorseer.TaylorSeerCacheConfig: taylorseer,
         teacache.TeaCacheConfig: teacache,
+        db_cache.DBCacheConfig: db_cache,
     }
     module = modules.get(type(config))
     if module is None:
@@ -135,6 +137,7 @@ def load_state(f: Any) -> Any:
     """`torch.load(f, weights_only=True)` of a saved state (`torch.save(state, f)`): the state classes are
     allowed for that one load only (no global change to torch's safe list)."""
     from fastcache.methods import (
+        db_cache,
         faster_cache,
         first_block_cache,
         mag_cache,
@@ -145,7 +148,7 @@ def load_state(f: Any) -> Any:
 
     allowed = [pyramid_attention_broadcast.PABState, faster_cache.FasterCacheState,
                first_block_cache.FirstBlockCacheState, mag_cache.MagCacheState, taylorseer.TaylorSeerState,
-               teacache.TeaCacheState]
+               teacache.TeaCacheState, db_cache.DBCacheState]
     with torch.serialization.safe_globals(allowed):
         return torch.load(f, weights_only=True)
 

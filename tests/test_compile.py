@@ -22,6 +22,8 @@ CASES = {
     "pab-device": ("pab", True),
     "teacache-planned": ("teacache", False),  # the first and last steps planned (no cond), the others on device
     "teacache-device": ("teacache", True),
+    "dbcache-planned": ("dbcache", False),  # warm-up steps planned (no cond), the others on the device
+    "dbcache-device": ("dbcache", True),
 }
 
 
@@ -46,14 +48,14 @@ def test_fullgraph_compile_counts_and_matches_eager(case: str, dynamo) -> None:
     assert max_diff(eager, compiled) <= 1e-5
     # host syncs on a GPU: planned steps hold no torch.cond, FBC one per step, device-decided PAB one per site
     expected_conds = {"pab-planned": 0, "fastercache-planned": 0, "fbc-device": 1, "teacache-planned": 1,
-                      "teacache-device": 1}
+                      "teacache-device": 1, "dbcache-planned": 1, "dbcache-device": 1}
     if case in expected_conds:
         assert counter.max_conds_per_call == expected_conds[case], counter.conds_per_graph
     else:
         assert counter.max_conds_per_call >= 1
-    if case == "teacache-planned":  # the forced steps' graph has no cond
+    if case in ("teacache-planned", "dbcache-planned"):  # the forced steps' graph has no cond
         assert sorted(counter.conds_per_graph) == [0, 1]
-    if name in ("fbc", "teacache"):  # the data-dependent decisions agree too, and both kinds happened
+    if name in ("fbc", "teacache", "dbcache"):  # the data-dependent decisions agree, both kinds happened
         assert int(state.num_computed) == int(eager_state.num_computed)
         assert 1 < int(state.num_computed) < STEPS
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("args", [
-    ["--methods", "uncached,teacache"],
+    ["--methods", "uncached,sea"],
     ["--fbc-thresholds", "0.1,1.5"],
     ["--fbc-thresholds", "-0.1"],
     ["--fbc-thresholds", "nan"],
@@ -77,7 +77,7 @@ def test_end_to_end_quick_eager(tmp_path: Path, capsys: pytest.CaptureFixture[st
     rows = report["rows"]
     assert [(r["model"], r["method"]) for r in rows] == [
         (kind, m) for kind in ("image", "video")
-        for m in ("uncached", "pab", "fastercache", "fbc", "fbc", "mag", "taylorseer")]
+        for m in ("uncached", "pab", "fastercache", "fbc", "fbc", "mag", "taylorseer", "teacache", "dbcache")]
     assert all(r["error"] is None for r in rows)
     for r in rows:
         assert 0 < r["computed_fraction"] <= 1 and r["time_s"] > 0 and 0 <= r["class_accuracy"] <= 1
@@ -85,11 +85,12 @@ def test_end_to_end_quick_eager(tmp_path: Path, capsys: pytest.CaptureFixture[st
         if r["method"] == "uncached":
             assert r["psnr"] is None and r["max_abs_error"] == 0 and r["ssim"] == pytest.approx(1.0)
     for kind in ("image", "video"):  # every method really cached something, and it changed the samples
-        for method in ("pab", "fastercache", "fbc", "mag", "taylorseer"):
+        # (dbcache's default threshold, sized for 30 steps, never caches at 3: tests/test_dbcache.py covers it)
+        for method in ("pab", "fastercache", "fbc", "mag", "taylorseer", "teacache"):
             assert any(r["computed_fraction"] < 1 and r["max_abs_error"] > 0
                        for r in rows if (r["model"], r["method"]) == (kind, method)), (kind, method)
     assert rows[0]["graph_breaks"] is None  # eager: nothing compiled
-    assert len(rows[7]["per_frame_psnr"]) == digits.read_meta("video")["config"]["num_frames"]
+    assert len(rows[9]["per_frame_psnr"]) == digits.read_meta("video")["config"]["num_frames"]
     assert report["machine"]["torch"] == torch.__version__
 
 

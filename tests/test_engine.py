@@ -48,6 +48,10 @@ METHODS: dict[str, Callable[[bool], Any]] = {
     "fbc": lambda video: fastcache.FirstBlockCacheConfig(threshold=0.06),
     # rescaling = the raw relative change (the published fits are for full-size models)
     "teacache": lambda video: fastcache.TeaCacheConfig(threshold=0.3, coefficients=(0, 0, 0, 1, 0)),
+    # F1B1 on the 3-block model, TaylorSeer forecasting the skipped block's residual
+    "dbcache": lambda video: fastcache.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=1, max_warmup_steps=2,
+                                                     residual_diff_threshold=0.2, max_continuous_cached_steps=3,
+                                                     taylorseer_order=1),
 }
 
 

@@ -195,3 +195,73 @@ def test_bad_calls_are_refused_before_any_compute() -> None:
     bare = NoIndicator(model.cfg)
     with pytest.raises(TypeError, match="modulated_input"):
         method.init(bare, inputs)
+
+
+# -- calibration -----------------------------------------------------------------------------------------------
+
+def _generate(model, seeds, steps=12):
+    """A CFG Euler loop over `seeds` (one batch) for `teacache.calibrate`."""
+    def generate(denoise):
+        x = torch.cat([noise(False, s) for s in seeds])
+        labels = torch.arange(x.shape[0]) % 10
+        timesteps = sampling_timesteps(steps)
+        for i, t in enumerate(timesteps):
+            u, c = denoise(cfg_inputs(x, t, labels, NULL)).chunk(2)
+            t_next = timesteps[i + 1] if i + 1 < steps else torch.tensor(0.0)
+            x = x + (t_next - t) / 1000 * (u + 3.0 * (c - u))
+    return generate
+
+
+def _pairs(model, seeds):
+    """The (input change, output change) pairs of uncached runs, recorded independently of `calibrate`."""
+    xs, ys, previous = [], [], []
+
+    def denoise(inputs):
+        streams, aux = model.embed(inputs)
+        m, out = model.modulated_input(streams, aux), forward(model, inputs)
+        if previous:
+            xs.append(teacache.relative_change(m.double(), previous[0].double()))
+            ys.append(teacache.relative_change(out.double(), previous[1].double()))
+        previous[:] = [m, out]
+        return out
+
+    with torch.no_grad():
+        _generate(model, seeds)(denoise)
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy()
+
+
+def test_calibration_fits_output_change_better_than_a_published_fit_on_held_out_runs() -> None:
+    """The fitted polynomial predicts the output's relative change from the modulated input's on runs it was
+    not fitted on: better than FLUX's published coefficients do on this model (what calibration is for)."""
+    model = tiny_dit()
+    coefficients = teacache.calibrate(model, _generate(model, [0, 1]))
+    assert len(coefficients) == 5 and all(math.isfinite(c) for c in coefficients)
+    x, y = _pairs(model, [5, 6])  # held out
+    fitted = np.abs(np.polyval(coefficients, x) - y).mean()
+    flux = np.abs(np.polyval(teacache.COEFFICIENTS["flux"], x) - y).mean()
+    assert fitted < 0.5 * flux, (fitted, flux)
+    assert fitted < np.abs(y - y.mean()).mean()  # and better than predicting the mean (a weak relation here)
+
+
+def test_calibration_refuses_models_it_cannot_fit() -> None:
+    model = tiny_dit()
+    model.num_blocks = 1
+    with pytest.raises(ValueError, match="num_blocks"):
+        teacache.calibrate(model, _generate(model, [0]))
+    model = tiny_dit()
+    with pytest.raises(ValueError, match="pairs"):  # one step: no consecutive pair to fit
+        teacache.calibrate(model, _generate(model, [0], steps=1))
+
+
+def test_shipped_digit_coefficients_load_and_the_cli_writes_them(tmp_path) -> None:
+    import json
+
+    from fastcache import __main__ as cli
+    from fastcache import calibrate
+
+    out = tmp_path / "tea.json"
+    assert cli.main(["calibrate", "--model", "image", "--method", "teacache", "--steps", "6", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["method"] == "teacache" and len(written["coefficients"]) == 5
+    for kind in ("image", "video"):
+        fastcache.TeaCacheConfig(coefficients=calibrate.load_teacache_coefficients(kind))  # valid fits

@@ -20,10 +20,11 @@ reuse its own accumulator refused. A NaN or Inf anywhere (`rel`, a cached residu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -203,6 +204,46 @@ def step(config: TeaCacheConfig, model: CacheableModel, state: TeaCacheState, in
     out = model.head(out_streams, aux)
     return out, TeaCacheState(state.count + 1, num_computed, skip, accumulated, modulated, residuals, finite,
                               state.nonfinite + refused.long(), state.spec)
+
+
+# -- calibration ------------------------------------------------------------------------------------------------
+
+def calibrate(model: CacheableModel, generate: Callable[[Callable[[Inputs], Tensor]], Any]) -> tuple[float, ...]:
+    """Fit the rescaling polynomial of a model from uncached runs (TeaCache's own procedure): `generate(denoise)`
+    runs any sampling loop that calls `denoise(inputs)` -> output for every model call, in order. Each pair of
+    consecutive calls gives, per sample, the relative change of block 0's modulated input (x) and of the model's
+    output (y); the fit is `numpy.polyfit(x, y, 4)`, highest degree first (`TeaCacheConfig(coefficients=...)`).
+    Run several seeds in one batch, or `generate` several loops: every consecutive pair counts (a new
+    generation's first call is paired with nothing: inputs of another shape or a restart are not pairs)."""
+    _check_model(model)
+    if model.num_blocks < 2:
+        raise ValueError(f"model: TeaCache calibration needs at least 2 blocks, got num_blocks={model.num_blocks}")
+    pairs: list[tuple[Tensor, Tensor]] = []
+    previous: list[Tensor | None] = [None, None]
+
+    @torch.no_grad()
+    def denoise(inputs: Inputs) -> Tensor:
+        streams, aux = model.embed(inputs)
+        modulated = model.modulated_input(streams, aux)
+        out = model.head(run_blocks(model, 0, streams, aux, call_attention), aux)
+        if previous[0] is not None and previous[0].shape == modulated.shape:
+            pairs.append((relative_change(modulated, previous[0]), relative_change(out, previous[1])))
+        previous[:] = [modulated, out]
+        return out
+
+    generate(denoise)
+    return fit_coefficients(torch.cat([x for x, _ in pairs]) if pairs else torch.empty(0),
+                            torch.cat([y for _, y in pairs]) if pairs else torch.empty(0))
+
+
+def fit_coefficients(x: Tensor, y: Tensor) -> tuple[float, ...]:
+    """`numpy.polyfit(x, y, 4)` over the finite pairs, highest degree first."""
+    keep = torch.isfinite(x) & torch.isfinite(y)
+    x, y = x[keep].double().cpu().numpy(), y[keep].double().cpu().numpy()
+    if len(x) < DEGREE + 1:
+        raise ValueError(f"calibration: {len(x)} finite (input, output) change pairs; a degree-{DEGREE} fit needs at "
+                         f"least {DEGREE + 1} (run more steps or samples)")
+    return tuple(float(c) for c in np.polyfit(x, y, DEGREE))
 
 
 def computed_fraction(config: TeaCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan,

@@ -1,0 +1,261 @@
+"""DBCache (cache-dit's Dual Block Cache, FnBn), optionally with TaylorSeer forecasting the skipped residual.
+
+Every call runs the first `Fn_compute_blocks` blocks. Their residual `r = H_Fn - H_in` (hidden stream) is
+compared with the same residual of the last computed call: `diff = mean|r - r_ref| / mean|r_ref|`. When the
+call may be cached, the middle blocks are skipped and each stream gets `H_Fn + R_mid`, the middle residual
+(`H_mid - H_Fn`) of the last computed call, or with `taylorseer_order` 1-2 its Taylor forecast from the
+residuals of the last computed calls (finite differences over the steps between them, TaylorSeer's update);
+the last `Bn_compute_blocks` blocks always run. FBC is F1B0.
+
+cache-dit's rules, transcribed (cache_dit 1.5.3, `CachedContextManager.can_cache` / `add_cached_step`), in order:
+- warm-up: steps `range(0, max_warmup_steps, warmup_interval)` compute (planned: no cond on those steps);
+- `max_cached_steps >= 0` and that many calls already cached: compute;
+- `max_continuous_cached_steps >= 0` and the continuity counter reached it: compute, and the counter resets;
+- `residual_diff_threshold <= 0`: compute; `>= 1`: cache whenever a reference exists; else cache iff
+  `diff < residual_diff_threshold`.
+The continuity counter is cache-dit's: a cached call right after a cached call adds 1 (2 when the counter is
+0), the first cached call ever adds 1, a cached call after a gap leaves it as it is.
+
+The decision depends on data, so it stays on the device: one `torch.cond` per call (none on warm-up steps), no
+host sync. A cached residual (or Taylor factor) holding a NaN or Inf is never used: the call computes (counted
+in `nonfinite`). The difference is pooled over the whole batch, as in cache-dit and FBC.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastcache import _validate, kernels
+from fastcache.control import all_finite, branch
+from fastcache.engine import Plan, as_timesteps, trace
+from fastcache.methods import taylorseer
+from fastcache.protocol import (
+    CacheableModel,
+    Inputs,
+    Streams,
+    call_attention,
+    check_inputs,
+    check_model,
+    check_state,
+    input_spec,
+)
+
+
+def _int_at_least(field: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{field}: must be an int >= {low}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class DBCacheConfig:
+    """cache-dit's field names and defaults (F8B0, 8 warm-up steps, threshold 0.08). -1 means no limit.
+    `taylorseer_order`: 0 reuses the middle residual; 1 or 2 forecasts it (cache-dit's DBCache + TaylorSeer)."""
+
+    Fn_compute_blocks: int = 8  # noqa: N815 - cache-dit's names
+    Bn_compute_blocks: int = 0  # noqa: N815
+    residual_diff_threshold: float = 0.08
+    max_warmup_steps: int = 8
+    warmup_interval: int = 1
+    max_cached_steps: int = -1
+    max_continuous_cached_steps: int = -1
+    taylorseer_order: int = 0
+
+    def __post_init__(self) -> None:
+        _int_at_least("Fn_compute_blocks", self.Fn_compute_blocks, 1)
+        _int_at_least("Bn_compute_blocks", self.Bn_compute_blocks, 0)
+        object.__setattr__(self, "residual_diff_threshold",
+                           _validate.threshold("residual_diff_threshold", self.residual_diff_threshold))
+        _int_at_least("max_warmup_steps", self.max_warmup_steps, 0)
+        _int_at_least("warmup_interval", self.warmup_interval, 1)
+        _int_at_least("max_cached_steps", self.max_cached_steps, -1)
+        _int_at_least("max_continuous_cached_steps", self.max_continuous_cached_steps, -1)
+        if self.taylorseer_order not in (0, 1, 2) or isinstance(self.taylorseer_order, bool):
+            raise ValueError(f"taylorseer_order: must be 0 (no forecast), 1 or 2, got {self.taylorseer_order!r}")
+
+    def warmup_steps(self) -> range:
+        return range(0, self.max_warmup_steps, self.warmup_interval)
+
+
+class DBCacheDecision(NamedTuple):
+    force_compute: bool  # a warm-up step: compute, no cond
+
+
+class DBCacheState(NamedTuple):
+    count: Tensor  # int64, calls made with this state (the step index of the next call)
+    num_computed: Tensor  # int64, calls that ran the middle blocks
+    skipped: Tensor  # bool, whether the last call skipped them
+    ratio: Tensor  # fp32, the last call's relative Fn residual change (inf when there was no reference)
+    ref_residual: Tensor  # the Fn residual of the last computed call (hidden stream)
+    factors: tuple[tuple[Tensor, ...], ...]  # per stream: (R_mid, and with TaylorSeer its derivatives)
+    factors_finite: Tensor  # bool: a NaN or Inf there is never used
+    orders: Tensor  # int64, Taylor orders the last update left (1 + derivatives formed)
+    last_computed: Tensor  # int64, step of the last computed call (-1: none)
+    num_cached: Tensor  # int64, calls cached (cache-dit's len(cached_steps))
+    continuous: Tensor  # int64, cache-dit's continuity counter
+    last_cached: Tensor  # int64, step of the last cached call (-1: none)
+    nonfinite: Tensor  # int64, calls that would have been cached but computed over non-finite residuals
+    spec: dict[str, Tensor]
+
+
+def plan(config: DBCacheConfig, timesteps: Tensor | Sequence[float], device: torch.device | str | None = None
+         ) -> Plan:
+    """Warm-up steps compute ('C'); the others decide on the device ('?')."""
+    del device
+    n = len(as_timesteps(timesteps))
+    warm = set(config.warmup_steps())
+    forced = [i in warm for i in range(n)]
+    return Plan(tuple(DBCacheDecision(f) for f in forced), {"blocks": "".join("C" if f else "?" for f in forced)})
+
+
+def _check_blocks(config: DBCacheConfig, model: CacheableModel) -> None:
+    if config.Fn_compute_blocks + config.Bn_compute_blocks > model.num_blocks:
+        raise ValueError(f"Fn_compute_blocks + Bn_compute_blocks: {config.Fn_compute_blocks} + "
+                         f"{config.Bn_compute_blocks} exceeds the model's num_blocks={model.num_blocks}")
+
+
+def init(config: DBCacheConfig, model: CacheableModel, inputs: Inputs) -> DBCacheState:
+    check_model(model)
+    _check_blocks(config, model)
+    tr = trace(model, inputs)  # blocks keep each stream's shape: the head's streams give every residual's
+    device = tr.output.device
+    int64 = dict(dtype=torch.int64, device=device)
+    return DBCacheState(
+        count=torch.zeros((), **int64),
+        num_computed=torch.zeros((), **int64),
+        skipped=torch.zeros((), dtype=torch.bool, device=device),
+        ratio=torch.full((), float("inf"), device=device),
+        ref_residual=tr.head_streams[0].zeros(),
+        factors=tuple(tuple(meta.zeros() for _ in range(config.taylorseer_order + 1)) for meta in tr.head_streams),
+        factors_finite=torch.ones((), dtype=torch.bool, device=device),
+        orders=torch.zeros((), **int64),
+        last_computed=torch.full((), -1, **int64),
+        num_cached=torch.zeros((), **int64),
+        continuous=torch.zeros((), **int64),
+        last_cached=torch.full((), -1, **int64),
+        nonfinite=torch.zeros((), **int64),
+        spec=input_spec(inputs),
+    )
+
+
+class CacheRule(NamedTuple):
+    skip: Tensor  # bool: cache this call
+    refused: Tensor  # bool: it could be cached, but the stored residuals are not finite
+    continuous: Tensor  # int64: the continuity counter after this call
+    num_cached: Tensor
+    last_cached: Tensor
+
+
+def cache_rule(config: DBCacheConfig, state: DBCacheState, ratio: Tensor) -> CacheRule:
+    """cache-dit's `can_cache` and `add_cached_step` on the device, for a call past the warm-up."""
+    step = state.count
+    has_reference = state.num_computed > 0
+    no, yes = torch.zeros_like(has_reference), torch.ones_like(has_reference)
+    full = state.num_cached >= config.max_cached_steps if config.max_cached_steps >= 0 else no
+    limit = config.max_continuous_cached_steps
+    hit = (state.continuous >= limit if limit >= 0 else no) & ~full  # checked only past the max_cached check
+    threshold = config.residual_diff_threshold
+    similar = no if threshold <= 0 else yes if threshold >= 1 else ratio < threshold
+    may = ~full & ~hit & has_reference & similar
+    skip, refused = may & state.factors_finite, may & ~state.factors_finite
+    continuous = torch.where(hit, torch.zeros_like(state.continuous), state.continuous)
+    after_cached = step - state.last_cached == 1
+    added = torch.where(state.num_cached == 0, 1,
+                        torch.where(after_cached, torch.where(continuous == 0, 2, 1), 0))
+    continuous = torch.where(skip, continuous + added, continuous)
+    return CacheRule(skip, refused, continuous, state.num_cached + skip.long(),
+                     torch.where(skip, step, state.last_cached))
+
+
+def _taylor(config: DBCacheConfig, state: DBCacheState, compute: bool) -> taylorseer.TaylorSeerDecision:
+    """TaylorSeer's bookkeeping for the middle residual, on the device (the step offsets are data here)."""
+    order = config.taylorseer_order
+    device = state.count.device
+    since = (state.count - state.last_computed).float()
+    held = torch.arange(order + 1, device=device) < state.orders
+    if compute:
+        grows = held[:order] & (state.last_computed >= 0)
+        delta = torch.where(state.last_computed >= 0, since, torch.ones_like(since))
+        return taylorseer.TaylorSeerDecision(True, torch.zeros(order + 1, device=device), grows, delta)
+    powers = torch.stack([since ** j / math.factorial(j) for j in range(order + 1)])
+    coefficients = torch.where(held, powers, torch.zeros_like(powers))
+    return taylorseer.TaylorSeerDecision(False, coefficients, torch.zeros(order, dtype=torch.bool, device=device),
+                                         torch.ones((), device=device))
+
+
+def step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inputs: Inputs,
+         decision: DBCacheDecision | None = None) -> tuple[Tensor, DBCacheState]:
+    """One model call. `decision`: the plan's entry (warm-up steps compute with no cond), or None to decide
+    every call on the device (then the warm-up is not known: only the lack of a reference computes)."""
+    if decision is not None and not isinstance(decision, DBCacheDecision):
+        raise TypeError(f"decision: DBCache takes plan[i] (a DBCacheDecision) or None, got {decision!r}")
+    check_state(state, DBCacheState, "DBCache")
+    check_inputs(state.spec, inputs)
+    _check_blocks(config, model)
+    fn, middle_end = config.Fn_compute_blocks, model.num_blocks - config.Bn_compute_blocks
+    streams, aux = model.embed(inputs)
+    h_in = streams[0]
+    for index in range(fn):
+        streams = model.block(index, streams, aux, call_attention)
+    residual = streams[0] - h_in
+    ratio = kernels.absmean_rel_diff(residual, state.ref_residual)
+    if decision is not None and decision.force_compute:
+        false = torch.zeros((), dtype=torch.bool, device=state.count.device)
+        rule = CacheRule(false, false, state.continuous, state.num_cached, state.last_cached)
+    else:
+        rule = cache_rule(config, state, ratio)
+
+    def compute(streams: Streams, current: Tensor, ref: Tensor, factors: tuple, finite: Tensor) -> tuple:
+        out = streams
+        for index in range(fn, middle_end):
+            out = model.block(index, out, aux, call_attention)
+        mids = tuple(o - s for o, s in zip(out, streams))
+        if config.taylorseer_order:
+            taylor = _taylor(config, state, compute=True)
+            new = tuple(taylorseer.updated(f, m, taylor, None) for f, m in zip(factors, mids))
+        else:
+            new = tuple((m,) for m in mids)
+        return out, current, new, all_finite(new)
+
+    def reuse(streams: Streams, current: Tensor, ref: Tensor, factors: tuple, finite: Tensor) -> tuple:
+        if config.taylorseer_order:
+            taylor = _taylor(config, state, compute=False)
+            mids = tuple(taylorseer.forecast(f, taylor, s.dtype) for f, s in zip(factors, streams))
+        else:
+            mids = tuple(f[0] for f in factors)
+        return tuple(s + m for s, m in zip(streams, mids)), ref, factors, finite
+
+    # every tensor a branch returns is an operand (a closed-over one would alias the branch's output)
+    streams, ref, factors, finite = branch(False if decision is not None and decision.force_compute else rule.skip,
+                                           reuse, compute, (streams, residual, state.ref_residual, state.factors,
+                                                            state.factors_finite))
+    for index in range(middle_end, model.num_blocks):
+        streams = model.block(index, streams, aux, call_attention)
+    out = model.head(streams, aux)
+    computed = ~rule.skip
+    orders = torch.where(computed, torch.clamp(torch.where(state.last_computed >= 0, state.orders + 1, 1),
+                                               max=config.taylorseer_order + 1), state.orders)
+    return out, DBCacheState(
+        count=state.count + 1, num_computed=state.num_computed + computed.long(), skipped=rule.skip,
+        ratio=ratio, ref_residual=ref, factors=factors, factors_finite=finite, orders=orders,
+        last_computed=torch.where(computed, state.count, state.last_computed), num_cached=rule.num_cached,
+        continuous=rule.continuous, last_cached=rule.last_cached, nonfinite=state.nonfinite + rule.refused.long(),
+        spec=state.spec)
+
+
+def computed_fraction(config: DBCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan,
+                      state: DBCacheState) -> float:
+    """Share of the model's FLOPs run, from the state's counters (one host read, after the loop)."""
+    del plan
+    tr = trace(model, inputs)
+    calls, computed = int(state.count), int(state.num_computed)
+    if calls == 0:
+        return 1.0
+    middle = sum(tr.block_flops[config.Fn_compute_blocks:model.num_blocks - config.Bn_compute_blocks])
+    return 1.0 - (calls - computed) * middle / (calls * tr.total_flops)
