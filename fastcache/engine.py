@@ -91,8 +91,8 @@ class AttentionSchedule:
         return {site.name: site.kind for site in model.cache_sites() if site.kind in enabled}
 
 
-def make(config: Any) -> CacheMethod:
-    """Build the cache method described by `config` (one of fastcache's config classes)."""
+def _methods() -> dict[type, tuple[Any, type]]:
+    """Config class -> (method module, state class); imported late: the methods import this module."""
     from fastcache.methods import (
         db_cache,
         faster_cache,
@@ -103,19 +103,25 @@ def make(config: Any) -> CacheMethod:
         teacache,
     )
 
-    modules = {
-        pyramid_attention_broadcast.PyramidAttentionBroadcastConfig: pyramid_attention_broadcast,
-        faster_cache.FasterCacheConfig: faster_cache,
-        first_block_cache.FirstBlockCacheConfig: first_block_cache,
-        mag_cache.MagCacheConfig: mag_cache,
-        taylorseer.TaylorSeerCacheConfig: taylorseer,
-        teacache.TeaCacheConfig: teacache,
-        db_cache.DBCacheConfig: db_cache,
+    return {
+        pyramid_attention_broadcast.PyramidAttentionBroadcastConfig: (pyramid_attention_broadcast,
+                                                                      pyramid_attention_broadcast.PABState),
+        faster_cache.FasterCacheConfig: (faster_cache, faster_cache.FasterCacheState),
+        first_block_cache.FirstBlockCacheConfig: (first_block_cache, first_block_cache.FirstBlockCacheState),
+        mag_cache.MagCacheConfig: (mag_cache, mag_cache.MagCacheState),
+        taylorseer.TaylorSeerCacheConfig: (taylorseer, taylorseer.TaylorSeerState),
+        teacache.TeaCacheConfig: (teacache, teacache.TeaCacheState),
+        db_cache.DBCacheConfig: (db_cache, db_cache.DBCacheState),
     }
-    module = modules.get(type(config))
-    if module is None:
-        names = ", ".join(cls.__name__ for cls in modules)
+
+
+def make(config: Any) -> CacheMethod:
+    """Build the cache method described by `config` (one of fastcache's config classes)."""
+    methods = _methods()
+    if type(config) not in methods:
+        names = ", ".join(cls.__name__ for cls in methods)
         raise TypeError(f"config: expected one of {names}, got {type(config).__name__}")
+    module = methods[type(config)][0]
     return CacheMethod(config, *(partial(getattr(module, name), config)
                                  for name in ("init", "plan", "step", "computed_fraction")),
                        partial(state_bytes, module.init, config))
@@ -136,20 +142,7 @@ def state_bytes(init: Callable[..., Any], config: Any, model: CacheableModel, in
 def load_state(f: Any) -> Any:
     """`torch.load(f, weights_only=True)` of a saved state (`torch.save(state, f)`): the state classes are
     allowed for that one load only (no global change to torch's safe list)."""
-    from fastcache.methods import (
-        db_cache,
-        faster_cache,
-        first_block_cache,
-        mag_cache,
-        pyramid_attention_broadcast,
-        taylorseer,
-        teacache,
-    )
-
-    allowed = [pyramid_attention_broadcast.PABState, faster_cache.FasterCacheState,
-               first_block_cache.FirstBlockCacheState, mag_cache.MagCacheState, taylorseer.TaylorSeerState,
-               teacache.TeaCacheState, db_cache.DBCacheState]
-    with torch.serialization.safe_globals(allowed):
+    with torch.serialization.safe_globals([state for _, state in _methods().values()]):
         return torch.load(f, weights_only=True)
 
 
