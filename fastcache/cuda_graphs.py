@@ -22,12 +22,15 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 T = TypeVar("T")
+_TREES = "torch._inductor.cudagraph_trees"
 
 
 def out_of_cuda_graph_pool(new: T, previous: Any) -> T:
     """`new` with a copy of every CUDA tensor that is not carried over from `previous`, where a CUDA graph was
     recorded in this process; `new` itself otherwise (CPU, or no CUDA graph yet). One `torch._foreach_copy_`,
     no host sync."""
+    if _TREES not in sys.modules:  # checked first: this runs at every context exit, CPU runs included
+        return new
     cuda = next((x for x in tree_flatten(new)[0] if isinstance(x, Tensor) and x.is_cuda), None)
     if cuda is None or not cuda_graphs_recorded(cuda.device):
         return new
@@ -51,7 +54,7 @@ def copy_new_tensors(new: T, previous: Any) -> T:
 
 def cuda_graphs_recorded(device: torch.device) -> bool:
     """Whether cudagraph trees hold a manager for this CUDA device (a graph was warmed up or recorded)."""
-    trees = sys.modules.get("torch._inductor.cudagraph_trees")  # never imported: no CUDA graph in this process
+    trees = sys.modules.get(_TREES)  # never imported: no CUDA graph in this process
     if trees is None:
         return False
     try:
