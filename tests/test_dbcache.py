@@ -1,5 +1,5 @@
-"""DBCache (FnBn) and TaylorSeer on DBCache in the engine: the rule against a host transcription of cache-dit's
-`can_cache` / `add_cached_step`, FBC as F1B0, the Taylor bookkeeping, non-finite residuals, bad configs
+"""DBCache (FnBn) and TaylorSeer on DBCache in the engine: the rule against cache-dit 1.5.3 itself and a host
+transcription of it, FBC as F1B0, the Taylor bookkeeping, non-finite residuals, bad configs
 (compile counts: tests/test_compile.py; generic engine checks: tests/test_engine.py's METHODS)."""
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ from tests.test_engine import LABELS, NULL, denoise, max_diff, noise, tiny_dit
 
 
 def cache_dit_decisions(config: fastcache.DBCacheConfig, ratios: list[float], finite: list[bool]) -> list[bool]:
-    """cache_dit 1.5.3's rule, transcribed from `CachedContextManager.can_cache` and
-    `CachedContext.add_cached_step` with Python lists and ints (one context, no CFG split, no mask)."""
+    """cache_dit 1.5.3's rule, transcribed from `CachedContextManager.can_cache` and `CachedContext.mark_step_begin`
+    / `add_cached_step` with Python lists and ints (one context, no CFG split, no mask)."""
     cached_steps: list[int] = []
     continuous = 0
     has_buffer = False
     out = []
     for step, (diff, ok) in enumerate(zip(ratios, finite)):
-        can = True
+        if not cached_steps or cached_steps[-1] != step - 1:  # mark_step_begin: a computed step ends a streak
+            continuous = 0
         if step in range(0, config.max_warmup_steps, config.warmup_interval):
             can = False
         elif config.max_cached_steps >= 0 and len(cached_steps) >= config.max_cached_steps:
             can = False
         elif config.max_continuous_cached_steps >= 0 and continuous >= config.max_continuous_cached_steps:
-            continuous = 0
             can = False
         elif config.residual_diff_threshold <= 0.0:
             can = False
@@ -41,11 +41,7 @@ def cache_dit_decisions(config: fastcache.DBCacheConfig, ratios: list[float], fi
             can = has_buffer and diff < config.residual_diff_threshold
         can = can and ok  # fastcache: never over non-finite residuals
         if can:
-            if cached_steps:
-                if step - cached_steps[-1] == 1:
-                    continuous += 2 if continuous == 0 else 1
-            else:
-                continuous += 1
+            continuous += 1
             cached_steps.append(step)
         else:
             has_buffer = True  # a computed step sets the Fn buffer
@@ -65,10 +61,9 @@ def device_decisions(config: fastcache.DBCacheConfig, ratios: list[float], finit
         else:
             rule = db_cache.cache_rule(config, state, torch.tensor(diff, dtype=torch.float32))
             skip = bool(rule.skip)
-            state = state._replace(continuous=rule.continuous, num_cached=rule.num_cached,
-                                   last_cached=rule.last_cached)
+            state = state._replace(continuous=rule.continuous, num_cached=rule.num_cached)
         if not skip:
-            state = state._replace(num_computed=state.num_computed + 1)
+            state = state._replace(num_computed=state.num_computed + 1, continuous=torch.tensor(0))
         state = state._replace(count=state.count + 1)
         out.append(skip)
     return out
@@ -87,6 +82,61 @@ def test_the_rule_equals_a_transcription_of_cache_dit(ratios, finite, threshold,
                                      max_cached_steps=max_cached, max_continuous_cached_steps=max_continuous)
     finite = finite[:len(ratios)]
     assert device_decisions(config, ratios, finite) == cache_dit_decisions(config, ratios, finite)
+
+
+CACHE_DIT_CASES = [  # (threshold, warm-up, interval, max cached, max continuous)
+    (0.1, 0, 1, -1, -1), (0.15, 3, 1, -1, -1), (0.2, 4, 2, -1, 2), (0.15, 2, 1, 4, -1), (0.3, 1, 1, -1, 1),
+    (0.0, 2, 1, -1, -1), (1.0, 3, 2, -1, 3), (0.25, 0, 1, 6, 2),
+]
+
+
+@pytest.mark.parametrize("case", CACHE_DIT_CASES)
+def test_the_rule_equals_cache_dit_itself(case) -> None:
+    """cache-dit 1.5.3's own `CachedContextManager`, driven the way its DBCache blocks drive it (mark the step,
+    `can_cache` on the Fn residual, then `add_cached_step` or `set_Fn_buffer`), against fastcache's rule on the
+    same residual tensors (fastcache's reference residual updated on computed calls, its ratio from
+    `absmean_rel_diff`)."""
+    from cache_dit.caching.cache_contexts.cache_config import DBCacheConfig as CacheDitConfig
+    from cache_dit.caching.cache_contexts.cache_manager import CachedContextManager
+
+    from fastcache import kernels
+
+    threshold, warmup, interval, max_cached, max_continuous = case
+    kwargs = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+                  max_warmup_steps=warmup, warmup_interval=interval, max_cached_steps=max_cached,
+                  max_continuous_cached_steps=max_continuous)
+    manager = CachedContextManager("fastcache-test")
+    manager.new_context(name="c", cache_config=CacheDitConfig(**kwargs))
+    manager.set_context("c")
+    g = torch.Generator().manual_seed(int(threshold * 100) + warmup)
+    base = torch.randn(2, 16, 8, generator=g)
+    residuals = [base + torch.rand((), generator=g) ** 2 * 0.4 * torch.randn(2, 16, 8, generator=g) for _ in range(20)]
+    theirs = []
+    for r in residuals:
+        manager.mark_step_begin()
+        if manager.can_cache(r, prefix="t_Fn_residual"):
+            manager.add_cached_step()
+            theirs.append(True)
+        else:
+            manager.set_Fn_buffer(r, prefix="t_Fn_residual")
+            theirs.append(False)
+
+    config = fastcache.DBCacheConfig(**kwargs)
+    state = fastcache.make(config).init(tiny_dit(), cfg_inputs(noise(False, 0), 500.0, LABELS, NULL))
+    ref, ours = torch.zeros_like(base), []
+    for step, r in enumerate(residuals):
+        skip = False
+        if step not in config.warmup_steps():
+            rule = db_cache.cache_rule(config, state, kernels.absmean_rel_diff(r, ref))
+            skip = bool(rule.skip)
+            state = state._replace(continuous=rule.continuous, num_cached=rule.num_cached)
+        if not skip:
+            ref = r
+            state = state._replace(num_computed=state.num_computed + 1, continuous=torch.tensor(0))
+        state = state._replace(count=state.count + 1)
+        ours.append(skip)
+    assert ours == theirs
+    assert any(theirs) or threshold <= 0  # the case exercises caching
 
 
 def test_fbc_is_f1b0_without_warmup() -> None:

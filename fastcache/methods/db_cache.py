@@ -7,14 +7,13 @@ call may be cached, the middle blocks are skipped and each stream gets `H_Fn + R
 residuals of the last computed calls (finite differences over the steps between them, TaylorSeer's update);
 the last `Bn_compute_blocks` blocks always run. FBC is F1B0.
 
-cache-dit's rules, transcribed (cache_dit 1.5.3, `CachedContextManager.can_cache` / `add_cached_step`), in order:
+cache-dit's rules (cache_dit 1.5.3, `CachedContextManager.can_cache`, `CachedContext.mark_step_begin` /
+`add_cached_step`; tested against that package itself), in order:
 - warm-up: steps `range(0, max_warmup_steps, warmup_interval)` compute (planned: no cond on those steps);
 - `max_cached_steps >= 0` and that many calls already cached: compute;
-- `max_continuous_cached_steps >= 0` and the continuity counter reached it: compute, and the counter resets;
+- `max_continuous_cached_steps >= 0` and that many calls in a row just before this one cached: compute;
 - `residual_diff_threshold <= 0`: compute; `>= 1`: cache whenever a reference exists; else cache iff
   `diff < residual_diff_threshold`.
-The continuity counter is cache-dit's: a cached call right after a cached call adds 1 (2 when the counter is
-0), the first cached call ever adds 1, a cached call after a gap leaves it as it is.
 
 The decision depends on data, so it stays on the device: one `torch.cond` per call (none on warm-up steps), no
 host sync. A cached residual (or Taylor factor) holding a NaN or Inf is never used: the call computes (counted
@@ -98,8 +97,7 @@ class DBCacheState(NamedTuple):
     orders: Tensor  # int64, Taylor orders the last update left (1 + derivatives formed)
     last_computed: Tensor  # int64, step of the last computed call (-1: none)
     num_cached: Tensor  # int64, calls cached (cache-dit's len(cached_steps))
-    continuous: Tensor  # int64, cache-dit's continuity counter
-    last_cached: Tensor  # int64, step of the last cached call (-1: none)
+    continuous: Tensor  # int64, calls cached in a row just before the next one
     nonfinite: Tensor  # int64, calls that would have been cached but computed over non-finite residuals
     spec: dict[str, Tensor]
 
@@ -138,7 +136,6 @@ def init(config: DBCacheConfig, model: CacheableModel, inputs: Inputs) -> DBCach
         last_computed=torch.full((), -1, **int64),
         num_cached=torch.zeros((), **int64),
         continuous=torch.zeros((), **int64),
-        last_cached=torch.full((), -1, **int64),
         nonfinite=torch.zeros((), **int64),
         spec=input_spec(inputs),
     )
@@ -147,30 +144,23 @@ def init(config: DBCacheConfig, model: CacheableModel, inputs: Inputs) -> DBCach
 class CacheRule(NamedTuple):
     skip: Tensor  # bool: cache this call
     refused: Tensor  # bool: it could be cached, but the stored residuals are not finite
-    continuous: Tensor  # int64: the continuity counter after this call
+    continuous: Tensor  # int64: calls cached in a row, this one included (0 if it computes)
     num_cached: Tensor
-    last_cached: Tensor
 
 
 def cache_rule(config: DBCacheConfig, state: DBCacheState, ratio: Tensor) -> CacheRule:
-    """cache-dit's `can_cache` and `add_cached_step` on the device, for a call past the warm-up."""
-    step = state.count
+    """cache-dit's `can_cache` and its cached-step bookkeeping on the device, for a call past the warm-up."""
     has_reference = state.num_computed > 0
     no, yes = torch.zeros_like(has_reference), torch.ones_like(has_reference)
     full = state.num_cached >= config.max_cached_steps if config.max_cached_steps >= 0 else no
     limit = config.max_continuous_cached_steps
-    hit = (state.continuous >= limit if limit >= 0 else no) & ~full  # checked only past the max_cached check
+    streak = state.continuous >= limit if limit >= 0 else no
     threshold = config.residual_diff_threshold
     similar = no if threshold <= 0 else yes if threshold >= 1 else ratio < threshold
-    may = ~full & ~hit & has_reference & similar
+    may = ~full & ~streak & has_reference & similar
     skip, refused = may & state.factors_finite, may & ~state.factors_finite
-    continuous = torch.where(hit, torch.zeros_like(state.continuous), state.continuous)
-    after_cached = step - state.last_cached == 1
-    added = torch.where(state.num_cached == 0, 1,
-                        torch.where(after_cached, torch.where(continuous == 0, 2, 1), 0))
-    continuous = torch.where(skip, continuous + added, continuous)
-    return CacheRule(skip, refused, continuous, state.num_cached + skip.long(),
-                     torch.where(skip, step, state.last_cached))
+    return CacheRule(skip, refused, torch.where(skip, state.continuous + 1, torch.zeros_like(state.continuous)),
+                     state.num_cached + skip.long())
 
 
 def _taylor(config: DBCacheConfig, state: DBCacheState, compute: bool) -> taylorseer.TaylorSeerDecision:
@@ -207,7 +197,7 @@ def step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inpu
     ratio = kernels.absmean_rel_diff(residual, state.ref_residual)
     if decision is not None and decision.force_compute:
         false = torch.zeros((), dtype=torch.bool, device=state.count.device)
-        rule = CacheRule(false, false, state.continuous, state.num_cached, state.last_cached)
+        rule = CacheRule(false, false, torch.zeros_like(state.continuous), state.num_cached)
     else:
         rule = cache_rule(config, state, ratio)
 
@@ -245,8 +235,7 @@ def step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inpu
         count=state.count + 1, num_computed=state.num_computed + computed.long(), skipped=rule.skip,
         ratio=ratio, ref_residual=ref, factors=factors, factors_finite=finite, orders=orders,
         last_computed=torch.where(computed, state.count, state.last_computed), num_cached=rule.num_cached,
-        continuous=rule.continuous, last_cached=rule.last_cached, nonfinite=state.nonfinite + rule.refused.long(),
-        spec=state.spec)
+        continuous=rule.continuous, nonfinite=state.nonfinite + rule.refused.long(), spec=state.spec)
 
 
 def computed_fraction(config: DBCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan,
