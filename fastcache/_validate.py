@@ -17,6 +17,12 @@ def skip_range(field: str, value: Any, *, allow_none: bool) -> int | None:
     return value
 
 
+def int_at_least(field: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{field}: must be an int >= {low}, got {value!r}")
+    return value
+
+
 def timestep_range(field: str, value: Any) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"{field}: must be a (lo, hi) pair of numbers with lo < hi, got {value!r}")

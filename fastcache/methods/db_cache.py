@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,12 +46,6 @@ from fastcache.protocol import (
 )
 
 
-def _int_at_least(field: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{field}: must be an int >= {low}, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class DBCacheConfig:
     """cache-dit's field names and defaults (F8B0, 8 warm-up steps, threshold 0.08). -1 means no limit.
@@ -67,14 +61,14 @@ class DBCacheConfig:
     taylorseer_order: int = 0
 
     def __post_init__(self) -> None:
-        _int_at_least("Fn_compute_blocks", self.Fn_compute_blocks, 1)
-        _int_at_least("Bn_compute_blocks", self.Bn_compute_blocks, 0)
+        _validate.int_at_least("Fn_compute_blocks", self.Fn_compute_blocks, 1)
+        _validate.int_at_least("Bn_compute_blocks", self.Bn_compute_blocks, 0)
         object.__setattr__(self, "residual_diff_threshold",
                            _validate.threshold("residual_diff_threshold", self.residual_diff_threshold))
-        _int_at_least("max_warmup_steps", self.max_warmup_steps, 0)
-        _int_at_least("warmup_interval", self.warmup_interval, 1)
-        _int_at_least("max_cached_steps", self.max_cached_steps, -1)
-        _int_at_least("max_continuous_cached_steps", self.max_continuous_cached_steps, -1)
+        _validate.int_at_least("max_warmup_steps", self.max_warmup_steps, 0)
+        _validate.int_at_least("warmup_interval", self.warmup_interval, 1)
+        _validate.int_at_least("max_cached_steps", self.max_cached_steps, -1)
+        _validate.int_at_least("max_continuous_cached_steps", self.max_continuous_cached_steps, -1)
         if self.taylorseer_order not in (0, 1, 2) or isinstance(self.taylorseer_order, bool):
             raise ValueError(f"taylorseer_order: must be 0 (no forecast), 1 or 2, got {self.taylorseer_order!r}")
 

@@ -67,9 +67,7 @@ class TaylorSeerCacheConfig:
     def __post_init__(self) -> None:
         _validate.skip_range("cache_interval", self.cache_interval, allow_none=False)
         for name in ("disable_cache_before_step", "max_order"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: must be an int >= 0, got {value!r}")
+            _validate.int_at_least(name, getattr(self, name), 0)
         after = self.disable_cache_after_step
         if after is not None and (isinstance(after, bool) or not isinstance(after, int) or after < 0):
             raise ValueError(f"disable_cache_after_step: must be an int >= 0 or None, got {after!r}")
