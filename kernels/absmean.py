@@ -246,8 +246,14 @@ def rel_diff_from_sums(sums: Tensor) -> Tensor:
             f"got {sums.dtype} {tuple(sums.shape)}"
         )
     num, den = sums.unbind(0)
+    return ratio_or_inf(num, den)
+
+
+def ratio_or_inf(num: Tensor, den: Tensor) -> Tensor:
+    """`num / den` elementwise, `+inf` where `den == 0` or either is infinite; NaN stays NaN. The relative-change
+    rule of every skip predicate (FBC, TeaCache per sample, DBCache)."""
     # 0 / 0 would be NaN: +inf keeps "nothing to compare against" on the compute side of any threshold. An
-    # overflowed sum (inf) would make any ratio look small (x / inf = 0): +inf there too. NaN stays NaN.
+    # overflowed sum (inf) would make any ratio look small (x / inf = 0): +inf there too.
     unusable = (den == 0) | torch.isinf(den) | torch.isinf(num)
     return torch.where(unusable, torch.full_like(den, float("inf")), num / den)
 

@@ -32,6 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fastcache import _validate
 from fastcache.control import all_finite, branch
 from fastcache.engine import Plan, as_timesteps, trace
+from fastcache.kernels.absmean import ratio_or_inf
 from fastcache.protocol import (
     CacheableModel,
     Inputs,
@@ -146,9 +147,7 @@ def relative_change(current: Tensor, previous: Tensor) -> Tensor:
     """Per sample (dim 0), `mean|current - previous| / mean|previous|` in fp32; `+inf` where the reference is
     all zeros or a mean overflows (never a small change); NaN stays NaN."""
     num = (current.float() - previous.float()).abs().flatten(1).mean(1)
-    den = previous.float().abs().flatten(1).mean(1)
-    unusable = (den == 0) | torch.isinf(den) | torch.isinf(num)
-    return torch.where(unusable, torch.full_like(den, float("inf")), num / den)
+    return ratio_or_inf(num, previous.float().abs().flatten(1).mean(1))
 
 
 def rescale(coefficients: Sequence[float], rel: Tensor) -> Tensor:
