@@ -38,22 +38,26 @@ def mag_ratios_path(kind: str, directory: Path | None = None) -> Path:
     return calibration_path(kind, "mag", directory)
 
 
+RESULT_KEYS = {"mag": "mag_ratios", "teacache": "coefficients"}  # what each method's calibration writes
+
+
+def _load_shipped(kind: str, method: str, directory: Path | None) -> list[float]:
+    path = calibration_path(kind, method, directory)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no {RESULT_KEYS[method]}; run "
+                                f"`fastcache calibrate --model {kind} --method {method}`")
+    return json.loads(path.read_text())[RESULT_KEYS[method]]
+
+
 def load_teacache_coefficients(kind: str, directory: Path | None = None) -> list[float]:
     """The shipped TeaCache coefficients of an embedded digit model (highest degree first)."""
-    path = calibration_path(kind, "teacache", directory)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no TeaCache coefficients; run "
-                                f"`fastcache calibrate --model {kind} --method teacache`")
-    return json.loads(path.read_text())["coefficients"]
+    return _load_shipped(kind, "teacache", directory)
 
 
 def load_mag_ratios(kind: str, directory: Path | None = None) -> list[float]:
     """The shipped MagCache ratios of an embedded digit model (measured at `steps` Euler steps; MagCacheConfig
     resamples them to any other step count)."""
-    path = mag_ratios_path(kind, directory)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no MagCache ratios; run `fastcache calibrate --model {kind} --method mag`")
-    return json.loads(path.read_text())["mag_ratios"]
+    return _load_shipped(kind, "mag", directory)
 
 
 @torch.no_grad()
@@ -120,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = calibrate(args.model, args.steps)
     out = args.out or calibration_path(args.model, args.method)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    key = "mag_ratios" if args.method == "mag" else "coefficients"
+    key = RESULT_KEYS[args.method]
     print(f"{key}={result[key]}\nwrote {out}")
     return 0
 

@@ -162,27 +162,15 @@ def describe(config: Any) -> str:
 def default_runs(kind: str, methods: Sequence[str], thresholds: Sequence[float], steps: int = 30
                  ) -> list[RunSpec]:
     runs = [RunSpec("uncached", "-")]  # always first: it is the reference of every quality column
+    one_setting = {"pab": lambda: pab_config(kind), "fastercache": lambda: fastercache_config(kind),
+                   "mag": lambda: mag_config(kind, steps), "taylorseer": lambda: taylorseer_config(kind, steps),
+                   "teacache": lambda: teacache_config(kind), "dbcache": lambda: dbcache_config(steps)}
     for method in methods:
-        if method == "pab":
-            cfg = pab_config(kind)
-            runs.append(RunSpec("pab", describe(cfg), cfg))
-        elif method == "fastercache":
-            cfg = fastercache_config(kind)
-            runs.append(RunSpec("fastercache", describe(cfg), cfg))
-        elif method == "fbc":
+        if method == "fbc":
             runs.extend(RunSpec("fbc", describe(fbc_config(t)), fbc_config(t)) for t in thresholds)
-        elif method == "mag":
-            cfg = mag_config(kind, steps)
-            runs.append(RunSpec("mag", describe(cfg), cfg))
-        elif method == "taylorseer":
-            cfg = taylorseer_config(kind, steps)
-            runs.append(RunSpec("taylorseer", describe(cfg), cfg))
-        elif method == "teacache":
-            cfg = teacache_config(kind)
-            runs.append(RunSpec("teacache", describe(cfg), cfg))
-        elif method == "dbcache":
-            cfg = dbcache_config(steps)
-            runs.append(RunSpec("dbcache", describe(cfg), cfg))
+        elif method in one_setting:
+            cfg = one_setting[method]()
+            runs.append(RunSpec(method, describe(cfg), cfg))
     return runs
 
 
