@@ -31,16 +31,20 @@ def out_of_cuda_graph_pool(new: T, previous: Any) -> T:
     no host sync."""
     if _TREES not in sys.modules:  # checked first: this runs at every context exit, CPU runs included
         return new
-    cuda = next((x for x in tree_flatten(new)[0] if isinstance(x, Tensor) and x.is_cuda), None)
+    leaves, spec = tree_flatten(new)
+    cuda = next((x for x in leaves if isinstance(x, Tensor) and x.is_cuda), None)
     if cuda is None or not cuda_graphs_recorded(cuda.device):
         return new
-    return copy_new_tensors(new, previous)
+    return _copy_made(leaves, spec, previous, new)
 
 
 def copy_new_tensors(new: T, previous: Any) -> T:
     """`new` with a fresh contiguous copy of every tensor that is not one of `previous`'s (the same object):
     those were copied when they were made and stay as they are."""
-    leaves, spec = tree_flatten(new)
+    return _copy_made(*tree_flatten(new), previous, new)
+
+
+def _copy_made(leaves: list[Any], spec: Any, previous: Any, new: T) -> T:
     kept = {id(x) for x in tree_flatten(previous)[0] if isinstance(x, Tensor)}
     made = [i for i, x in enumerate(leaves) if isinstance(x, Tensor) and id(x) not in kept]
     if not made:
