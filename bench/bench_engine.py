@@ -69,14 +69,8 @@ def beyond_diffusers_settings(model: DiT, x0: torch.Tensor, labels: torch.Tensor
     """TeaCache (its coefficients fitted on this random model by one uncached run) and DBCache."""
     from fastcache.methods import teacache
 
-    def generate(denoise: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
-        timesteps, x = sampling_timesteps(steps, x0.device), x0
-        for i in range(steps):
-            u, c = denoise(cfg_inputs(x, timesteps[i], labels, NULL)).chunk(2)
-            t_next = timesteps[i + 1] if i + 1 < steps else torch.zeros((), device=x.device)
-            x = x + (t_next - timesteps[i]) / 1000 * (u + 4.0 * (c - u))
-
-    coefficients = teacache.calibrate(model, generate)
+    coefficients = teacache.calibrate(model, lambda denoise: euler(lambda i, inputs: denoise(inputs), x0, labels,
+                                                                   steps))
     return {
         "TeaCache threshold 0.3 (calibrated)": fastcache.TeaCacheConfig(threshold=0.3, coefficients=coefficients),
         "DBCache F1B0 threshold 0.2 (= FBC + warm-up 2)": fastcache.DBCacheConfig(
@@ -96,6 +90,17 @@ def build_model(device: str) -> DiT:
         for p in model.parameters():
             p.normal_(0.0, 0.02)
     return model.eval().to(device)
+
+
+def euler(denoise: Callable[[int, dict[str, torch.Tensor]], torch.Tensor], x0: torch.Tensor, labels: torch.Tensor,
+          steps: int) -> torch.Tensor:
+    """The bench's CFG Euler loop (guidance 4): `denoise(step index, [uncond; cond] inputs)` -> model output."""
+    timesteps, x = sampling_timesteps(steps, x0.device), x0
+    for i in range(steps):
+        u, c = denoise(i, cfg_inputs(x, timesteps[i], labels, NULL)).chunk(2)
+        t_next = timesteps[i + 1] if i + 1 < steps else torch.zeros((), device=x.device)
+        x = x + (t_next - timesteps[i]) / 1000 * (u + 4.0 * (c - u))
+    return x
 
 
 def make_generate(model: DiT, config: Any, x0: torch.Tensor, labels: torch.Tensor, steps: int,
@@ -125,12 +130,14 @@ def make_generate(model: DiT, config: Any, x0: torch.Tensor, labels: torch.Tenso
     last: dict[str, Any] = {}
 
     def generate() -> torch.Tensor:
-        x, state = x0, init()
-        for i in range(steps):
-            out, state = step(state, cfg_inputs(x, timesteps[i], labels, NULL), plan[i])
-            u, c = out.chunk(2)
-            t_next = timesteps[i + 1] if i + 1 < steps else torch.zeros((), device=x.device)
-            x = x + (t_next - timesteps[i]) / 1000 * (u + 4.0 * (c - u))
+        state = init()
+
+        def denoise(i: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            nonlocal state
+            out, state = step(state, inputs, plan[i])
+            return out
+
+        x = euler(denoise, x0, labels, steps)
         last["state"] = state
         return x
 
