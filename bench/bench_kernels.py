@@ -249,15 +249,15 @@ def rotating(make: Callable[[], tuple], set_bytes: int, l2_bytes: int) -> Callab
     return lambda: next(cycle)
 
 
+def random_inputs(k: int, dtype, dev, n: int, l2_bytes: int) -> Callable[[], tuple]:
+    """`k` random tensors of `n` elements, rotated over 2x L2 (`rotating`)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return rotating(lambda: tuple(torch.randn(n, device=dev).to(dtype) for _ in range(k)), k * n * size, l2_bytes)
+
+
 def cuda_elementwise_rows(dtype, dev, n, l2_bytes, ms) -> list[dict]:
     size = torch.empty((), dtype=dtype).element_size()
-
-    def inputs(k: int) -> Callable[[], tuple]:
-        return rotating(
-            lambda: tuple(torch.randn(n, device=dev).to(dtype) for _ in range(k)), k * n * size, l2_bytes
-        )
-
-    one, pair, triple = inputs(1), inputs(2), inputs(3)
+    one, pair, triple = (random_inputs(k, dtype, dev, n, l2_bytes) for k in (1, 2, 3))
     copy_gbs = 2 * n * size / ms(lambda: one()[0].clone()) / 1e6
     w_low, w_high = torch.tensor(1.1, device=dev), torch.tensor(0.5, device=dev)
 
@@ -318,7 +318,7 @@ def cuda_absmean_sweep(dev, n, l2_bytes, ms) -> list[dict]:
 
 def _absmean_sweep_rows(module, dtype, dev, n, l2_bytes, ms) -> list[dict]:
     size = torch.empty((), dtype=dtype).element_size()
-    pair = rotating(lambda: tuple(torch.randn(n, device=dev).to(dtype) for _ in range(2)), 2 * n * size, l2_bytes)
+    pair = random_inputs(2, dtype, dev, n, l2_bytes)
     copy_gbs = 2 * n * size / ms(lambda: pair()[0].clone()) / 1e6
     rows = []
     for config in ABSMEAN_SWEEP:
