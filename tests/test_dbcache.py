@@ -5,6 +5,7 @@ transcription of it, FBC as F1B0, the Taylor bookkeeping, non-finite residuals, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -49,17 +50,18 @@ def cache_dit_decisions(config: fastcache.DBCacheConfig, ratios: list[float], fi
     return out
 
 
-def device_decisions(config: fastcache.DBCacheConfig, ratios: list[float], finite: list[bool]) -> list[bool]:
-    model = tiny_dit()
-    state = fastcache.make(config).init(model, cfg_inputs(noise(False, 0), 500.0, LABELS, NULL))
+def device_decisions(config: fastcache.DBCacheConfig, ratio_at: Callable[[int, list[bool]], torch.Tensor],
+                     finite: list[bool]) -> list[bool]:
+    """fastcache's rule (`db_cache.cache_rule`, warm-up from the plan) over `len(finite)` calls, with the state
+    bookkeeping of `db_cache.step`; `ratio_at(step, skipped so far)` gives each call's relative change."""
+    state = fastcache.make(config).init(tiny_dit(), cfg_inputs(noise(False, 0), 500.0, LABELS, NULL))
     warm = set(config.warmup_steps())
-    out = []
-    for step, (diff, ok) in enumerate(zip(ratios, finite)):
+    out: list[bool] = []
+    for step, ok in enumerate(finite):
         state = state._replace(factors_finite=torch.tensor(ok))
-        if step in warm:
-            skip = False
-        else:
-            rule = db_cache.cache_rule(config, state, torch.tensor(diff, dtype=torch.float32))
+        skip = False
+        if step not in warm:
+            rule = db_cache.cache_rule(config, state, ratio_at(step, out))
             skip = bool(rule.skip)
             state = state._replace(continuous=rule.continuous, num_cached=rule.num_cached)
         if not skip:
@@ -81,7 +83,8 @@ def test_the_rule_equals_a_transcription_of_cache_dit(ratios, finite, threshold,
                                      max_warmup_steps=warmup, warmup_interval=interval,
                                      max_cached_steps=max_cached, max_continuous_cached_steps=max_continuous)
     finite = finite[:len(ratios)]
-    assert device_decisions(config, ratios, finite) == cache_dit_decisions(config, ratios, finite)
+    ours = device_decisions(config, lambda step, _: torch.tensor(ratios[step], dtype=torch.float32), finite)
+    assert ours == cache_dit_decisions(config, ratios, finite)
 
 
 CACHE_DIT_CASES = [  # (threshold, warm-up, interval, max cached, max continuous)
@@ -121,20 +124,12 @@ def test_the_rule_equals_cache_dit_itself(case) -> None:
             manager.set_Fn_buffer(r, prefix="t_Fn_residual")
             theirs.append(False)
 
-    config = fastcache.DBCacheConfig(**kwargs)
-    state = fastcache.make(config).init(tiny_dit(), cfg_inputs(noise(False, 0), 500.0, LABELS, NULL))
-    ref, ours = torch.zeros_like(base), []
-    for step, r in enumerate(residuals):
-        skip = False
-        if step not in config.warmup_steps():
-            rule = db_cache.cache_rule(config, state, kernels.absmean_rel_diff(r, ref))
-            skip = bool(rule.skip)
-            state = state._replace(continuous=rule.continuous, num_cached=rule.num_cached)
-        if not skip:
-            ref = r
-            state = state._replace(num_computed=state.num_computed + 1, continuous=torch.tensor(0))
-        state = state._replace(count=state.count + 1)
-        ours.append(skip)
+    def ratio_at(step: int, skipped: list[bool]) -> torch.Tensor:  # against the last computed call's residual
+        computed = [i for i, skip in enumerate(skipped) if not skip]
+        reference = residuals[computed[-1]] if computed else torch.zeros_like(base)
+        return kernels.absmean_rel_diff(residuals[step], reference)
+
+    ours = device_decisions(fastcache.DBCacheConfig(**kwargs), ratio_at, [True] * len(residuals))
     assert ours == theirs
     assert any(theirs) or threshold <= 0  # the case exercises caching
 
