@@ -147,11 +147,11 @@ def mag_cache_wrapper(session: Any, block: nn.Module, role: MagRole) -> Wrapper:
                 residual = blocks_residual(streams[0], scratch.starts[0])
                 if config.calibrate:
                     _record_ratio(scratch, state, residual, config)
-                finite = all_finite(residual)
+                kept: Any = residual
                 if audio and streams[1] is not None and scratch.starts[1] is not None:
                     scratch.new["audio_residual"] = streams[1] - scratch.starts[1]
-                    finite = all_finite((residual, scratch.new["audio_residual"]))
-                scratch.new["residual"], scratch.new["residual_finite"] = residual, finite
+                    kept = (residual, scratch.new["audio_residual"])
+                scratch.new["residual"], scratch.new["residual_finite"] = residual, all_finite(kept)
             return out
 
         return forward
