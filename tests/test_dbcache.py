@@ -174,12 +174,12 @@ def test_taylorseer_bookkeeping_follows_its_update_rule() -> None:
     config = fastcache.DBCacheConfig(Fn_compute_blocks=1, taylorseer_order=2)
     model = tiny_dit()
     state = fastcache.make(config).init(model, cfg_inputs(noise(False, 0), 500.0, LABELS, NULL))
-    first = db_cache._taylor(config, state, compute=True)
+    first = db_cache.taylor_decision(config, state, compute=True)
     assert not first.grows.any() and float(first.delta) == 1.0
     state = state._replace(count=torch.tensor(5), last_computed=torch.tensor(3), orders=torch.tensor(2))
-    forecast = db_cache._taylor(config, state, compute=False)
+    forecast = db_cache.taylor_decision(config, state, compute=False)
     assert forecast.coefficients.tolist() == [1.0, 2.0, 0.0]
-    update = db_cache._taylor(config, state, compute=True)
+    update = db_cache.taylor_decision(config, state, compute=True)
     assert update.grows.tolist() == [True, True] and float(update.delta) == 2.0
 
 
@@ -193,11 +193,11 @@ def test_taylorseer_forecasts_a_linear_residual_exactly() -> None:
 
     factors = tuple(torch.zeros(2, 3) for _ in range(2))
     s0 = state._replace(count=torch.tensor(0))
-    factors = taylorseer.updated(factors, r0, db_cache._taylor(config, s0, compute=True), None)
+    factors = taylorseer.updated(factors, r0, db_cache.taylor_decision(config, s0, compute=True), None)
     s2 = state._replace(count=torch.tensor(2), last_computed=torch.tensor(0), orders=torch.tensor(1))
-    factors = taylorseer.updated(factors, r1, db_cache._taylor(config, s2, compute=True), None)
+    factors = taylorseer.updated(factors, r1, db_cache.taylor_decision(config, s2, compute=True), None)
     s5 = state._replace(count=torch.tensor(5), last_computed=torch.tensor(2), orders=torch.tensor(2))
-    predicted = taylorseer.forecast(factors, db_cache._taylor(config, s5, compute=False), torch.float32)
+    predicted = taylorseer.forecast(factors, db_cache.taylor_decision(config, s5, compute=False), torch.float32)
     assert torch.allclose(predicted, torch.full((2, 3), 1.5 + 3 * 0.25))
 
 

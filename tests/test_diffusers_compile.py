@@ -19,7 +19,7 @@ pytest.importorskip("diffusers")
 
 import fastcache.diffusers as fd  # noqa: E402
 from fastcache.diffusers._families import FAMILIES  # noqa: E402
-from fastcache.diffusers._runtime import fbc_roles  # noqa: E402
+from fastcache.diffusers._segments import block_roles  # noqa: E402
 from fastcache.diffusers._tiny import CASES as CASES_ALL  # noqa: E402
 from fastcache.diffusers._tiny import case, denoise, fbc_threshold  # noqa: E402
 from fastcache.methods import faster_cache as fc  # noqa: E402
@@ -161,8 +161,8 @@ def test_every_family_captures_fullgraph(name: str, method: str, dynamo) -> None
         config = dataclasses.replace(config, tensor_format=FAMILIES[type(model).__name__].layout)
     fd.enable_cache(model, config)
     # one cond per segment that ends in a block other than the first (a head-only segment has no residual)
-    roles = fbc_roles(model, FAMILIES[type(model).__name__])
-    segment_conds = sum(role.last and not role.head for _, role in roles)
+    roles = block_roles(model, FAMILIES[type(model).__name__], 1, 0)
+    segment_conds = sum(role.middle_last for _, role in roles)
     eager = denoise(model, tc, TIMESTEPS, contexts, clock=clock)
     if method == "fbc":
         _assert_skips_and_computes(model, contexts)

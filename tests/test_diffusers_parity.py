@@ -142,10 +142,11 @@ def _fbc_reference_model(tc: TinyCase, threshold: float) -> torch.nn.Module:
     plus that segment's residual from the last computed step (the segment's start is the head's output
     for the first segment, the segment's first input otherwise)."""
     from fastcache.diffusers._families import block_io
-    from fastcache.diffusers._runtime import _as_output, _input_streams, _positions, _streams, fbc_roles
+    from fastcache.diffusers._runtime import _as_output, _input_streams, _positions, _streams
+    from fastcache.diffusers._segments import block_roles
 
     model = copy.deepcopy(tc.model)
-    roles = fbc_roles(model, FAMILIES[type(model).__name__])
+    roles = block_roles(model, FAMILIES[type(model).__name__], 1, 0)
     mem: dict = {"ref": None, "res": {}, "skip": False, "starts": {}}
     originals = {}
     for block, role in roles:
@@ -154,7 +155,7 @@ def _fbc_reference_model(tc: TinyCase, threshold: float) -> torch.nn.Module:
 
         def fwd(*args, _io=io, _pos=pos, _orig=orig, _role=role, **kwargs):
             ins = _input_streams(_io, _pos, args, kwargs)
-            if _role.head:
+            if _role.decides_after:
                 out = _orig(*args, **kwargs)
                 r = _streams(_io, out)[0] - ins[0]
                 ref = mem["ref"]
@@ -167,12 +168,12 @@ def _fbc_reference_model(tc: TinyCase, threshold: float) -> torch.nn.Module:
             if _role.first:
                 mem["starts"][_role.segment] = ins
             if mem["skip"]:
-                if not _role.last:
+                if not _role.middle_last:
                     return _as_output(_io, ins)
                 res = mem["res"][_role.segment]
                 return _as_output(_io, tuple(None if a is None or b is None else a + b for a, b in zip(ins, res)))
             out = _orig(*args, **kwargs)
-            if _role.last:
+            if _role.middle_last:
                 mem["res"][_role.segment] = tuple(None if a is None or b is None else a - b
                                                   for a, b in zip(_streams(_io, out), mem["starts"][_role.segment]))
             return out

@@ -7,9 +7,9 @@ Why it compiles with `fullgraph=True` and few host syncs:
   `Session.pending`. The compiled forward reads it as a Python value: dynamo guards on it, one graph per
   distinct decision, no `torch.cond`, no sync. Where no timestep is known on the host, the same rules run on
   the device from the model's own `timestep` argument, with a `torch.cond` per hooked site.
-- FirstBlockCache decides from data, once per block segment: every block after the first returns its input and
-  records its call, and the segment's last block takes one `torch.cond` that replays them all or adds the
-  cached residual (one sync per segment on a GPU, not one per block).
+- FirstBlockCache, DBCache and TeaCache decide from data, once per call: the middle blocks of a segment return
+  their input and record their call, and the segment's last middle block takes one `torch.cond` that replays
+  them all or adds the cached residual (one sync per segment on a GPU, not one per block; `_segments`).
 - Every other per-step value the wrappers read is a tensor (counters, cached outputs, residuals); the other
   Python values are structural (whether the context has a state, its input shape), so graphs stay few.
 
@@ -34,15 +34,17 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fastcache import kernels
-from fastcache.control import all_finite, branch, canonical, count_misses, guard_reuse, select
+from fastcache.control import all_finite, branch, canonical, count_misses, guard_reuse
 from fastcache.cuda_graphs import out_of_cuda_graph_pool
-from fastcache.diffusers._families import BlockIO, Family, block_io
-from fastcache.methods import faster_cache, first_block_cache, pyramid_attention_broadcast
+from fastcache.diffusers._families import BlockIO, Family
+from fastcache.methods import faster_cache, pyramid_attention_broadcast
+from fastcache.methods.db_cache import DBCacheConfig
 from fastcache.methods.faster_cache import FasterCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.mag_cache import MagCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PABDecision, PyramidAttentionBroadcastConfig
 from fastcache.methods.taylorseer import TaylorSeerCacheConfig
+from fastcache.methods.teacache import TeaCacheConfig
 
 SESSION_ATTR = "_fastcache_session"
 # diffusers' names for the batched [uncond; cond] inputs of the denoiser (FasterCache cuts them in half)
@@ -135,10 +137,13 @@ class Scratch:
     state: Any = None
     new: dict = field(default_factory=dict)
     decision: Any = None
-    skip: Any = False  # FirstBlockCache: bool or 0-dim bool tensor
-    starts: dict = field(default_factory=dict)
-    passed: dict = field(default_factory=dict)  # FirstBlockCache: segment -> streams the last block returned
-    deferred: dict = field(default_factory=dict)  # FirstBlockCache: segment -> block calls waiting for the skip
+    # the block-range methods (FirstBlockCache, DBCache, TeaCache; `_segments`), per segment where keyed
+    skip: Any = False  # whether the middle blocks are skipped: bool or 0-dim bool tensor
+    operands: tuple = ()  # per-call tensors the middle's branches read
+    segment_inputs: dict = field(default_factory=dict)  # the streams the segment's first block took
+    starts: dict = field(default_factory=dict)  # the streams the segment's first middle block took
+    passed: dict = field(default_factory=dict)  # the streams the last block returned
+    deferred: dict = field(default_factory=dict)  # middle block calls waiting for the segment's last
     misses: list = field(default_factory=list)  # PAB, FasterCache: reuses asked for on non-finite cached values
 
 
@@ -169,7 +174,11 @@ class Session:
         self.pipeline: Any = None  # the pipeline whose call is running (its scheduler knows the timesteps)
         # Planned decisions: PAB's and FasterCache's rules depend only on the call count and the timestep, so
         # when the timestep is known on the host at a context's entry the decision is made there, eagerly.
-        self.plannable = isinstance(config, (PyramidAttentionBroadcastConfig, FasterCacheConfig))
+        # DBCache's warm-up and TeaCache's last step are planned too (at every context entry, from the call count)
+        self.plannable = isinstance(config, (PyramidAttentionBroadcastConfig, FasterCacheConfig, DBCacheConfig,
+                                             TeaCacheConfig))
+        # FirstBlockCache, DBCache, TeaCache: the rule of `_segments` (set by `install`)
+        self.block_rule: Any = None
         # MagCache and TaylorSeer read only the call count: always planned, at every context entry
         self.step_indexed = isinstance(config, (MagCacheConfig, TaylorSeerCacheConfig))
         self.schedule: Any = None  # their decisions by call count (`_planned.HostSchedule`), made on first use
@@ -193,8 +202,9 @@ class Session:
         self.cached_kinds: frozenset[str] | None = None
         self.decided_on: str | None = None  # "host" or "device": where the last call's decision was made
         self._host_timesteps: tuple[Any, list[float]] | None = None
-        # FirstBlockCache: whether each block's output goes straight to the next block (checked on first calls)
-        self.fbc_chained = True
+        # the block-range methods: whether each block's output goes straight to the next block (checked on first
+        # calls; where it does not, one cond per middle block instead of per segment)
+        self.chained = True
         self.restarted = False  # set by a forward that met a new input shape (see denoiser_wrapper)
         # attention processors the forward pre-traces before any torch.cond (`_prewarm`); none where the
         # method takes no cond (its decisions planned on the host)
@@ -288,6 +298,9 @@ class Session:
                 self.schedule = HostSchedule(self.config, device)
             self.pending = self.schedule.decision(self.calls)
             return
+        if self.block_rule is not None:
+            self.pending = self.block_rule.plan(self.calls, self.pipeline) if self.plannable else None
+            return
         if self.distilled_config is not None:
             self.cfg_off = self.pipeline is not None and not _runs_cfg(self.pipeline)
         if self.module_callbacks:
@@ -366,8 +379,9 @@ class Session:
         elif self.pending == SEVERAL:
             # the host no longer knows this context's call count: decide on the device from now on
             self.plannable = False
+            where = "every call" if self.block_rule is not None else "per attention site"
             warnings.warn("fastcache: the transformer was called several times inside one cache_context; its "
-                          "decisions move to the device (torch.cond, a host sync per attention site on GPU)",
+                          f"planned decisions move to the device (torch.cond, a host sync {where} on GPU)",
                           stacklevel=3)
         self.pending = None
 
@@ -553,12 +567,15 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                     scratch.decision = (None if state is None else planned if planned is not None
                                         else pyramid_attention_broadcast.decide(config, state["count"], t))
                 else:
-                    scratch.skip, scratch.starts, scratch.passed, scratch.deferred = False, {}, {}, {}
+                    scratch.skip, scratch.operands, scratch.decision = False, (), planned
+                    scratch.segment_inputs, scratch.starts, scratch.passed, scratch.deferred = {}, {}, {}, {}
+                    # a planned call (DBCache's warm-up, TeaCache's last step) computes with no cond
+                    session.decided_on = "host" if planned is not None and planned.force_compute else "device"
                 out = original(*args, **kwargs)
                 new = dict(scratch.new)
             count = (torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["count"])
             new["count"], new["spec"] = count + 1, spec
-            if not isinstance(config, FirstBlockCacheConfig):  # FBC counts its refused skips itself
+            if session.block_rule is None:  # the block-range methods count their refused skips themselves
                 before = torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["nonfinite"]
                 new["nonfinite"] = count_misses(before, scratch.misses)
             # canonical strides for every state tensor: the next call guards on them (a size-1 batch dim
@@ -637,15 +654,7 @@ def _call(fn: Callable[..., Any], args_kwargs: tuple) -> Any:
     return fn(*args, **kwargs)
 
 
-# -- FirstBlockCache ----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BlockRole:
-    segment: int
-    head: bool  # the model's first block: always runs, decides
-    first: bool  # first block of its segment (records the segment's input)
-    last: bool  # last block of its segment (adds the segment's residual on a skip)
-
+# -- block streams (the block-range methods, MagCache) ---------------------------------------------------------
 
 def _streams(io: BlockIO, out: Any) -> tuple:
     if io.hidden is None:
@@ -666,25 +675,6 @@ def _as_output(io: BlockIO, streams: tuple) -> Any:
     return tuple(out)
 
 
-Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
-
-
-@dataclass(frozen=True)
-class Deferred:
-    """A block call postponed until its segment's last block, where one torch.cond runs the whole segment or
-    reuses its residual: the block's original forward, where its streams go, and its other tensors."""
-
-    original: Callable[..., Any]
-    io: BlockIO
-    positions: dict[str, int]
-    rebuild: Callable[[tuple], tuple]
-    tensors: tuple[Tensor, ...]
-
-    def replay(self, streams: tuple, tensors: tuple) -> tuple:
-        args, kwargs = _with_streams(self.io, self.positions, *self.rebuild(tensors), streams)
-        return _streams(self.io, self.original(*args, **kwargs))
-
-
 def _with_streams(io: BlockIO, positions: dict[str, int], args: tuple, kwargs: dict, streams: tuple) -> tuple:
     """(args, kwargs) with the block's stream arguments replaced by `streams`."""
     args, kwargs = list(args), dict(kwargs)
@@ -699,142 +689,6 @@ def _with_streams(io: BlockIO, positions: dict[str, int], args: tuple, kwargs: d
 
 def _same(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
-
-
-def fbc_wrapper(session: Session, block: nn.Module, role: BlockRole) -> Wrapper:
-    """One block's forward under FirstBlockCache.
-
-    The model's first block (the head) always runs and decides. Every later block of a segment is deferred:
-    it returns its input streams unchanged and records its call, and the segment's last block takes one
-    torch.cond that either replays the recorded calls and itself, or adds the residual the segment produced
-    at the last computed call. One decision per segment, so one cond (one host sync on GPU) per segment,
-    not per block. Deferring is only right where the model passes each block's output straight to the next
-    block; the first call of a context (which computes everything) checks that, and a model that changes the
-    streams between blocks (a ControlNet adding residuals) keeps one cond per block instead.
-    """
-    scratch, config = session.scratch, session.config
-    io = block_io(block)
-    positions = _positions(block)
-
-    def make(original: Callable[..., Any]) -> Callable[..., Any]:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            state = scratch.state
-            segment = role.segment
-            inputs = _input_streams(io, positions, args, kwargs)
-            if role.head:
-                out = original(*args, **kwargs)
-                streams = _streams(io, out)
-                residual = streams[0] - inputs[0]
-                before = state
-                if state is not None and state["ref"].shape != residual.shape:
-                    # the blocks' streams changed length for the same input (QwenImage 2.1's KV cache drops the
-                    # prefix tokens after the first step): nothing stored fits, so this call computes every block
-                    state = scratch.state = None
-                if state is None:
-                    scratch.skip, ref, ratio = False, residual, residual.new_full((), float("inf")).float()
-                    computed = torch.ones((), dtype=torch.int64, device=residual.device)
-                    nonfinite = torch.zeros((), dtype=torch.int64, device=residual.device)
-                    if before is not None:
-                        computed, nonfinite = before["num_computed"] + 1, before["nonfinite"]
-                else:
-                    # the engine's rule: NaN never counts as small (diffusers would skip on NaN), and cached
-                    # residuals holding a NaN or Inf (from a later block) are never reused: computed and counted
-                    finite = _all_true(tuple(state["finite"].values()), residual.device)
-                    ratio, scratch.skip, refused = first_block_cache.skip_decision(config, residual, state["ref"],
-                                                                                   True, finite)
-                    ref = select(scratch.skip, state["ref"], residual)
-                    computed = state["num_computed"] + (~scratch.skip).long()
-                    nonfinite = state["nonfinite"] + refused.long()
-                scratch.new.update(ref=ref, ratio=ratio, skipped=torch.as_tensor(scratch.skip),
-                                   num_computed=computed, nonfinite=nonfinite)
-                scratch.starts[segment], scratch.passed[segment], scratch.deferred[segment] = streams, streams, []
-                return out
-            if role.first:
-                scratch.starts[segment], scratch.passed[segment], scratch.deferred[segment] = inputs, inputs, []
-            elif not _same(inputs, scratch.passed[segment]):
-                if state is not None and session.fbc_chained:
-                    raise RuntimeError(f"FirstBlockCache: {type(session.model).__name__} changed the hidden states "
-                                       "between two blocks after the first call (a ControlNet?); call "
-                                       "fastcache.reset_cache before a generation that does")
-                session.fbc_chained = False  # seen on a first call: keep one cond per block
-            defer = state is not None and session.fbc_chained
-            tensors, rebuild = _split_tensors(args, kwargs)
-            if not role.last:
-                if defer:
-                    scratch.deferred[segment].append(Deferred(original, io, positions, rebuild, tensors))
-                    return _as_output(io, inputs)
-                if state is None:
-                    out = original(*args, **kwargs)
-                else:
-                    out = _cond(scratch.skip, lambda *ts: _as_output(io, _input_streams(io, positions, *rebuild(ts))),
-                                lambda *ts: _call(original, rebuild(ts)), tensors)
-                scratch.passed[segment] = _streams(io, out)
-                return out
-            # the segment's last block: run the segment, or add its residual to the segment's input
-            start = scratch.starts[segment]
-            deferred = tuple(scratch.deferred[segment]) if defer else ()
-            old = None if state is None else state["res"][segment]
-            old_finite = None if state is None else state["finite"][segment]
-
-            def compute(old: Any, old_finite: Any, start: Any, *ts: Tensor) -> tuple:
-                streams, used = start, 0
-                for call in deferred:
-                    streams = call.replay(streams, ts[used:used + len(call.tensors)])
-                    used += len(call.tensors)
-                own_args, own_kwargs = rebuild(ts[used:])
-                if deferred:
-                    own_args, own_kwargs = _with_streams(io, positions, own_args, own_kwargs, streams)
-                out = original(*own_args, **own_kwargs)
-                res = tuple(_sub(o, s) for o, s in zip(_streams(io, out), start))
-                return out, res, all_finite(tuple(r for r in res if r is not None))
-
-            def reuse(old: Any, old_finite: Any, start: Any, *ts: Tensor) -> tuple:
-                own = ts[sum(len(call.tensors) for call in deferred):]
-                streams = _input_streams(io, positions, *rebuild(own))
-                return _as_output(io, tuple(_add(s, r) for s, r in zip(streams, old))), old, old_finite
-
-            operands = tuple(t for call in deferred for t in call.tensors) + tensors
-            if state is None:
-                out, res, finite = compute(None, None, start, *operands)
-            else:
-                out, res, finite = _cond_streams(scratch.skip, reuse, compute, io, old,
-                                                 (old, old_finite, start, *operands))
-            scratch.new.setdefault("res", {})[segment] = res
-            scratch.new.setdefault("finite", {})[segment] = finite
-            return out
-
-        return forward
-
-    return make
-
-
-def _cond_streams(pred: Any, reuse: Callable[..., tuple], compute: Callable[..., tuple], io: BlockIO,
-                  old: tuple, operands: tuple) -> tuple:
-    """`_cond` for a segment's last block, whose branches return (block output, residuals, whether the
-    residuals are finite). torch.cond
-    refuses None outputs, and a block may return None for a stream (SD3's last block drops the text stream):
-    the branches return the present streams only, and the Nones are put back after. The present streams are
-    those with a stored residual (a stream that is None in the output has a None residual)."""
-    present = tuple(r is not None for r in old)
-
-    def packed(fn: Callable[..., tuple]) -> Callable[..., tuple]:
-        def run(*ops: Any) -> tuple:
-            out, res, finite = fn(*ops)
-            return (tuple(x for x, p in zip(_streams(io, out), present) if p),
-                    tuple(x for x, p in zip(res, present) if p), finite)
-        return run
-
-    streams, res, finite = _cond(pred, packed(reuse), packed(compute), operands)
-    streams, res = iter(streams), iter(res)
-    return (_as_output(io, tuple(next(streams) if p else None for p in present)),
-            tuple(next(res) if p else None for p in present), finite)
-
-
-def _all_true(flags: tuple[Tensor, ...], device: torch.device) -> Tensor:
-    """One 0-dim bool tensor: all `flags` hold (True for none)."""
-    if not flags:
-        return torch.ones((), dtype=torch.bool, device=device)
-    return torch.stack(flags).all()
 
 
 # -- FasterCache --------------------------------------------------------------------------------------------
@@ -979,12 +833,12 @@ def _guard_deltas(decision: Any, deltas_ok: Tensor, misses: list[Tensor]) -> Any
 
 def install(session: Session) -> None:
     """Wrap the modules the method needs; on any error, unwrap what was wrapped (nothing half-enabled)."""
-    model, config, family = session.model, session.config, session.family
+    model, config = session.model, session.config
     try:
-        if isinstance(config, FirstBlockCacheConfig):
-            roles = fbc_roles(model, family)
-            for block, role in roles:
-                session.wrap(block, fbc_wrapper(session, block, role))
+        if isinstance(config, (FirstBlockCacheConfig, DBCacheConfig, TeaCacheConfig)):
+            from fastcache.diffusers._segments import install_blocks
+
+            session.block_rule = install_blocks(session)
         elif isinstance(config, MagCacheConfig):
             from fastcache.diffusers import _planned
 
@@ -1009,21 +863,3 @@ def install(session: Session) -> None:
         session.unwrap_all()
         raise
 
-
-def fbc_roles(model: nn.Module, family: Family) -> list[tuple[nn.Module, BlockRole]]:
-    roles = []
-    segments = [[b for name in names for b in (getattr(model, name, None) or ())] for names in family.segments]
-    if family.per_block_segments:
-        segments = [[b] for blocks in segments for b in blocks]
-    for segment, blocks in enumerate(segments):
-        if not blocks:
-            continue
-        for index, block in enumerate(blocks):
-            if block_io(block) is None:
-                raise TypeError(f"model: block class {type(block).__name__} of {type(model).__name__} has no "
-                                "FirstBlockCache entry in fastcache")
-            roles.append((block, BlockRole(segment, head=not roles, first=index == 0,
-                                           last=index == len(blocks) - 1)))
-    if len(roles) < 2:
-        raise ValueError(f"model: FirstBlockCache needs at least 2 blocks, {type(model).__name__} has {len(roles)}")
-    return roles

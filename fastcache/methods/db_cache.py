@@ -142,8 +142,27 @@ class CacheRule(NamedTuple):
     num_cached: Tensor
 
 
-def cache_rule(config: DBCacheConfig, state: DBCacheState, ratio: Tensor) -> CacheRule:
-    """cache-dit's `can_cache` and its cached-step bookkeeping on the device, for a call past the warm-up."""
+class Counters(NamedTuple):
+    """The state's step bookkeeping: what the rule and TaylorSeer's offsets read (a `DBCacheState` has them all;
+    the drop-in keeps them in its dict state)."""
+
+    count: Tensor
+    num_computed: Tensor
+    num_cached: Tensor
+    continuous: Tensor
+    factors_finite: Tensor
+    last_computed: Tensor
+    orders: Tensor
+
+
+def in_warmup(config: DBCacheConfig, count: Tensor) -> Tensor:
+    """Whether call `count` is a warm-up step, on the device (a plan makes the same test on the host)."""
+    return (count < config.max_warmup_steps) & (count % config.warmup_interval == 0)
+
+
+def cache_rule(config: DBCacheConfig, state: DBCacheState | Counters, ratio: Tensor) -> CacheRule:
+    """cache-dit's `can_cache` and its cached-step bookkeeping on the device. A warm-up step never caches (a plan
+    also knows it on the host, and then takes no cond at all)."""
     has_reference = state.num_computed > 0
     no, yes = torch.zeros_like(has_reference), torch.ones_like(has_reference)
     full = state.num_cached >= config.max_cached_steps if config.max_cached_steps >= 0 else no
@@ -151,13 +170,14 @@ def cache_rule(config: DBCacheConfig, state: DBCacheState, ratio: Tensor) -> Cac
     streak = state.continuous >= limit if limit >= 0 else no
     threshold = config.residual_diff_threshold
     similar = no if threshold <= 0 else yes if threshold >= 1 else ratio < threshold
-    may = ~full & ~streak & has_reference & similar
+    may = ~in_warmup(config, state.count) & ~full & ~streak & has_reference & similar
     skip, refused = may & state.factors_finite, may & ~state.factors_finite
     return CacheRule(skip, refused, torch.where(skip, state.continuous + 1, torch.zeros_like(state.continuous)),
                      state.num_cached + skip.long())
 
 
-def _taylor(config: DBCacheConfig, state: DBCacheState, compute: bool) -> taylorseer.TaylorSeerDecision:
+def taylor_decision(config: DBCacheConfig, state: DBCacheState | Counters,
+                    compute: bool) -> taylorseer.TaylorSeerDecision:
     """TaylorSeer's bookkeeping for the middle residual, on the device (the step offsets are data here)."""
     order = config.taylorseer_order
     device = state.count.device
@@ -173,10 +193,18 @@ def _taylor(config: DBCacheConfig, state: DBCacheState, compute: bool) -> taylor
                                          torch.ones((), device=device))
 
 
+def taylor_counters(config: DBCacheConfig, state: DBCacheState | Counters, computed: Tensor) -> tuple[Tensor, Tensor]:
+    """(orders, last_computed) after a call: a computed call forms one more Taylor order (up to the config's) and
+    becomes the last computed step."""
+    grown = torch.clamp(torch.where(state.last_computed >= 0, state.orders + 1, 1), max=config.taylorseer_order + 1)
+    return (torch.where(computed, grown, state.orders),
+            torch.where(computed, state.count, state.last_computed))
+
+
 def step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inputs: Inputs,
          decision: DBCacheDecision | None = None) -> tuple[Tensor, DBCacheState]:
     """One model call. `decision`: the plan's entry (warm-up steps compute with no cond), or None to decide
-    every call on the device (then the warm-up is not known: only the lack of a reference computes)."""
+    every call on the device (the warm-up too, from the state's call count)."""
     if decision is not None and not isinstance(decision, DBCacheDecision):
         raise TypeError(f"decision: DBCache takes plan[i] (a DBCacheDecision) or None, got {decision!r}")
     check_state(state, DBCacheState, "DBCache")
@@ -201,7 +229,7 @@ def step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inpu
             out = model.block(index, out, aux, call_attention)
         mids = tuple(o - s for o, s in zip(out, streams))
         if config.taylorseer_order:
-            taylor = _taylor(config, state, compute=True)
+            taylor = taylor_decision(config, state, compute=True)
             new = tuple(taylorseer.updated(f, m, taylor, None) for f, m in zip(factors, mids))
         else:
             new = tuple((m,) for m in mids)
@@ -209,7 +237,7 @@ def step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inpu
 
     def reuse(streams: Streams, current: Tensor, ref: Tensor, factors: tuple, finite: Tensor) -> tuple:
         if config.taylorseer_order:
-            taylor = _taylor(config, state, compute=False)
+            taylor = taylor_decision(config, state, compute=False)
             mids = tuple(taylorseer.forecast(f, taylor, s.dtype) for f, s in zip(factors, streams))
         else:
             mids = tuple(f[0] for f in factors)
@@ -223,12 +251,11 @@ def step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inpu
         streams = model.block(index, streams, aux, call_attention)
     out = model.head(streams, aux)
     computed = ~rule.skip
-    orders = torch.where(computed, torch.clamp(torch.where(state.last_computed >= 0, state.orders + 1, 1),
-                                               max=config.taylorseer_order + 1), state.orders)
+    orders, last_computed = taylor_counters(config, state, computed)
     return out, DBCacheState(
         count=state.count + 1, num_computed=state.num_computed + computed.long(), skipped=rule.skip,
         ratio=ratio, ref_residual=ref, factors=factors, factors_finite=finite, orders=orders,
-        last_computed=torch.where(computed, state.count, state.last_computed), num_cached=rule.num_cached,
+        last_computed=last_computed, num_cached=rule.num_cached,
         continuous=rule.continuous, nonfinite=state.nonfinite + rule.refused.long(), spec=state.spec)
 
 

@@ -1,0 +1,472 @@
+"""The drop-in's block-range caches: FirstBlockCache, DBCache (Fn/Bn, optionally with TaylorSeer) and TeaCache.
+
+All three cut the model's blocks (in the family's order) the same way: the `front` first blocks always run, the
+`back` last blocks always run, and the middle ones either run or are replaced by the residual they produced at the
+last computed call (DBCache + TaylorSeer: its Taylor forecast). One decision per call, on the device:
+- FirstBlockCache (front 1, back 0): block 0's residual against the last computed call's
+  (`first_block_cache.skip_decision`);
+- DBCache (front Fn, back Bn): the residual of the front blocks, cache-dit's rule (`db_cache.cache_rule`);
+- TeaCache (front 0, back 0): block 0's timestep-modulated input, read from its arguments before it runs
+  (`teacache.skip_rule`).
+The rules live in the method files, shared with the engine; here they are attached to diffusers' blocks.
+
+One torch.cond per segment (one per call on Flux, Wan and CogVideoX): every middle block but a segment's last
+returns its input streams and records its call, and the segment's last middle block takes one torch.cond that
+replays them and itself, or adds the cached residual to the middle's input. Deferring is only right where each
+block's output goes straight to the next block; the first call of a context (which computes everything) checks
+that, and a model that changes the streams between blocks (a ControlNet adding residuals) keeps one cond per
+block instead. Calls a method plans on the host (DBCache's warm-up, TeaCache's last step) compute with no cond.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from fastcache import kernels
+from fastcache.control import Flag, all_finite, select
+from fastcache.diffusers._families import BlockIO, Family, block_io
+from fastcache.diffusers._runtime import (
+    Session,
+    _add,
+    _arg,
+    _as_output,
+    _call,
+    _cond,
+    _input_streams,
+    _positions,
+    _same,
+    _split_tensors,
+    _streams,
+    _sub,
+    _with_streams,
+)
+from fastcache.methods import db_cache, first_block_cache, taylorseer, teacache
+from fastcache.methods.db_cache import DBCacheConfig
+from fastcache.methods.first_block_cache import FirstBlockCacheConfig
+from fastcache.methods.teacache import TeaCacheConfig
+
+Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
+BLOCK_CONFIGS = (FirstBlockCacheConfig, DBCacheConfig, TeaCacheConfig)
+
+
+# -- where each block sits -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockRole:
+    segment: int
+    first: bool  # first block of its segment (records the segment's input)
+    middle: bool  # replaced by the cached residual on a skip
+    middle_first: bool  # first middle block of its segment (records the middle's input)
+    middle_last: bool  # last middle block of its segment: its torch.cond runs the middle or reuses
+    decides_before: bool  # TeaCache: the call's decision is made from this block's arguments, before it runs
+    decides_after: bool  # FirstBlockCache, DBCache: from the front blocks' residual, once this block ran
+
+
+def segments_of(model: nn.Module, family: Family) -> list[list[nn.Module]]:
+    segments = [[b for name in names for b in (getattr(model, name, None) or ())] for names in family.segments]
+    if family.per_block_segments:
+        segments = [[b] for blocks in segments for b in blocks]
+    return [blocks for blocks in segments if blocks]
+
+
+def block_roles(model: nn.Module, family: Family, front: int, back: int) -> list[tuple[nn.Module, BlockRole]]:
+    """Each block's role when the `front` first and the `back` last blocks always run (front 0: the decision
+    is made before block 0)."""
+    segments = segments_of(model, family)
+    total = sum(len(blocks) for blocks in segments)
+    roles, index = [], 0
+    for segment, blocks in enumerate(segments):
+        middle = [i for i in range(len(blocks)) if front <= index + i < total - back]
+        for i, block in enumerate(blocks):
+            if block_io(block) is None:
+                raise TypeError(f"model: block class {type(block).__name__} of {type(model).__name__} has no "
+                                "block entry in fastcache")
+            roles.append((block, BlockRole(
+                segment, first=i == 0, middle=i in middle, middle_first=bool(middle) and i == middle[0],
+                middle_last=bool(middle) and i == middle[-1], decides_before=front == 0 and index + i == 0,
+                decides_after=front > 0 and index + i == front - 1)))
+        index += len(blocks)
+    return roles
+
+
+def num_blocks(model: nn.Module, family: Family) -> int:
+    return sum(len(blocks) for blocks in segments_of(model, family))
+
+
+# -- the rules, per method ---------------------------------------------------------------------------------------
+
+class Decided(NamedTuple):
+    skip: Flag  # skip the middle blocks: a 0-dim bool tensor (decided on the device) or False (computes)
+    refused: Tensor | None  # small enough to skip, but the cached residuals are not finite (counted)
+    fields: dict[str, Tensor]  # the method's own state entries after this call
+    operands: tuple  # per-call tensors the middle's branches read (DBCache + TaylorSeer's step offsets)
+
+
+def _zero(device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
+    return torch.zeros((), dtype=dtype, device=device)
+
+
+def _all_true(flags: tuple[Tensor, ...], device: torch.device) -> Tensor:
+    """One 0-dim bool tensor: all `flags` hold (True for none)."""
+    if not flags:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack(flags).all()
+
+
+def _forced(planned: Any) -> bool:
+    return planned is not None and planned.force_compute
+
+
+class ResidualRule:
+    """What the middle keeps: its residual per stream (`(residual,)`, None for a stream the blocks drop)."""
+
+    front, back = 1, 0
+
+    def keep(self, mids: tuple, old: tuple | None, operands: tuple) -> tuple:
+        return tuple(None if m is None else (m,) for m in mids)
+
+    def reuse(self, kept: tuple, streams: tuple, operands: tuple) -> tuple:
+        return tuple(None if k is None else k[0] for k in kept)
+
+    def plan(self, calls: int, pipeline: Any) -> Any:
+        return None  # nothing planned on the host: every call decides on the device
+
+    def fits(self, state: dict, measure: Tensor) -> bool:
+        return state["ref"].shape == measure.shape
+
+
+class FirstBlockCacheRule(ResidualRule):
+    def __init__(self, config: FirstBlockCacheConfig, model: nn.Module, family: Family) -> None:
+        if num_blocks(model, family) < 2:
+            raise ValueError(f"model: FirstBlockCache needs at least 2 blocks, {type(model).__name__} has "
+                             f"{num_blocks(model, family)}")
+        self.config = config
+
+    def first(self, measure: Tensor, count: Tensor, planned: Any) -> Decided:
+        return Decided(False, None, dict(ref=measure, ratio=measure.new_full((), float("inf")).float()), ())
+
+    def decide(self, state: dict, measure: Tensor, finite: Tensor, planned: Any) -> Decided:
+        # the engine's rule: NaN never counts as small (diffusers would skip on NaN), and cached residuals holding
+        # a NaN or Inf are never reused: computed and counted
+        ratio, skip, refused = first_block_cache.skip_decision(self.config, measure, state["ref"], True, finite)
+        return Decided(skip, refused, dict(ref=select(skip, state["ref"], measure), ratio=ratio), ())
+
+
+class DBCacheRule(ResidualRule):
+    def __init__(self, config: DBCacheConfig, model: nn.Module, family: Family) -> None:
+        total = num_blocks(model, family)
+        if config.Fn_compute_blocks + config.Bn_compute_blocks > total:
+            raise ValueError(f"config.Fn_compute_blocks + Bn_compute_blocks: {config.Fn_compute_blocks} + "
+                             f"{config.Bn_compute_blocks} exceeds {type(model).__name__}'s {total} blocks")
+        if family.per_block_segments and config.Fn_compute_blocks > 1:
+            raise ValueError(f"config.Fn_compute_blocks: {type(model).__name__} interleaves its block lists, so "
+                             f"only its first block runs before the others; use Fn_compute_blocks=1, got "
+                             f"{config.Fn_compute_blocks}")
+        self.config = config
+        self.front, self.back = config.Fn_compute_blocks, config.Bn_compute_blocks
+        self.warmup = set(config.warmup_steps())
+
+    def plan(self, calls: int, pipeline: Any) -> db_cache.DBCacheDecision:
+        return db_cache.DBCacheDecision(calls in self.warmup)
+
+    def _operands(self, counters: db_cache.Counters) -> tuple:
+        if not self.config.taylorseer_order:
+            return ()
+        update = db_cache.taylor_decision(self.config, counters, compute=True)
+        forecast = db_cache.taylor_decision(self.config, counters, compute=False)
+        return (update.grows, update.delta, forecast.coefficients)
+
+    def first(self, measure: Tensor, count: Tensor, planned: Any) -> Decided:
+        zero = torch.zeros_like(count)
+        counters = db_cache.Counters(count, zero, zero, zero, torch.ones((), dtype=torch.bool, device=count.device),
+                                     zero - 1, zero)
+        orders, last = db_cache.taylor_counters(self.config, counters, torch.ones_like(counters.factors_finite))
+        return Decided(False, None, dict(ref=measure, ratio=measure.new_full((), float("inf")).float(),
+                                         num_cached=zero, continuous=zero, orders=orders, last_computed=last),
+                       self._operands(counters))
+
+    def decide(self, state: dict, measure: Tensor, finite: Tensor, planned: Any) -> Decided:
+        counters = db_cache.Counters(state["count"], state["num_computed"], state["num_cached"], state["continuous"],
+                                     finite, state["last_computed"], state["orders"])
+        ratio = kernels.absmean_rel_diff(measure, state["ref"])
+        if _forced(planned):  # a warm-up step, known on the host: no cond
+            skip, refused = False, None
+            continuous, num_cached = torch.zeros_like(counters.continuous), counters.num_cached
+        else:
+            rule = db_cache.cache_rule(self.config, counters, ratio)
+            skip, refused, continuous, num_cached = rule
+        computed = torch.ones_like(finite) if skip is False else ~skip
+        orders, last = db_cache.taylor_counters(self.config, counters, computed)
+        return Decided(skip, refused, dict(ref=select(skip, state["ref"], measure), ratio=ratio, num_cached=num_cached,
+                                           continuous=continuous, orders=orders, last_computed=last),
+                       self._operands(counters))
+
+    def keep(self, mids: tuple, old: tuple | None, operands: tuple) -> tuple:
+        if not self.config.taylorseer_order:
+            return super().keep(mids, old, operands)
+        grows, delta, coefficients = operands
+        update = taylorseer.TaylorSeerDecision(True, coefficients, grows, delta)
+        if old is None:
+            old = tuple(None if m is None else (torch.zeros_like(m),) * (self.config.taylorseer_order + 1)
+                        for m in mids)
+        return tuple(None if m is None else taylorseer.updated(k, m, update, None) for k, m in zip(old, mids))
+
+    def reuse(self, kept: tuple, streams: tuple, operands: tuple) -> tuple:
+        if not self.config.taylorseer_order:
+            return super().reuse(kept, streams, operands)
+        grows, delta, coefficients = operands
+        forecast = taylorseer.TaylorSeerDecision(False, coefficients, grows, delta)
+        return tuple(None if k is None else taylorseer.forecast(k, forecast, s.dtype) for k, s in zip(kept, streams))
+
+
+def teacache_input_kind(block: nn.Module) -> str | None:
+    """How TeaCache reads `block`'s timestep-modulated input, as its own ports do: "norm1" (the adaLN-Zero
+    output `norm1(hidden, temb)[0]`: Flux, HunyuanVideo, Mochi...), "ltx" (`norm1(hidden) * (1 + scale_msa) +
+    shift_msa`), or the name of the block's timestep-embedding argument, which TeaCache reads itself where the
+    modulation happens inside attention (Wan's projected `temb`, CogVideoX's `temb`). None: no such input."""
+    if type(block).__name__ == "LTXVideoTransformerBlock":
+        return "ltx"
+    params = list(inspect.signature(type(block).forward).parameters)[1:]
+    norm1 = getattr(block, "norm1", None)
+    if norm1 is not None and "emb" in inspect.signature(type(norm1).forward).parameters and "temb" in params:
+        return "norm1"
+    return next((name for name in ("temb", "time_embed") if name in params), None)
+
+
+def teacache_input(block: nn.Module, kind: str, io: BlockIO, positions: dict[str, int], args: tuple,
+                   kwargs: dict) -> Tensor:
+    hidden = _arg(positions, io.hidden_arg, args, kwargs)
+    temb = _arg(positions, "temb" if kind in ("norm1", "ltx") else kind, args, kwargs)
+    if not isinstance(temb, Tensor):
+        raise RuntimeError(f"TeaCache: {type(block).__name__} was called without its timestep embedding "
+                           f"({'temb' if kind in ('norm1', 'ltx') else kind})")
+    if kind == "norm1":
+        return block.norm1(hidden, emb=temb)[0]
+    if kind == "ltx":
+        ada = block.scale_shift_table[None, None] + temb.reshape(hidden.size(0), temb.size(1),
+                                                                 block.scale_shift_table.shape[0], -1)
+        shift, scale = ada[:, :, 0], ada[:, :, 1]
+        return block.norm1(hidden) * (1 + scale) + shift
+    return temb
+
+
+class TeaCacheRule(ResidualRule):
+    front = 0
+
+    def __init__(self, config: TeaCacheConfig, model: nn.Module, family: Family) -> None:
+        first = segments_of(model, family)[0][0]
+        self.kind = teacache_input_kind(first)
+        if self.kind is None:
+            raise ValueError(f"config: TeaCache reads block 0's timestep-modulated input, and fastcache knows none "
+                             f"for {type(model).__name__}'s {type(first).__name__}; use FirstBlockCacheConfig or "
+                             "DBCacheConfig there")
+        self.config = config
+
+    def plan(self, calls: int, pipeline: Any) -> teacache.TeaCacheDecision:
+        """The pipeline's last step computes (TeaCache's rule; the first call of a context always does)."""
+        scheduler = getattr(pipeline, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None or not hasattr(scheduler, "step_index"):
+            return teacache.TeaCacheDecision(False)
+        index = scheduler.step_index
+        if index is None:
+            index = getattr(scheduler, "begin_index", None) or 0
+        return teacache.TeaCacheDecision(index == len(timesteps) - 1)
+
+    def fits(self, state: dict, measure: Tensor) -> bool:
+        return state["previous"].shape == measure.shape
+
+    def first(self, measure: Tensor, count: Tensor, planned: Any) -> Decided:
+        accumulated = torch.zeros(measure.shape[0], dtype=torch.float32, device=measure.device)
+        return Decided(False, None, dict(accumulated=accumulated, previous=measure), ())
+
+    def decide(self, state: dict, measure: Tensor, finite: Tensor, planned: Any) -> Decided:
+        if _forced(planned):
+            return Decided(False, None, dict(accumulated=torch.zeros_like(state["accumulated"]), previous=measure), ())
+        rel = teacache.relative_change(measure, state["previous"])
+        accumulated, skip, refused = teacache.skip_rule(self.config, state["accumulated"], rel,
+                                                        torch.ones_like(finite), finite)
+        return Decided(skip, refused, dict(accumulated=accumulated, previous=measure), ())
+
+
+RULES = {FirstBlockCacheConfig: FirstBlockCacheRule, DBCacheConfig: DBCacheRule, TeaCacheConfig: TeaCacheRule}
+
+
+def make_rule(config: Any, model: nn.Module, family: Family) -> ResidualRule:
+    return RULES[type(config)](config, model, family)
+
+
+# -- the decision, once per call ---------------------------------------------------------------------------------
+
+def _decide(session: Session, rule: Any, measure: Tensor) -> None:
+    """Run the method's rule and record the call's decision and bookkeeping in the scratch."""
+    scratch = session.scratch
+    state = before = scratch.state
+    if state is not None and not rule.fits(state, measure):
+        # the blocks' streams changed length for the same input (QwenImage 2.1's KV cache drops the prefix tokens
+        # after the first step): nothing stored fits, so this call computes every block
+        state = scratch.state = None
+    device = measure.device
+    count = _zero(device) if before is None else before["count"]
+    if state is None:
+        decided = rule.first(measure, count, scratch.decision)
+        computed = _zero(device) + 1 if before is None else before["num_computed"] + 1
+        nonfinite = _zero(device) if before is None else before["nonfinite"]
+    else:
+        finite = _all_true(tuple(state["finite"].values()), device)
+        decided = rule.decide(state, measure, finite, scratch.decision)
+        skip = decided.skip
+        computed = state["num_computed"] + (1 if skip is False else (~skip).long())
+        nonfinite = state["nonfinite"] + (0 if decided.refused is None else decided.refused.long())
+    scratch.skip, scratch.operands = decided.skip, decided.operands
+    skipped = torch.zeros((), dtype=torch.bool, device=device) if decided.skip is False else decided.skip
+    scratch.new.update(decided.fields, skipped=skipped, num_computed=computed, nonfinite=nonfinite)
+
+
+# -- the blocks' forwards ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Deferred:
+    """A block call postponed until its segment's last middle block, where one torch.cond runs the whole middle
+    or reuses its residual: the block's original forward, where its streams go, and its other tensors."""
+
+    original: Callable[..., Any]
+    io: BlockIO
+    positions: dict[str, int]
+    rebuild: Callable[[tuple], tuple]
+    tensors: tuple[Tensor, ...]
+
+    def replay(self, streams: tuple, tensors: tuple) -> tuple:
+        args, kwargs = _with_streams(self.io, self.positions, *self.rebuild(tensors), streams)
+        return _streams(self.io, self.original(*args, **kwargs))
+
+
+def block_wrapper(session: Session, block: nn.Module, role: BlockRole, rule: Any) -> Wrapper:
+    """One block's forward under a block-range cache (see the module's docstring)."""
+    scratch = session.scratch
+    io = block_io(block)
+    positions = _positions(block)
+    method = type(session.config).__name__.removesuffix("Config")
+    teacache_kind = getattr(rule, "kind", None)
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            segment = role.segment
+            inputs = _input_streams(io, positions, args, kwargs)
+            if role.first:
+                scratch.segment_inputs[segment] = inputs
+            if role.decides_before:
+                _decide(session, rule, teacache_input(block, teacache_kind, io, positions, args, kwargs))
+            if not role.middle:
+                out = original(*args, **kwargs)
+                streams = _streams(io, out)
+                if role.decides_after:
+                    _decide(session, rule, streams[0] - scratch.segment_inputs[segment][0])
+                scratch.passed[segment] = streams
+                return out
+            state = scratch.state
+            chained_here = _same(inputs, scratch.passed[segment]) if not role.first else True
+            if role.middle_first:
+                # the middle's residual is taken from what the block before it returned, as diffusers and cache-dit
+                # do (a model adding to the stream between blocks, Wan Animate's face adapter, adds to it after)
+                start = inputs if role.first else scratch.passed[segment]
+                scratch.starts[segment], scratch.deferred[segment] = start, []
+            if not chained_here:
+                if state is not None and session.chained:
+                    raise RuntimeError(f"{method}: {type(session.model).__name__} changed the hidden states "
+                                       "between two blocks after the first call (a ControlNet?); call "
+                                       "fastcache.reset_cache before a generation that does")
+                session.chained = False  # seen on a first call: keep one cond per block
+            defer = state is not None and session.chained
+            tensors, rebuild = _split_tensors(args, kwargs)
+            if not role.middle_last:
+                if defer:
+                    scratch.deferred[segment].append(Deferred(original, io, positions, rebuild, tensors))
+                    scratch.passed[segment] = inputs
+                    return _as_output(io, inputs)
+                if state is None:
+                    out = original(*args, **kwargs)
+                else:
+                    out = _cond(scratch.skip, lambda *ts: _as_output(io, _input_streams(io, positions, *rebuild(ts))),
+                                lambda *ts: _call(original, rebuild(ts)), tensors)
+                scratch.passed[segment] = _streams(io, out)
+                return out
+            return _last_middle(session, rule, original, io, positions, segment, defer, tensors, rebuild)
+
+        return forward
+
+    return make
+
+
+def _last_middle(session: Session, rule: Any, original: Callable[..., Any], io: BlockIO, positions: dict[str, int],
+                 segment: int, defer: bool, tensors: tuple, rebuild: Callable[[tuple], tuple]) -> Any:
+    """The segment's last middle block: run the middle, or add its cached residual to the middle's input."""
+    scratch = session.scratch
+    state = scratch.state
+    start = scratch.starts[segment]
+    deferred = tuple(scratch.deferred[segment]) if defer else ()
+    old = None if state is None else state["res"][segment]
+    old_finite = None if state is None else state["finite"][segment]
+
+    def compute(old: Any, old_finite: Any, start: Any, extra: tuple, *ts: Tensor) -> tuple:
+        streams, used = start, 0
+        for call in deferred:
+            streams = call.replay(streams, ts[used:used + len(call.tensors)])
+            used += len(call.tensors)
+        own_args, own_kwargs = rebuild(ts[used:])
+        if deferred:
+            own_args, own_kwargs = _with_streams(io, positions, own_args, own_kwargs, streams)
+        out = original(*own_args, **own_kwargs)
+        kept = rule.keep(tuple(_sub(o, s) for o, s in zip(_streams(io, out), start)), old, extra)
+        return out, kept, all_finite(tuple(k for k in kept if k is not None))
+
+    def reuse(old: Any, old_finite: Any, start: Any, extra: tuple, *ts: Tensor) -> tuple:
+        own = ts[sum(len(call.tensors) for call in deferred):]
+        streams = _input_streams(io, positions, *rebuild(own))
+        mids = rule.reuse(old, streams, extra)
+        return _as_output(io, tuple(_add(s, m) for s, m in zip(streams, mids))), old, old_finite
+
+    operands = tuple(t for call in deferred for t in call.tensors) + tensors
+    if state is None:
+        out, kept, finite = compute(None, None, start, scratch.operands, *operands)
+    else:
+        out, kept, finite = _cond_streams(scratch.skip, reuse, compute, io, old,
+                                          (old, old_finite, start, scratch.operands, *operands))
+    scratch.new.setdefault("res", {})[segment] = kept
+    scratch.new.setdefault("finite", {})[segment] = finite
+    return out
+
+
+def _cond_streams(pred: Any, reuse: Callable[..., tuple], compute: Callable[..., tuple], io: BlockIO,
+                  old: tuple, operands: tuple) -> tuple:
+    """`_cond` for a segment's last middle block, whose branches return (block output, what the middle keeps,
+    whether that is finite). torch.cond refuses None outputs, and a block may return None for a stream (SD3's last
+    block drops the text stream): the branches return the present streams only, and the Nones are put back
+    after. The present streams are those with something kept (a stream that is None in the output keeps None)."""
+    present = tuple(r is not None for r in old)
+
+    def packed(fn: Callable[..., tuple]) -> Callable[..., tuple]:
+        def run(*ops: Any) -> tuple:
+            out, kept, finite = fn(*ops)
+            return (tuple(x for x, p in zip(_streams(io, out), present) if p),
+                    tuple(x for x, p in zip(kept, present) if p), finite)
+        return run
+
+    streams, kept, finite = _cond(pred, packed(reuse), packed(compute), operands)
+    streams, kept = iter(streams), iter(kept)
+    return (_as_output(io, tuple(next(streams) if p else None for p in present)),
+            tuple(next(kept) if p else None for p in present), finite)
+
+
+def install_blocks(session: Session) -> Any:
+    """Wrap every block of the model for the session's block-range method; returns the rule."""
+    rule = make_rule(session.config, session.model, session.family)
+    for block, role in block_roles(session.model, session.family, rule.front, rule.back):
+        session.wrap(block, block_wrapper(session, block, role, rule))
+    return rule
