@@ -82,7 +82,26 @@ def _pin_layouts(operands: tuple) -> tuple:
     from torch._inductor import inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
 
     force = torch.ops.prims.inductor_force_stride_order
-    return tree_map(lambda x: force(x, x.stride()) if isinstance(x, Tensor) else x, operands)
+
+    def pin(x: Tensor) -> Tensor:
+        # a view with gaps (CogVideoX's video tokens sliced from its joint stream) cannot be forced to its own
+        # strides (the prim lays out a dense copy): it becomes a contiguous copy
+        return force(x, x.stride()) if _spans_its_elements(x) else canonical(x)
+
+    return tree_map(lambda x: pin(x) if isinstance(x, Tensor) else x, operands)
+
+
+def _spans_its_elements(x: Tensor) -> bool:
+    """Whether `x`'s elements fill the memory its strides span, without gaps or overlaps (any dim order)."""
+    strides = torch.ops.aten.sym_stride(x)
+    span = 1
+    for i, size in enumerate(x.shape):
+        if guard_or_false(size == 0):
+            return True
+        if guard_or_false(size > 1) and guard_or_false(strides[i] == 0):
+            return False
+        span = span + (size - 1) * strides[i]
+    return guard_or_false(span == x.numel())
 
 
 def select(pred: Flag, a: Tensor, b: Tensor) -> Tensor:

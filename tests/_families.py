@@ -93,6 +93,11 @@ def readme_table() -> str:
             if cell.startswith("no: "):
                 cells.append("no " + note(f"{method}: {cell[4:]}"))
                 continue
+            if method in ("DBCache", "TeaCache"):
+                cells.append("ref " + note("DBCache, TeaCache: diffusers has no such hook; equal to a host-side "
+                                           "transcription of the rule (DBCache also equals cache-dit 1.5.3 itself "
+                                           "on Flux)"))
+                continue
             missing = {"FirstBlockCache": FBC_NO_ORACLE, "MagCache": MAG_NO_ORACLE,
                        "TaylorSeer": TAYLOR_NO_ORACLE}.get(method, {}).get(name)
             kind = "ref" if method == "FirstBlockCache" else "runs"

@@ -185,18 +185,20 @@ def test_taylorseer_bookkeeping_follows_its_update_rule() -> None:
 
 def test_taylorseer_forecasts_a_linear_residual_exactly() -> None:
     """With a middle residual that moves linearly in the step, an order-1 forecast reproduces it (a plain
-    reuse does not)."""
+    reuse does not). As in cache-dit, an update before step 3 forms no derivative."""
     config = fastcache.DBCacheConfig(Fn_compute_blocks=1, taylorseer_order=1)
     r0, r1 = torch.full((2, 3), 1.0), torch.full((2, 3), 1.5)
     state = fastcache.make(config).init(tiny_dit(), cfg_inputs(noise(False, 0), 500.0, LABELS, NULL))
     from fastcache.methods import taylorseer
 
     factors = tuple(torch.zeros(2, 3) for _ in range(2))
-    s0 = state._replace(count=torch.tensor(0))
-    factors = taylorseer.updated(factors, r0, db_cache.taylor_decision(config, s0, compute=True), None)
-    s2 = state._replace(count=torch.tensor(2), last_computed=torch.tensor(0), orders=torch.tensor(1))
-    factors = taylorseer.updated(factors, r1, db_cache.taylor_decision(config, s2, compute=True), None)
-    s5 = state._replace(count=torch.tensor(5), last_computed=torch.tensor(2), orders=torch.tensor(2))
+    s1 = state._replace(count=torch.tensor(1))
+    factors = taylorseer.updated(factors, r0, db_cache.taylor_decision(config, s1, compute=True), None)
+    s2 = state._replace(count=torch.tensor(2), last_computed=torch.tensor(1), orders=torch.tensor(1))
+    assert not db_cache.taylor_decision(config, s2, compute=True).grows.any()  # cache-dit: not before step 3
+    s3 = s2._replace(count=torch.tensor(3))
+    factors = taylorseer.updated(factors, r1, db_cache.taylor_decision(config, s3, compute=True), None)
+    s5 = state._replace(count=torch.tensor(6), last_computed=torch.tensor(3), orders=torch.tensor(2))
     predicted = taylorseer.forecast(factors, db_cache.taylor_decision(config, s5, compute=False), torch.float32)
     assert torch.allclose(predicted, torch.full((2, 3), 1.5 + 3 * 0.25))
 

@@ -67,7 +67,8 @@ def test_inapplicable_configs_are_refused_without_side_effects(name: str, config
 _REFUSED = [(name, method) for name in CASES for method, cell in coverage(family(name)).items()
             if cell.startswith("no: ")]
 _CONFIGS = {"FasterCache": lambda: fd.FasterCacheConfig(is_guidance_distilled=True),
-            "MagCache": lambda: fd.MagCacheConfig(mag_ratios=[1.0] * 4, num_inference_steps=4)}
+            "MagCache": lambda: fd.MagCacheConfig(mag_ratios=[1.0] * 4, num_inference_steps=4),
+            "TeaCache": lambda: fd.TeaCacheConfig()}
 
 
 @pytest.mark.parametrize(("name", "method"), _REFUSED, ids=[f"{n}-{m}" for n, m in _REFUSED])

@@ -1,5 +1,5 @@
 """fastcache as a drop-in for diffusers' cache hooks (PAB, FasterCache, FirstBlockCache, MagCache, TaylorSeer),
-torch.compile-safe.
+torch.compile-safe, plus two methods diffusers lacks: DBCache (cache-dit's, optionally with TaylorSeer) and TeaCache.
 
     from fastcache.diffusers import enable_cache, FirstBlockCacheConfig   # was: from diffusers import ...
     enable_cache(pipe, FirstBlockCacheConfig(threshold=0.1))            # or pipe.transformer
@@ -23,21 +23,25 @@ from fastcache.diffusers._api import (
     to_fastcache_config,
 )
 from fastcache.diffusers._families import FAMILIES
+from fastcache.methods.db_cache import DBCacheConfig
 from fastcache.methods.faster_cache import FasterCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.mag_cache import MagCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
 from fastcache.methods.taylorseer import TaylorSeerCacheConfig
+from fastcache.methods.teacache import TeaCacheConfig
 
 SUPPORTED_MODELS: tuple[str, ...] = tuple(sorted(FAMILIES))
 
 __all__ = [
+    "DBCacheConfig",
     "FasterCacheConfig",
     "FirstBlockCacheConfig",
     "MagCacheConfig",
     "PyramidAttentionBroadcastConfig",
     "SUPPORTED_MODELS",
     "TaylorSeerCacheConfig",
+    "TeaCacheConfig",
     "apply_faster_cache",
     "apply_first_block_cache",
     "apply_pyramid_attention_broadcast",

@@ -11,15 +11,18 @@ from torch import nn
 from fastcache.diffusers._families import coverage, family_of
 from fastcache.diffusers._runtime import BATCHED_KWARGS, SESSION_ATTR, Session, install
 from fastcache.methods import mag_cache
+from fastcache.methods.db_cache import DBCacheConfig
 from fastcache.methods.faster_cache import MODULE_CALLBACK_FIELDS, TENSOR_FORMATS, FasterCacheConfig, ModuleCallback
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.mag_cache import MagCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
 from fastcache.methods.taylorseer import TaylorSeerCacheConfig
+from fastcache.methods.teacache import TeaCacheConfig
 
 FASTCACHE_CONFIGS = (PyramidAttentionBroadcastConfig, FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
-                     TaylorSeerCacheConfig)
-_BY_DIFFUSERS_NAME = {cls.__name__: cls for cls in FASTCACHE_CONFIGS}
+                     TaylorSeerCacheConfig, DBCacheConfig, TeaCacheConfig)
+# diffusers' own configs, translated by name (diffusers has no DBCache or TeaCache)
+_BY_DIFFUSERS_NAME = {cls.__name__: cls for cls in FASTCACHE_CONFIGS[:5]}
 
 
 # -- configs ------------------------------------------------------------------------------------------------
@@ -80,7 +83,8 @@ def _check_not_cached_by_diffusers(model: nn.Module) -> None:
 
 
 _METHOD_OF = {FirstBlockCacheConfig: "FirstBlockCache", PyramidAttentionBroadcastConfig: "PAB",
-              FasterCacheConfig: "FasterCache", MagCacheConfig: "MagCache", TaylorSeerCacheConfig: "TaylorSeer"}
+              FasterCacheConfig: "FasterCache", MagCacheConfig: "MagCache", TaylorSeerCacheConfig: "TaylorSeer",
+              DBCacheConfig: "DBCache", TeaCacheConfig: "TeaCache"}
 
 
 def _check_applicable(model: nn.Module, config: Any) -> None:
@@ -122,7 +126,8 @@ def enable_cache(model_or_pipeline: Any, config: Any) -> None:
             from fresh cache states (and restores the previous ones at its end), and its scheduler gives the
             timesteps that PAB and FasterCache plan with.
         config: fastcache's or diffusers' `PyramidAttentionBroadcastConfig`, `FasterCacheConfig`,
-            `FirstBlockCacheConfig`, `MagCacheConfig` or `TaylorSeerCacheConfig`.
+            `FirstBlockCacheConfig`, `MagCacheConfig` or `TaylorSeerCacheConfig`; or fastcache's `DBCacheConfig`
+            (cache-dit's DBCache, optionally with TaylorSeer) or `TeaCacheConfig`.
 
     Raises:
         ValueError / TypeError: already enabled, cached by diffusers' hooks, unknown model class, a method or

@@ -74,10 +74,15 @@ class Family:
 # `^single_transformer_blocks` or `^temporal_transformer_blocks` (a fixed pre-filter, whatever the config says)
 _UNNAMED_ATTENTION = ("FasterCache", "keeps its attention outside the block lists diffusers' FasterCache filters by "
                                      "(^blocks, ^transformer_blocks, ...), so there it approximates nothing")
+# TeaCache reads block 0's timestep-modulated input (`_segments.teacache_input_kind`: its adaLN `norm1` output, or its
+# timestep embedding argument): these families pass their first block neither
+_NO_MODULATED_INPUT = ("TeaCache", "passes its first block no timestep embedding (`temb`) to read TeaCache's "
+                                   "modulated input from")
 
 FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("FluxTransformer2DModel", (("transformer_blocks", "single_transformer_blocks"),), 1000.0),
-    Family("Flux2Transformer2DModel", (("transformer_blocks",), ("single_transformer_blocks",)), 1000.0),
+    Family("Flux2Transformer2DModel", (("transformer_blocks",), ("single_transformer_blocks",)), 1000.0,
+           refuses=(_NO_MODULATED_INPUT,)),
     Family("CogVideoXTransformer3DModel", (("transformer_blocks",),), layout="BFCHW", cfg_batched=True),
     Family("HunyuanVideoTransformer3DModel", (("transformer_blocks", "single_transformer_blocks"),),
            layout="BCFHW"),
@@ -88,7 +93,8 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     Family("LatteTransformer3DModel", (("transformer_blocks", "temporal_transformer_blocks"),),
            layout="BCFHW", cfg_batched=True, temporal=True, per_block_segments=True,
            refuses=(("MagCache", "reshapes its hidden states between its spatial and temporal blocks, so no residual "
-                                 "of all blocks exists (diffusers' hook fails mid-generation there)"),)),
+                                 "of all blocks exists (diffusers' hook fails mid-generation there)"),
+                    _NO_MODULATED_INPUT)),
     Family("AllegroTransformer3DModel", (("transformer_blocks",),), layout="BCFHW", cfg_batched=True),
     Family("CogView4Transformer2DModel", (("transformer_blocks",),), layout="BCHW"),
     Family("SD3Transformer2DModel", (("transformer_blocks",),), layout="BCHW", cfg_batched=True,
@@ -132,13 +138,13 @@ FAMILIES: dict[str, Family] = {f.model_class: f for f in (
     # video and audio streams through one block list; pipelines pass t (conditioning tokens at 0: the max)
     Family("LTX2VideoTransformer3DModel", (("transformer_blocks",),), cfg_batched=True, audio_stream=True),
     # one joint text+image stream; pipelines pass t / 1000
-    Family("QwenImage21Transformer2DModel", (("transformer_blocks",),), 1000.0),
+    Family("QwenImage21Transformer2DModel", (("transformer_blocks",),), 1000.0, refuses=(_NO_MODULATED_INPUT,)),
     # sigmas in 0..1; CFG as one [cond; null] batch (a tokens output: no frequency split)
     Family("AceStepTransformer1DModel", (("layers",),), 1000.0, cfg_batched=True, refuses=(_UNNAMED_ATTENTION,)),
     # text ("und", causal) and video ("gen") tokens as two streams through one list of decoder layers; the pipeline
     # passes t per noisy vision token (the model scales it by 1 / 1000) and runs CFG as two calls
     Family("Cosmos3OmniTransformer", (("layers",),), hidden_arg="vision_tokens", timestep_arg="vision_timesteps",
-           refuses=(_UNNAMED_ATTENTION,)),
+           refuses=(_UNNAMED_ATTENTION, _NO_MODULATED_INPUT)),
 )}
 
 BLOCKS: dict[str, BlockIO] = {
@@ -202,7 +208,7 @@ def block_io(block: torch.nn.Module) -> BlockIO | None:
                    meta.hidden_states_argument_name, meta.encoder_hidden_states_argument_name)
 
 
-METHODS = ("FirstBlockCache", "PAB", "FasterCache", "MagCache", "TaylorSeer")
+METHODS = ("FirstBlockCache", "PAB", "FasterCache", "MagCache", "TaylorSeer", "DBCache", "TeaCache")
 
 
 def coverage(family: Family) -> dict[str, str]:

@@ -225,13 +225,21 @@ class DBCacheRule(ResidualRule):
         return tuple(None if k is None else taylorseer.forecast(k, forecast, s.dtype) for k, s in zip(kept, streams))
 
 
+# block classes whose modulated input the general rule below would misread
+TEACACHE_INPUTS = {
+    "LTXVideoTransformerBlock": "ltx",  # its norm1 takes no embedding: the modulation is in the block's forward
+    "ChromaTransformerBlock": "temb",  # its temb holds pruned modulations for both streams, not norm1's embedding
+}
+
+
 def teacache_input_kind(block: nn.Module) -> str | None:
     """How TeaCache reads `block`'s timestep-modulated input, as its own ports do: "norm1" (the adaLN-Zero
     output `norm1(hidden, temb)[0]`: Flux, HunyuanVideo, Mochi...), "ltx" (`norm1(hidden) * (1 + scale_msa) +
     shift_msa`), or the name of the block's timestep-embedding argument, which TeaCache reads itself where the
     modulation happens inside attention (Wan's projected `temb`, CogVideoX's `temb`). None: no such input."""
-    if type(block).__name__ == "LTXVideoTransformerBlock":
-        return "ltx"
+    override = TEACACHE_INPUTS.get(type(block).__name__)
+    if override is not None:
+        return override
     params = list(inspect.signature(type(block).forward).parameters)[1:]
     norm1 = getattr(block, "norm1", None)
     if norm1 is not None and "emb" in inspect.signature(type(norm1).forward).parameters and "temb" in params:
@@ -243,6 +251,8 @@ def teacache_input(block: nn.Module, kind: str, io: BlockIO, positions: dict[str
                    kwargs: dict) -> Tensor:
     hidden = _arg(positions, io.hidden_arg, args, kwargs)
     temb = _arg(positions, "temb" if kind in ("norm1", "ltx") else kind, args, kwargs)
+    if isinstance(temb, (tuple, list)):  # Kandinsky 6 passes (video, audio) embeddings: the video one
+        temb = temb[0]
     if not isinstance(temb, Tensor):
         raise RuntimeError(f"TeaCache: {type(block).__name__} was called without its timestep embedding "
                            f"({'temb' if kind in ('norm1', 'ltx') else kind})")
@@ -283,16 +293,20 @@ class TeaCacheRule(ResidualRule):
         return state["previous"].shape == measure.shape
 
     def first(self, measure: Tensor, count: Tensor, planned: Any) -> Decided:
+        # `rel`: each sample's relative change of the modulated input (inf with no reference), for inspection and
+        # calibration
         accumulated = torch.zeros(measure.shape[0], dtype=torch.float32, device=measure.device)
-        return Decided(False, None, dict(accumulated=accumulated, previous=measure), ())
+        return Decided(False, None, dict(accumulated=accumulated, previous=measure,
+                                         rel=torch.full_like(accumulated, float("inf"))), ())
 
     def decide(self, state: dict, measure: Tensor, finite: Tensor, planned: Any) -> Decided:
         if _forced(planned):
-            return Decided(False, None, dict(accumulated=torch.zeros_like(state["accumulated"]), previous=measure), ())
+            return Decided(False, None, dict(accumulated=torch.zeros_like(state["accumulated"]), previous=measure,
+                                             rel=teacache.relative_change(measure, state["previous"])), ())
         rel = teacache.relative_change(measure, state["previous"])
         accumulated, skip, refused = teacache.skip_rule(self.config, state["accumulated"], rel,
                                                         torch.ones_like(finite), finite)
-        return Decided(skip, refused, dict(accumulated=accumulated, previous=measure), ())
+        return Decided(skip, refused, dict(accumulated=accumulated, previous=measure, rel=rel), ())
 
 
 RULES = {FirstBlockCacheConfig: FirstBlockCacheRule, DBCacheConfig: DBCacheRule, TeaCacheConfig: TeaCacheRule}

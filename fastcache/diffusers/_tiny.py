@@ -451,24 +451,33 @@ def denoise(model: Any, tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ..
 
 def fbc_threshold(tc: TinyCase, timesteps: Tensor, contexts: tuple[str, ...] = ("cond",),
                   quantile: float = 0.5) -> float:
-    """A FirstBlockCache threshold for `tc` that skips about `1 - quantile` of the steps after the first: the
-    midpoint between two neighbouring observed ratios (random weights give no natural scale, and a
-    threshold away from every observed ratio keeps eager and compiled decisions equal)."""
+    """A FirstBlockCache threshold for `tc` that skips about `1 - quantile` of the steps after the first."""
+    from fastcache.methods.first_block_cache import FirstBlockCacheConfig
+
+    return observed_threshold(tc, FirstBlockCacheConfig(threshold=0.0), lambda state: [float(state["ratio"])],
+                              timesteps, contexts, quantile)
+
+
+def observed_threshold(tc: TinyCase, never: Any, measures: Callable[[dict], list[float]], timesteps: Tensor,
+                       contexts: tuple[str, ...] = ("cond",), quantile: float = 0.5) -> float:
+    """A threshold for `tc` under which about `quantile` of the measures a run with config `never` (which never
+    skips) records fall: the midpoint between two neighbouring observed values (random weights give no natural
+    scale, and a threshold away from every observed value keeps eager and compiled decisions equal).
+    `measures(state)` reads a call's values from a context's state (FirstBlockCache's `ratio`, TeaCache's `rel`)."""
     import copy
 
     from fastcache.diffusers._api import cache_state, disable_cache, enable_cache
-    from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 
     model = copy.deepcopy(tc.model)
-    enable_cache(model, FirstBlockCacheConfig(threshold=0.0))
-    ratios: list[float] = []
+    enable_cache(model, never)
+    values: list[float] = []
 
     def record(i: int) -> None:
         if i > 0:
-            ratios.extend(float(cache_state(model, name)["ratio"]) for name in contexts)
+            values.extend(v for name in contexts for v in measures(cache_state(model, name)))
 
     denoise(model, tc, timesteps, contexts, observe=record)
     disable_cache(model)
-    ratios.sort()
-    k = min(max(int(len(ratios) * quantile), 1), len(ratios) - 1)
-    return (ratios[k - 1] + ratios[k]) / 2
+    values.sort()
+    k = min(max(int(len(values) * quantile), 1), len(values) - 1)
+    return (values[k - 1] + values[k]) / 2

@@ -76,6 +76,9 @@ class DBCacheConfig:
         return range(0, self.max_warmup_steps, self.warmup_interval)
 
 
+FIRST_DERIVATIVE_STEP = 3  # cache-dit's TaylorSeer: the first step whose update forms a derivative
+
+
 class DBCacheDecision(NamedTuple):
     force_compute: bool  # a warm-up step: compute, no cond
 
@@ -184,7 +187,10 @@ def taylor_decision(config: DBCacheConfig, state: DBCacheState | Counters,
     since = (state.count - state.last_computed).float()
     held = torch.arange(order + 1, device=device) < state.orders
     if compute:
-        grows = held[:order] & (state.last_computed >= 0)
+        # cache-dit 1.5.3 forms derivatives only from the update at step 3 on (its per-stream Taylor state is made
+        # at the first update, one step behind the step count, and differentiates past its own step 1): the same
+        # here, so its outputs are reproduced exactly
+        grows = held[:order] & (state.last_computed >= 0) & (state.count >= FIRST_DERIVATIVE_STEP)
         delta = torch.where(state.last_computed >= 0, since, torch.ones_like(since))
         return taylorseer.TaylorSeerDecision(True, torch.zeros(order + 1, device=device), grows, delta)
     powers = torch.stack([since ** j / math.factorial(j) for j in range(order + 1)])
