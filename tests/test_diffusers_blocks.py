@@ -2,8 +2,9 @@
 
 Oracles: cache-dit 1.5.3 itself on the tiny Flux (`cache_dit.enable_cache(transformer, ...)`, step by step, exact);
 on every family, a host-side transcription of each rule written with forward hooks on the uncached model
-(`_reference_model`). Compile: fullgraph with 0 breaks on Flux, Wan and CogVideoX, one torch.cond per call (none on
-the calls planned on the host: DBCache's warm-up, TeaCache's last step), outputs equal to eager.
+(`_reference_model`, on `tests/_block_reference.py`). Compile: fullgraph with 0 breaks on Flux, Wan and CogVideoX,
+one torch.cond per call (none on the calls planned on the host: DBCache's warm-up, TeaCache's last step), outputs
+equal to eager.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import torch
 pytest.importorskip("diffusers")
 
 import fastcache.diffusers as fd  # noqa: E402
-from fastcache.diffusers._families import FAMILIES, block_io, coverage  # noqa: E402
-from fastcache.diffusers._runtime import SESSION_ATTR, _as_output, _input_streams, _positions, _streams  # noqa: E402
+from fastcache.diffusers._families import FAMILIES, coverage  # noqa: E402
+from fastcache.diffusers._runtime import SESSION_ATTR  # noqa: E402
 from fastcache.diffusers._segments import block_roles, teacache_input, teacache_input_kind  # noqa: E402
 from fastcache.diffusers._tiny import CASES, TinyCase, case, denoise, observed_threshold  # noqa: E402
 from fastcache.testing import CompileCounter  # noqa: E402
+from tests._block_reference import reference_model, relative_change  # noqa: E402
 from tests._families import family  # noqa: E402
 
 TIMESTEPS = torch.linspace(1000, 0, 10)
@@ -86,83 +88,41 @@ def test_dbcache_equals_cache_dit_on_flux(fn: int, bn: int, order: int) -> None:
 # -- every family against a host-side transcription ---------------------------------------------------------------
 
 def _reference_model(tc: TinyCase, config) -> torch.nn.Module:
-    """The rule of `config`, decided on the host, with forward hooks on a copy of the uncached model: the front
-    blocks run; DBCache compares the front residual (its segment's) with the last computed call's and applies
-    cache-dit's counters; TeaCache accumulates the relative change of block 0's modulated input per sample
-    (numpy's polyval) and skips while every sample stays under the threshold. A skip passes every middle block
-    through and adds the middle's residual of the last computed call at the last middle block of a segment."""
-    model = copy.deepcopy(tc.model)
-    tea = isinstance(config, fd.TeaCacheConfig)
-    front, back = (0, 0) if tea else (config.Fn_compute_blocks, config.Bn_compute_blocks)
-    roles = block_roles(model, FAMILIES[type(model).__name__], front, back)
-    mem: dict = {"ref": None, "res": {}, "skip": False, "starts": {}, "inputs": {}, "passed": {}, "count": 0,
-                 "cached": 0, "streak": 0, "acc": None}
+    """The rule of `config`, decided on the host (`tests/_block_reference.py`): DBCache compares the front residual
+    with the last computed call's and applies cache-dit's counters; TeaCache accumulates the relative change of
+    block 0's modulated input per sample (numpy's polyval) and skips while every sample stays under the
+    threshold."""
+    mem: dict = {"ref": None, "count": 0, "cached": 0, "streak": 0, "acc": None}
 
-    def decide_dbcache(residual: torch.Tensor) -> None:
+    def decide_dbcache(residual: torch.Tensor) -> bool:
         step, ref = mem["count"], mem["ref"]
+        mem["count"] += 1
         warm = step < config.max_warmup_steps and step % config.warmup_interval == 0
-        ratio = float("inf") if ref is None else float((residual - ref).abs().mean() / ref.abs().mean())
-        skip = (not warm and ref is not None and ratio < config.residual_diff_threshold
+        skip = (not warm and ref is not None and relative_change(residual, ref) < config.residual_diff_threshold
                 and (config.max_cached_steps < 0 or mem["cached"] < config.max_cached_steps)
                 and (config.max_continuous_cached_steps < 0 or mem["streak"] < config.max_continuous_cached_steps))
         mem["cached"] += skip
         mem["streak"] = mem["streak"] + 1 if skip else 0
-        mem["skip"] = skip
         if not skip:
             mem["ref"] = residual
+        return skip
 
-    def decide_teacache(modulated: torch.Tensor) -> None:
-        previous = mem["ref"]
-        mem["ref"] = modulated
+    def decide_teacache(block, io, positions, args, kwargs) -> bool:
+        modulated = teacache_input(block, teacache_input_kind(block), io, positions, args, kwargs)
+        previous, mem["ref"] = mem["ref"], modulated
         if previous is None:
-            mem["skip"], mem["acc"] = False, np.zeros(modulated.shape[0])
-            return
+            mem["acc"] = np.zeros(modulated.shape[0])
+            return False
         m, p = modulated.double().flatten(1), previous.double().flatten(1)
         rel = ((m - p).abs().mean(1) / p.abs().mean(1)).numpy()
         total = mem["acc"] + np.polyval(config.coefficients, rel)
-        mem["skip"] = bool((total < config.threshold).all())
-        mem["acc"] = total if mem["skip"] else np.zeros_like(total)
+        skip = bool((total < config.threshold).all())
+        mem["acc"] = total if skip else np.zeros_like(total)
+        return skip
 
-    for block, role in roles:
-        io, pos, orig = block_io(block), _positions(block), block.forward
-        kind = teacache_input_kind(block) if role.decides_before else None
-
-        def fwd(*args, _io=io, _pos=pos, _orig=orig, _role=role, _block=block, _kind=kind, **kwargs):
-            ins = _input_streams(_io, _pos, args, kwargs)
-            seg = _role.segment
-            if _role.first:
-                mem["inputs"][seg] = ins
-            if _role.decides_before:
-                decide_teacache(teacache_input(_block, _kind, _io, _pos, args, kwargs))
-            if not _role.middle:
-                out = _orig(*args, **kwargs)
-                if _role.decides_after:
-                    decide_dbcache(_streams(_io, out)[0] - mem["inputs"][seg][0])
-                mem["passed"][seg] = _streams(_io, out)
-                return out
-            if _role.middle_first:
-                mem["starts"][seg] = ins if _role.first else mem["passed"][seg]
-            if mem["skip"]:
-                if not _role.middle_last:
-                    return _as_output(_io, ins)
-                return _as_output(_io, tuple(None if a is None or r is None else a + r
-                                             for a, r in zip(ins, mem["res"][seg])))
-            out = _orig(*args, **kwargs)
-            if _role.middle_last:
-                mem["res"][seg] = tuple(None if a is None or b is None else a - b
-                                        for a, b in zip(_streams(_io, out), mem["starts"][seg]))
-            return out
-
-        block.forward = fwd
-    original = model.forward
-
-    def counted(*args, **kwargs):
-        out = original(*args, **kwargs)
-        mem["count"] += 1
-        return out
-
-    model.forward = counted
-    return model
+    if isinstance(config, fd.TeaCacheConfig):
+        return reference_model(tc, 0, 0, decide_before=decide_teacache)
+    return reference_model(tc, config.Fn_compute_blocks, config.Bn_compute_blocks, decide_after=decide_dbcache)
 
 
 BLOCK_METHODS = [(n, m) for n in CASES for m in ("DBCache", "TeaCache")

@@ -24,9 +24,10 @@ from diffusers.hooks import apply_pyramid_attention_broadcast as d_apply_pab  # 
 from diffusers.hooks.hooks import CacheContext, _set_cache_context  # noqa: E402
 
 import fastcache.diffusers as fd  # noqa: E402
-from fastcache.diffusers._families import FAMILIES, coverage  # noqa: E402
+from fastcache.diffusers._families import coverage  # noqa: E402
 from fastcache.diffusers._tiny import CASES, TinyCase, case, denoise, fbc_threshold  # noqa: E402
 from fastcache.methods import pyramid_attention_broadcast as pab  # noqa: E402
+from tests._block_reference import reference_model, relative_change  # noqa: E402
 from tests._families import FASTERCACHE, FBC_NO_ORACLE, family  # noqa: E402
 
 TIMESTEPS = torch.linspace(1000, 0, 10)
@@ -137,49 +138,20 @@ def _fbc_reference(tc: TinyCase, ctx: str, threshold: float) -> list[torch.Tenso
 
 
 def _fbc_reference_model(tc: TinyCase, threshold: float) -> torch.nn.Module:
-    """FirstBlockCache by segments, written directly with forward hooks on the uncached model: head computes;
-    on a skip every other block returns its input, and the last block of each segment returns its input
-    plus that segment's residual from the last computed step (the segment's start is the head's output
-    for the first segment, the segment's first input otherwise)."""
-    from fastcache.diffusers._families import block_io
-    from fastcache.diffusers._runtime import _as_output, _input_streams, _positions, _streams
-    from fastcache.diffusers._segments import block_roles
+    """FirstBlockCache by segments, written directly with forward hooks on the uncached model
+    (`tests/_block_reference.py`, front 1, back 0): the head computes and decides on its residual; on a skip
+    every other block returns its input, and the last block of each segment returns its input plus that
+    segment's residual from the last computed step (the segment's start is the head's output for the first
+    segment, the segment's first input otherwise)."""
+    mem: dict = {"ref": None}
 
-    model = copy.deepcopy(tc.model)
-    roles = block_roles(model, FAMILIES[type(model).__name__], 1, 0)
-    mem: dict = {"ref": None, "res": {}, "skip": False, "starts": {}}
-    originals = {}
-    for block, role in roles:
-        io, pos, orig = block_io(block), _positions(block), block.forward
-        originals[block] = orig
+    def decide(residual: torch.Tensor) -> bool:
+        skip = relative_change(residual, mem["ref"]) <= threshold
+        if not skip:
+            mem["ref"] = residual
+        return skip
 
-        def fwd(*args, _io=io, _pos=pos, _orig=orig, _role=role, **kwargs):
-            ins = _input_streams(_io, _pos, args, kwargs)
-            if _role.decides_after:
-                out = _orig(*args, **kwargs)
-                r = _streams(_io, out)[0] - ins[0]
-                ref = mem["ref"]
-                ratio = float("inf") if ref is None else float((r - ref).abs().mean() / ref.abs().mean())
-                mem["skip"] = ref is not None and ratio <= threshold
-                if not mem["skip"]:
-                    mem["ref"] = r
-                mem["starts"][_role.segment] = _streams(_io, out)
-                return out
-            if _role.first:
-                mem["starts"][_role.segment] = ins
-            if mem["skip"]:
-                if not _role.middle_last:
-                    return _as_output(_io, ins)
-                res = mem["res"][_role.segment]
-                return _as_output(_io, tuple(None if a is None or b is None else a + b for a, b in zip(ins, res)))
-            out = _orig(*args, **kwargs)
-            if _role.middle_last:
-                mem["res"][_role.segment] = tuple(None if a is None or b is None else a - b
-                                                  for a, b in zip(_streams(_io, out), mem["starts"][_role.segment]))
-            return out
-
-        block.forward = fwd
-    return model
+    return reference_model(tc, 1, 0, decide_after=decide)
 
 
 # FasterCache runs in full where the pipelines batch CFG; elsewhere its attention approximation alone
