@@ -231,6 +231,17 @@ def trace(model: CacheableModel, inputs: Inputs) -> ModelTrace:
                       tuple(block_flops), head_flops)
 
 
+def counted_fraction(model: CacheableModel, inputs: Inputs, state: Any, skipped_blocks: slice) -> float:
+    """Share of the model's FLOPs run by a method that skips the blocks `skipped_blocks` on the calls its state did
+    not count as computed (`state.count` calls, `state.num_computed` of them computed; one host read, after the
+    loop)."""
+    tr = trace(model, inputs)
+    calls, computed = int(state.count), int(state.num_computed)
+    if calls == 0:
+        return 1.0
+    return 1.0 - (calls - computed) * sum(tr.block_flops[skipped_blocks]) / (calls * tr.total_flops)
+
+
 def check_planned_decision(decision: Any, expected: type, method: str) -> None:
     """Refuse a missing or foreign decision for a method that is always planned (its rules read no data)."""
     if not isinstance(decision, expected):

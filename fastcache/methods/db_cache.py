@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fastcache import _validate, kernels
 from fastcache.control import all_finite, branch
-from fastcache.engine import Plan, as_timesteps, trace
+from fastcache.engine import Plan, as_timesteps, counted_fraction, trace
 from fastcache.methods import taylorseer
 from fastcache.protocol import (
     CacheableModel,
@@ -269,9 +269,5 @@ def computed_fraction(config: DBCacheConfig, model: CacheableModel, inputs: Inpu
                       state: DBCacheState) -> float:
     """Share of the model's FLOPs run, from the state's counters (one host read, after the loop)."""
     del plan
-    tr = trace(model, inputs)
-    calls, computed = int(state.count), int(state.num_computed)
-    if calls == 0:
-        return 1.0
-    middle = sum(tr.block_flops[config.Fn_compute_blocks:model.num_blocks - config.Bn_compute_blocks])
-    return 1.0 - (calls - computed) * middle / (calls * tr.total_flops)
+    return counted_fraction(model, inputs, state, slice(config.Fn_compute_blocks,
+                                                        model.num_blocks - config.Bn_compute_blocks))

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastcache import _validate, kernels
 from fastcache.control import Flag, all_finite, branch
-from fastcache.engine import Plan, as_timesteps, trace
+from fastcache.engine import Plan, as_timesteps, counted_fraction, trace
 from fastcache.protocol import (
     CacheableModel,
     Inputs,
@@ -158,10 +158,4 @@ def computed_fraction(config: FirstBlockCacheConfig, model: CacheableModel, inpu
                       state: FirstBlockCacheState) -> float:
     """Share of the model's FLOPs run, from the state's counters (one host read, after the loop)."""
     del config, plan
-    tr = trace(model, inputs)
-    calls, computed = int(state.count), int(state.num_computed)
-    if calls == 0:
-        return 1.0
-    skipped_flops = (calls - computed) * sum(tr.block_flops[1:])
-    return 1.0 - skipped_flops / (calls * tr.total_flops)
-
+    return counted_fraction(model, inputs, state, slice(1, None))

@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastcache import _validate
 from fastcache.control import all_finite, branch
-from fastcache.engine import Plan, as_timesteps, trace
+from fastcache.engine import Plan, as_timesteps, counted_fraction, trace
 from fastcache.kernels.absmean import ratio_or_inf
 from fastcache.protocol import (
     CacheableModel,
@@ -250,8 +250,4 @@ def computed_fraction(config: TeaCacheConfig, model: CacheableModel, inputs: Inp
     """Share of the model's FLOPs run, from the state's counters (one host read, after the loop); the modulated
     input of a skipped call (part of block 0's first layers) is not counted."""
     del config, plan
-    tr = trace(model, inputs)
-    calls, computed = int(state.count), int(state.num_computed)
-    if calls == 0:
-        return 1.0
-    return 1.0 - (calls - computed) * sum(tr.block_flops) / (calls * tr.total_flops)
+    return counted_fraction(model, inputs, state, slice(None))
