@@ -19,10 +19,11 @@ from fastcache.methods.pyramid_attention_broadcast import PyramidAttentionBroadc
 from fastcache.methods.taylorseer import TaylorSeerCacheConfig
 from fastcache.methods.teacache import TeaCacheConfig
 
-FASTCACHE_CONFIGS = (PyramidAttentionBroadcastConfig, FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
-                     TaylorSeerCacheConfig, DBCacheConfig, TeaCacheConfig)
-# diffusers' own configs, translated by name (diffusers has no DBCache or TeaCache)
-_BY_DIFFUSERS_NAME = {cls.__name__: cls for cls in FASTCACHE_CONFIGS[:5]}
+# the configs that mirror diffusers' own (translated by name), then the methods diffusers lacks
+DIFFUSERS_CONFIGS = (PyramidAttentionBroadcastConfig, FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
+                     TaylorSeerCacheConfig)
+FASTCACHE_CONFIGS = (*DIFFUSERS_CONFIGS, DBCacheConfig, TeaCacheConfig)
+_BY_DIFFUSERS_NAME = {cls.__name__: cls for cls in DIFFUSERS_CONFIGS}
 
 
 # -- configs ------------------------------------------------------------------------------------------------

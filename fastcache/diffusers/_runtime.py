@@ -47,6 +47,7 @@ from fastcache.methods.taylorseer import TaylorSeerCacheConfig
 from fastcache.methods.teacache import TeaCacheConfig
 
 SESSION_ATTR = "_fastcache_session"
+BLOCK_CONFIGS = (FirstBlockCacheConfig, DBCacheConfig, TeaCacheConfig)  # the block-range methods (`_segments`)
 # diffusers' names for the batched [uncond; cond] inputs of the denoiser (FasterCache cuts them in half)
 BATCHED_KWARGS = ("hidden_states", "encoder_hidden_states", "timestep", "attention_mask", "encoder_attention_mask")
 
@@ -835,7 +836,7 @@ def install(session: Session) -> None:
     """Wrap the modules the method needs; on any error, unwrap what was wrapped (nothing half-enabled)."""
     model, config = session.model, session.config
     try:
-        if isinstance(config, (FirstBlockCacheConfig, DBCacheConfig, TeaCacheConfig)):
+        if isinstance(config, BLOCK_CONFIGS):
             from fastcache.diffusers._segments import install_blocks
 
             session.block_rule = install_blocks(session)

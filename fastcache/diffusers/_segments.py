@@ -52,7 +52,6 @@ from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.teacache import TeaCacheConfig
 
 Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
-BLOCK_CONFIGS = (FirstBlockCacheConfig, DBCacheConfig, TeaCacheConfig)
 
 
 # -- where each block sits -------------------------------------------------------------------------------------
@@ -108,8 +107,8 @@ class Decided(NamedTuple):
     operands: tuple  # per-call tensors the middle's branches read (DBCache + TaylorSeer's step offsets)
 
 
-def _zero(device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
-    return torch.zeros((), dtype=dtype, device=device)
+def _zero(device: torch.device) -> Tensor:
+    return torch.zeros((), dtype=torch.int64, device=device)
 
 
 def _all_true(flags: tuple[Tensor, ...], device: torch.device) -> Tensor:
@@ -143,9 +142,9 @@ class ResidualRule:
 
 class FirstBlockCacheRule(ResidualRule):
     def __init__(self, config: FirstBlockCacheConfig, model: nn.Module, family: Family) -> None:
-        if num_blocks(model, family) < 2:
-            raise ValueError(f"model: FirstBlockCache needs at least 2 blocks, {type(model).__name__} has "
-                             f"{num_blocks(model, family)}")
+        total = num_blocks(model, family)
+        if total < 2:
+            raise ValueError(f"model: FirstBlockCache needs at least 2 blocks, {type(model).__name__} has {total}")
         self.config = config
 
     def first(self, measure: Tensor, count: Tensor, planned: Any) -> Decided:
@@ -160,10 +159,7 @@ class FirstBlockCacheRule(ResidualRule):
 
 class DBCacheRule(ResidualRule):
     def __init__(self, config: DBCacheConfig, model: nn.Module, family: Family) -> None:
-        total = num_blocks(model, family)
-        if config.Fn_compute_blocks + config.Bn_compute_blocks > total:
-            raise ValueError(f"config.Fn_compute_blocks + Bn_compute_blocks: {config.Fn_compute_blocks} + "
-                             f"{config.Bn_compute_blocks} exceeds {type(model).__name__}'s {total} blocks")
+        db_cache.check_blocks(config, num_blocks(model, family), type(model).__name__)
         if family.per_block_segments and config.Fn_compute_blocks > 1:
             raise ValueError(f"config.Fn_compute_blocks: {type(model).__name__} interleaves its block lists, so "
                              f"only its first block runs before the others; use Fn_compute_blocks=1, got "

@@ -109,15 +109,16 @@ def plan(config: DBCacheConfig, timesteps: Tensor | Sequence[float], device: tor
     return Plan(tuple(DBCacheDecision(f) for f in forced), {"blocks": "".join("C" if f else "?" for f in forced)})
 
 
-def _check_blocks(config: DBCacheConfig, model: CacheableModel) -> None:
-    if config.Fn_compute_blocks + config.Bn_compute_blocks > model.num_blocks:
+def check_blocks(config: DBCacheConfig, num_blocks: int, model_name: str) -> None:
+    """Fn + Bn must fit the model's blocks (shared by the engine and the drop-in)."""
+    if config.Fn_compute_blocks + config.Bn_compute_blocks > num_blocks:
         raise ValueError(f"Fn_compute_blocks + Bn_compute_blocks: {config.Fn_compute_blocks} + "
-                         f"{config.Bn_compute_blocks} exceeds the model's num_blocks={model.num_blocks}")
+                         f"{config.Bn_compute_blocks} exceeds {model_name}'s num_blocks={num_blocks}")
 
 
 def init(config: DBCacheConfig, model: CacheableModel, inputs: Inputs) -> DBCacheState:
     check_model(model)
-    _check_blocks(config, model)
+    check_blocks(config, model.num_blocks, type(model).__name__)
     tr = trace(model, inputs)  # blocks keep each stream's shape: the head's streams give every residual's
     device = tr.output.device
     int64 = dict(dtype=torch.int64, device=device)
@@ -215,7 +216,7 @@ def step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inpu
         raise TypeError(f"decision: DBCache takes plan[i] (a DBCacheDecision) or None, got {decision!r}")
     check_state(state, DBCacheState, "DBCache")
     check_inputs(state.spec, inputs)
-    _check_blocks(config, model)
+    check_blocks(config, model.num_blocks, type(model).__name__)
     fn, middle_end = config.Fn_compute_blocks, model.num_blocks - config.Bn_compute_blocks
     streams, aux = model.embed(inputs)
     h_in = streams[0]
