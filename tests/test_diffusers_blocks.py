@@ -201,14 +201,17 @@ def test_fullgraph_one_cond_per_call(name: str, method: str, dynamo) -> None:
 
 # -- pipelines and bad input ------------------------------------------------------------------------------------
 
-def test_teacache_in_a_pipeline_computes_the_first_and_last_steps() -> None:
+def test_teacache_in_a_pipeline_computes_the_first_and_last_steps(dynamo) -> None:
     """In a pipeline the last step is known on the host (its scheduler): a threshold that skips everything else
-    still computes the first and the last step of each context (TeaCache's rule), with Wan's CFG as two calls."""
+    still computes the first and the last step of each context (TeaCache's rule), with Wan's CFG as two calls;
+    compiled fullgraph, those calls take no torch.cond and every other call one."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
                        transformer=copy.deepcopy(case("wan").model).eval())
     fd.enable_cache(pipe, fd.TeaCacheConfig(threshold=1e6, coefficients=IDENTITY))
+    counter = CompileCounter("eager")
+    pipe.transformer = torch.compile(pipe.transformer, fullgraph=True, backend=counter)
     skipped: dict[str, list[bool]] = {"cond": [], "uncond": []}
 
     def record(p, step, timestep, kwargs):
@@ -223,6 +226,8 @@ def test_teacache_in_a_pipeline_computes_the_first_and_last_steps() -> None:
     fd.disable_cache(pipe)
     for flags in skipped.values():
         assert flags == [False, True, True, True, True, False], skipped
+    assert dynamo.graph_breaks == 0
+    assert counter.conds_per_call == [0, 0] + [1] * 8 + [0, 0], counter.conds_per_call
 
 
 def test_dbcache_blocks_out_of_range_are_refused_before_any_compute() -> None:
