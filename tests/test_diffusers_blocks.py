@@ -239,3 +239,81 @@ def test_dbcache_blocks_out_of_range_are_refused_before_any_compute() -> None:
         fd.DBCacheConfig(residual_diff_threshold=float("nan"))
     with pytest.raises(ValueError, match="coefficients"):
         fd.TeaCacheConfig(coefficients=(1.0, 2.0))
+    with pytest.raises(TypeError, match="calibrate"):
+        fd.TeaCacheConfig(calibrate=1)
+
+
+# -- calibration -------------------------------------------------------------------------------------------------
+
+def _wan_pipeline(transformer: torch.nn.Module):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=transformer)
+
+
+def _run_wan(pipe, seed: int, steps: int = 5) -> torch.Tensor:
+    embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(seed))
+    return pipe(prompt_embeds=embeds, negative_prompt_embeds=-embeds, guidance_scale=3.0, num_frames=5, height=64,
+                width=64, num_inference_steps=steps, output_type="latent",
+                generator=torch.Generator().manual_seed(seed)).frames
+
+
+def _reference_pairs(transformer: torch.nn.Module, run) -> tuple[np.ndarray, np.ndarray]:
+    """TeaCache's calibration written with hooks on the uncached model: Wan's modulated input is block 0's `temb`
+    argument (TeaCache's Wan port); consecutive calls alternate cond and uncond, so each is paired with the call
+    two before it, within one pipeline call."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: dict[str, torch.Tensor] = {}
+    pre = transformer.blocks[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(temb=(kwargs.get("temb", args[2] if len(args) > 2 else None))),
+        with_kwargs=True)
+    post = transformer.register_forward_hook(lambda m, args, out: calls.append((seen["temb"], out[0])))
+    xs, ys = [], []
+    for seed in (0, 1):
+        calls.clear()
+        run(seed)
+        for (m, o), (m_prev, o_prev) in zip(calls[2:], calls[:-2]):
+            xs.append(relative_change(m, m_prev))
+            ys.append(relative_change(o, o_prev))
+    pre.remove()
+    post.remove()
+    return np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64)
+
+
+def test_teacache_calibration_in_a_pipeline_pairs_calls_per_context_and_generation() -> None:
+    """`TeaCacheConfig(calibrate=True)` on a Wan pipeline with CFG, two generations: every step computes (outputs
+    equal to the uncached pipeline), and `calibrated_coefficients` is numpy's fit over the pairs a hook-based
+    transcription of TeaCache's procedure collects (cond with cond, uncond with uncond, each generation apart):
+    the two polynomials agree on every recorded input change."""
+    transformer = copy.deepcopy(case("wan").model).eval()
+    reference = _wan_pipeline(copy.deepcopy(transformer))
+    pipe = _wan_pipeline(transformer)
+    fd.enable_cache(pipe, fd.TeaCacheConfig(calibrate=True))
+    with pytest.raises(ValueError, match="no pair of consecutive calls"):
+        fd.calibrated_coefficients(pipe)
+    outs = [_run_wan(pipe, seed) for seed in (0, 1)]
+    coefficients = fd.calibrated_coefficients(pipe)
+    x, y = _reference_pairs(reference.transformer, lambda seed: _run_wan(reference, seed))
+    assert len(x) == 2 * 2 * 4  # generations x contexts x (steps - 1)
+    expected = np.polyfit(x, y, 4)
+    np.testing.assert_allclose(np.polyval(coefficients, x), np.polyval(expected, x), rtol=1e-3, atol=1e-6)
+    for seed, out in zip((0, 1), outs):
+        torch.testing.assert_close(out, _run_wan(reference, seed), atol=0, rtol=0)  # nothing skipped
+    assert fd.TeaCacheConfig(coefficients=coefficients).coefficients == coefficients
+    fd.reset_cache(pipe)
+    with pytest.raises(ValueError, match="no pair of consecutive calls"):
+        fd.calibrated_coefficients(pipe)
+    fd.disable_cache(pipe)
+    with pytest.raises(ValueError, match=r"TeaCacheConfig\(calibrate=True\)"):
+        fd.calibrated_coefficients(pipe)
+
+
+def test_magcache_calibration_through_a_pipeline_keeps_its_ratios() -> None:
+    """A pipeline's context states end with its call: the last call's stay readable for `calibrated_ratios`."""
+    pipe = _wan_pipeline(copy.deepcopy(case("wan").model).eval())
+    fd.enable_cache(pipe, fd.MagCacheConfig(calibrate=True, num_inference_steps=5))
+    _run_wan(pipe, 0)
+    for name in ("cond", "uncond"):
+        tensor, values = fd.calibrated_ratios(pipe.transformer, name)
+        assert tensor.shape == (5,) and values[0] == 1.0 and len(set(values)) > 1

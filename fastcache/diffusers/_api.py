@@ -6,11 +6,12 @@ import contextlib
 import dataclasses
 from typing import Any
 
+import torch
 from torch import nn
 
 from fastcache.diffusers._families import coverage, family_of
 from fastcache.diffusers._runtime import BATCHED_KWARGS, SESSION_ATTR, Session, install
-from fastcache.methods import mag_cache
+from fastcache.methods import mag_cache, teacache
 from fastcache.methods.db_cache import DBCacheConfig
 from fastcache.methods.faster_cache import MODULE_CALLBACK_FIELDS, TENSOR_FORMATS, FasterCacheConfig, ModuleCallback
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
@@ -179,7 +180,7 @@ def enable_cache(model_or_pipeline: Any, config: Any) -> None:
     # end-of-call `_reset_stateful_cache()` reach fastcache's session.
     model.__dict__[SESSION_ATTR] = session
     model.__dict__["cache_context"] = lambda name, **kwargs: session.context(name)
-    model.__dict__["_reset_stateful_cache"] = lambda recurse=True: session.reset()
+    model.__dict__["_reset_stateful_cache"] = lambda recurse=True: session.end_generation()
     model.__dict__["enable_cache"] = lambda *args, **kwargs: _refuse_diffusers_cache(model)
 
 
@@ -247,9 +248,30 @@ def calibrated_ratios(model: Any, name: str | None = None) -> tuple[Any, list[fl
     if session is None or not isinstance(session.config, MagCacheConfig) or not session.config.calibrate:
         raise ValueError("model: calibrated_ratios needs fastcache enabled with MagCacheConfig(calibrate=True)")
     state = session.state(name)
+    if state is None:  # a pipeline's calibration run: its states end with the call
+        state = session.last_scope.get(name, (None, 0))[0]
     if state is None or "ratios" not in state:
         raise ValueError(f"context {name!r}: no calibration call has run in it yet")
     return mag_cache.ratios_as_data(state["ratios"])
+
+
+def calibrated_coefficients(model_or_pipeline: Any) -> tuple[float, ...]:
+    """TeaCache's rescaling polynomial fitted on what a `TeaCacheConfig(calibrate=True)` run recorded since
+    enable_cache (or reset_cache): every pair of consecutive calls in one context (cond and uncond apart, each
+    pipeline call apart) gives, per sample, the relative change of block 0's modulated input and of the model's
+    output; `numpy.polyfit(x, y, 4)` over all of them, highest degree first, for `TeaCacheConfig(coefficients=)`.
+    A pipeline with two denoisers (Wan 2.2) pools both, as one config serves both."""
+    targets = _denoisers(model_or_pipeline) if _is_pipeline(model_or_pipeline) else [_unwrap(model_or_pipeline)]
+    sessions = [_session(target) for target in targets]
+    if not sessions or any(s is None or not isinstance(s.config, TeaCacheConfig) or not s.config.calibrate
+                           for s in sessions):
+        raise ValueError("model: calibrated_coefficients needs fastcache enabled with TeaCacheConfig(calibrate=True)")
+    pairs = [pair for session in sessions for pair in session.block_rule.pairs]
+    if not pairs:
+        raise ValueError("model: no pair of consecutive calls recorded yet; run the pipeline (or the model twice "
+                         "in one context) with TeaCacheConfig(calibrate=True) first")
+    x, y = (torch.cat([pair[i] for pair in pairs]) for i in (0, 1))
+    return teacache.fit_coefficients(x, y)
 
 
 def decided_on(model: Any) -> str | None:

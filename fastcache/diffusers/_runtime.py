@@ -168,6 +168,8 @@ class Session:
         # per pipeline call: context name -> (state, calls made with it, counted on the host)
         self.scopes: list[dict[str | None, tuple[Any, int]]] = [{}]
         self.active: str | None = None
+        # the context states of the last pipeline call, once it returned (a calibration run's results)
+        self.last_scope: dict[str | None, tuple[Any, int]] = {}
         self.calls = 0  # the active context's host call count
         self.wrapped: list[tuple[nn.Module, bool, Any]] = []  # (module, had own forward, previous)
         self.sites: dict[str, str] = {}  # attention module name -> kind
@@ -260,7 +262,10 @@ class Session:
         try:
             yield
         finally:
-            self.scopes.pop()
+            self._store()
+            ended = self.scopes.pop()
+            if any(state is not None for state, _ in ended.values()):  # else the pipeline reset it at its end
+                self.last_scope = ended
             self._load(previous)
 
     def __deepcopy__(self, memo: dict) -> Session:
@@ -278,9 +283,19 @@ class Session:
         finally:
             self.pipeline = previous
 
-    def reset(self) -> None:
+    def end_generation(self) -> None:
+        """A pipeline's end-of-call `_reset_stateful_cache()`: its context states stay readable (`last_scope`)."""
+        self._store()
+        self.last_scope = self.scopes[-1]
         self.scopes[-1] = {}
         self.slot.state, self.calls = None, 0
+
+    def reset(self) -> None:
+        """`reset_cache`: every context state, and what a calibration run recorded."""
+        self.end_generation()
+        self.last_scope = {}
+        if self.block_rule is not None:
+            self.block_rule.reset()
 
     def state(self, name: str | None) -> Any:
         """The state of a context in the current scope (for inspection and tests)."""
@@ -574,6 +589,8 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                     session.decided_on = "host" if planned is not None and planned.force_compute else "device"
                 out = original(*args, **kwargs)
                 new = dict(scratch.new)
+                if session.block_rule is not None:
+                    session.block_rule.after_call(state, new, _output_tensor(out))
             count = (torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["count"])
             new["count"], new["spec"] = count + 1, spec
             if session.block_rule is None:  # the block-range methods count their refused skips themselves

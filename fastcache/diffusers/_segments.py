@@ -139,6 +139,12 @@ class ResidualRule:
     def fits(self, state: dict, measure: Tensor) -> bool:
         return state["ref"].shape == measure.shape
 
+    def after_call(self, state: dict | None, new: dict, output: Tensor) -> None:
+        """Once the model returned (TeaCache's calibration records its output here)."""
+
+    def reset(self) -> None:
+        """`reset_cache`: forget what the rule keeps outside the states."""
+
 
 class FirstBlockCacheRule(ResidualRule):
     def __init__(self, config: FirstBlockCacheConfig, model: nn.Module, family: Family) -> None:
@@ -273,9 +279,14 @@ class TeaCacheRule(ResidualRule):
                              f"for {type(model).__name__}'s {type(first).__name__}; use FirstBlockCacheConfig or "
                              "DBCacheConfig there")
         self.config = config
+        # calibrate=True: every call computes and adds its (input change, output change) per sample here, over
+        # every context and pipeline call since enable_cache or reset_cache (`calibrated_coefficients`)
+        self.pairs: list[tuple[Tensor, Tensor]] = []
 
     def plan(self, calls: int, pipeline: Any) -> teacache.TeaCacheDecision:
         """The pipeline's last step computes (TeaCache's rule; the first call of a context always does)."""
+        if self.config.calibrate:
+            return teacache.TeaCacheDecision(True)
         scheduler = getattr(pipeline, "scheduler", None)
         timesteps = getattr(scheduler, "timesteps", None)
         if timesteps is None or not hasattr(scheduler, "step_index"):
@@ -303,6 +314,19 @@ class TeaCacheRule(ResidualRule):
         accumulated, skip, refused = teacache.skip_rule(self.config, state["accumulated"], rel,
                                                         torch.ones_like(finite), finite)
         return Decided(skip, refused, dict(accumulated=accumulated, previous=measure, rel=rel), ())
+
+    def after_call(self, state: dict | None, new: dict, output: Tensor) -> None:
+        # TeaCache's calibration pairs the change of block 0's modulated input (`rel`, inf on a context's first
+        # call) with the change of the model's output, per sample, between consecutive calls of one context
+        if not self.config.calibrate:
+            return
+        output = output.detach()
+        new["output"] = output
+        if state is not None and "output" in state and state["output"].shape == output.shape:
+            self.pairs.append((new["rel"].cpu(), teacache.relative_change(output, state["output"]).cpu()))
+
+    def reset(self) -> None:
+        self.pairs.clear()
 
 
 RULES = {FirstBlockCacheConfig: FirstBlockCacheRule, DBCacheConfig: DBCacheRule, TeaCacheConfig: TeaCacheRule}

@@ -79,14 +79,19 @@ def _coefficients(value: Any) -> tuple[float, ...]:
 class TeaCacheConfig:
     """`threshold`: TeaCache's `rel_l1_thresh` (on FLUX its authors report 0.25 / 0.4 / 0.6 / 0.8 for 1.5 /
     1.8 / 2.0 / 2.25x). `coefficients`: the rescaling polynomial, 5 numbers highest degree first, or the name of
-    a published fit (`COEFFICIENTS`); `fastcache calibrate --method teacache` fits one for any model."""
+    a published fit (`COEFFICIENTS`); `fastcache calibrate --method teacache` fits one for an embedded model.
+    `calibrate`: the diffusers drop-in's calibration run (every call computes and records its input and output
+    change; `fastcache.diffusers.calibrated_coefficients(pipe)` fits them); the engine calibrates with
+    `calibrate(model, generate)`."""
 
     threshold: float = 0.25
     coefficients: Any = "flux"
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "threshold", _validate.threshold("threshold", self.threshold))
         object.__setattr__(self, "coefficients", _coefficients(self.coefficients))
+        _validate.boolean("calibrate", self.calibrate)
 
 
 class TeaCacheDecision(NamedTuple):
@@ -122,7 +127,9 @@ def _check_model(model: CacheableModel) -> None:
 
 
 def init(config: TeaCacheConfig, model: CacheableModel, inputs: Inputs) -> TeaCacheState:
-    del config
+    if config.calibrate:
+        raise ValueError("calibrate: TeaCacheConfig(calibrate=True) is the diffusers drop-in's calibration run; the "
+                         "engine fits coefficients with fastcache.methods.teacache.calibrate(model, generate)")
     _check_model(model)
     tr = trace(model, inputs)
     device = tr.output.device
