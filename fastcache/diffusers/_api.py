@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from fastcache.diffusers._families import coverage, family_of
-from fastcache.diffusers._runtime import BATCHED_KWARGS, SESSION_ATTR, Session, install
+from fastcache.diffusers._runtime import (
+    BATCHED_KWARGS,
+    SESSION_ATTR,
+    Session,
+    context_parallel_hooks_only,
+    install,
+)
 from fastcache.methods import mag_cache, teacache
 from fastcache.methods.db_cache import DBCacheConfig
 from fastcache.methods.faster_cache import MODULE_CALLBACK_FIELDS, TENSOR_FORMATS, FasterCacheConfig, ModuleCallback
@@ -79,7 +85,7 @@ def _check_not_cached_by_diffusers(model: nn.Module) -> None:
                          f"({type(model._cache_config).__name__}); call its disable_cache() first")
     for name, module in model.named_modules():
         registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and getattr(registry, "hooks", None):
+        if registry is not None and getattr(registry, "hooks", None) and not context_parallel_hooks_only(registry):
             raise ValueError(f"model: module {name or type(model).__name__!r} has diffusers hooks "
                              f"({', '.join(registry.hooks)}); remove them before enabling fastcache")
 

@@ -47,6 +47,7 @@ from fastcache.methods.taylorseer import TaylorSeerCacheConfig
 from fastcache.methods.teacache import TeaCacheConfig
 
 SESSION_ATTR = "_fastcache_session"
+FINITE_FLAGS = ("finite", "windows_finite", "deltas_finite")  # the state's flags of cached values reused if finite
 BLOCK_CONFIGS = (FirstBlockCacheConfig, DBCacheConfig, TeaCacheConfig)  # the block-range methods (`_segments`)
 # diffusers' names for the batched [uncond; cond] inputs of the denoiser (FasterCache cuts them in half)
 BATCHED_KWARGS = ("hidden_states", "encoder_hidden_states", "timestep", "attention_mask", "encoder_attention_mask")
@@ -156,6 +157,38 @@ CONSUMED = "consumed"  # one call took the entry's decision
 SEVERAL = "several"  # a second call inside one entry: it decided on the device, and host counts are lost
 
 
+@dataclass(frozen=True)
+class Wrapped:
+    """One forward fastcache replaced: where it went, and what to put back."""
+
+    module: nn.Module
+    wrapper: Callable[..., Any]
+    original: Callable[..., Any] | None  # the forward a diffusers hook chain called (wrapped beneath it)
+    had: bool  # the module had an instance-level forward before (restored as it was)
+    previous: Any
+
+
+CONTEXT_PARALLEL_HOOKS = ("cp_input---", "cp_output---")  # the name prefixes of diffusers' split/gather hooks
+
+
+def context_parallel_hooks_only(registry: Any) -> bool:
+    return all(name.startswith(CONTEXT_PARALLEL_HOOKS) for name in getattr(registry, "hooks", {}))
+
+
+def context_parallel_group(model: nn.Module) -> Any:
+    """The process group of the model's diffusers context parallelism (`enable_parallelism`), None without."""
+    config = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    mesh = getattr(config, "_flattened_mesh", None)
+    return None if mesh is None or mesh.size() == 1 else mesh.get_group()
+
+
+def _innermost_hook(module: nn.Module) -> Any:
+    """The innermost link of the module's diffusers hook chain (it calls the module's own forward), or None."""
+    registry = getattr(module, "_diffusers_hook", None)
+    refs = getattr(registry, "_fn_refs", None)
+    return refs[0] if refs else None
+
+
 class Session:
     """Everything fastcache attached to one transformer; `disable_cache` undoes exactly this."""
 
@@ -171,7 +204,7 @@ class Session:
         # the context states of the last pipeline call, once it returned (a calibration run's results)
         self.last_scope: dict[str | None, tuple[Any, int]] = {}
         self.calls = 0  # the active context's host call count
-        self.wrapped: list[tuple[nn.Module, bool, Any]] = []  # (module, had own forward, previous)
+        self.wrapped: list[Wrapped] = []
         self.sites: dict[str, str] = {}  # attention module name -> kind
         self.pipelines: list[Any] = []
         self.pipeline: Any = None  # the pipeline whose call is running (its scheduler knows the timesteps)
@@ -208,6 +241,9 @@ class Session:
         # the block-range methods: whether each block's output goes straight to the next block (checked on first
         # calls; where it does not, one cond per middle block instead of per segment)
         self.chained = True
+        self.group: Any = None  # the context-parallel process group the rules sum over (`follow_parallelism`)
+        self.reduce: Any = None  # the sum over it
+        self.cfg: Any = None  # CFG parallelism (`fastcache.distributed.enable_cfg_parallel`): a `CfgGroup`
         self.restarted = False  # set by a forward that met a new input shape (see denoiser_wrapper)
         # attention processors the forward pre-traces before any torch.cond (`_prewarm`); none where the
         # method takes no cond (its decisions planned on the host)
@@ -215,18 +251,32 @@ class Session:
 
     # -- installing wrappers --
     def wrap(self, module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        """Replace the module's forward with `make(forward)`. Beneath diffusers' context-parallel hooks where the
+        module has them (`enable_parallelism` first): fastcache's wrappers always see the local shards."""
+        inner = _innermost_hook(module)
+        if inner is not None:
+            original = inner.forward
+            inner.forward = wrapper = make(original)
+            self.wrapped.append(Wrapped(module, wrapper, original, False, None))
+            return
         had = "forward" in module.__dict__
         previous = module.__dict__.get("forward")
-        original = module.forward
-        module.forward = make(original)
-        self.wrapped.append((module, had, previous))
+        module.forward = wrapper = make(module.forward)
+        self.wrapped.append(Wrapped(module, wrapper, None, had, previous))
 
     def unwrap_all(self) -> None:
-        for module, had, previous in reversed(self.wrapped):
-            if had:
-                module.forward = previous
+        for w in reversed(self.wrapped):
+            # hooks added over fastcache's wrapper later (`enable_parallelism` after `enable_cache`) stay
+            inner = next((ref for ref in getattr(getattr(w.module, "_diffusers_hook", None), "_fn_refs", ())
+                          if ref.forward is w.wrapper), None)
+            restored = w.original if w.original is not None else (
+                w.previous if w.had else type(w.module).forward.__get__(w.module))
+            if inner is not None:
+                inner.forward = restored
+            elif w.had:
+                w.module.forward = w.previous
             else:
-                del module.forward
+                del w.module.forward
         self.wrapped.clear()
 
     # -- contexts and scopes (eager) --
@@ -237,8 +287,31 @@ class Session:
         self.active = name
         self.slot.state, self.calls = self.scopes[-1].get(name, (None, 0))
 
+    # -- context parallelism (diffusers' `enable_parallelism`, before or after `enable_cache`) --
+    def follow_parallelism(self) -> None:
+        """Eagerly, at each context entry (and each eager call): when the model's context-parallel group changes,
+        check that every rank holds the same config and make the data-dependent rules sum over the group."""
+        group = context_parallel_group(self.model)
+        if group is None and self.cfg is not None:
+            group = self.cfg.group
+        if group is self.group:
+            return
+        if group is not None:
+            from fastcache.distributed import check_same_config, sum_over
+
+            device = next(self.model.parameters(), torch.empty(0)).device
+            check_same_config(self.config, group, device)
+        # states made for another world size hold other shards: none is carried over
+        self.scopes[-1] = {}
+        self.slot.state, self.calls = None, 0
+        self.group = group
+        self.reduce = None if group is None else sum_over(group)
+        if self.block_rule is not None:
+            self.block_rule.reduce = self.reduce
+
     @contextmanager
     def context(self, name: str | None) -> Iterator[None]:
+        self.follow_parallelism()
         previous = self.active
         self._store()
         self._load(name)
@@ -552,6 +625,25 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():
+                return run(*args, **kwargs)
+            session.follow_parallelism()
+            if session.group is None:
+                return run(*args, **kwargs)
+            try:
+                return run(*args, **kwargs)
+            except RuntimeError as error:
+                if not _collective_failure(error):
+                    raise
+                import torch.distributed as dist
+
+                raise RuntimeError(
+                    f"fastcache: a collective of the context-parallel group failed on rank {dist.get_rank()} of "
+                    f"{dist.get_world_size(session.group)} during a {type(model).__name__} call: a peer rank "
+                    "died, or hung past the process group's timeout (init_process_group(timeout=...)); the "
+                    f"generation cannot go on. Cause: {error}") from error
+
+        def run(*args: Any, **kwargs: Any) -> Any:
             state = slot.state
             # a zero-byte record of the input: a new shape, dtype or device (a new resolution, or a call that
             # failed half-way) starts the context afresh instead of meeting the old state
@@ -567,6 +659,12 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             scratch.state, scratch.new, scratch.misses = state, {}, []
             implicit = session.plan_outside_context()
             planned = session.take_planned()
+            if planned is None and session.reduce is not None and state is not None and session.block_rule is None:
+                # decided on the device (PAB, FasterCache): every rank reuses only what every rank may reuse
+                from fastcache.distributed import agreed_flags
+
+                flags = {key: state[key] for key in FINITE_FLAGS if key in state}
+                state = scratch.state = {**state, **agreed_flags(flags, session.reduce)}
             if isinstance(config, FasterCacheConfig):
                 out, new = _faster_cache_forward(session, original, positions, state, t, planned, args, kwargs)
             elif session.step_indexed:
@@ -576,7 +674,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                                        "`with model.cache_context(name):`, as most diffusers pipelines do (a call "
                                        "outside any context is planned on its own only when run eagerly)")
                 scratch.decision, scratch.starts = planned, {}
-                out = original(*args, **kwargs)
+                out = _call_own_half(session, original, positions, args, kwargs)
                 new = dict(scratch.new)
             else:
                 if isinstance(config, PyramidAttentionBroadcastConfig):
@@ -587,7 +685,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                     scratch.segment_inputs, scratch.starts, scratch.passed, scratch.deferred = {}, {}, {}, {}
                     # a planned call (DBCache's warm-up, TeaCache's last step) computes with no cond
                     session.decided_on = "host" if planned is not None and planned.force_compute else "device"
-                out = original(*args, **kwargs)
+                out = _call_own_half(session, original, positions, args, kwargs)
                 new = dict(scratch.new)
                 if session.block_rule is not None:
                     session.block_rule.after_call(state, new, _output_tensor(out))
@@ -607,6 +705,53 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
         return forward
 
     return make
+
+
+def _call_own_half(session: Session, original: Callable[..., Any], positions: dict[str, int], args: tuple,
+                   kwargs: dict) -> Any:
+    """The model call; under CFG parallelism each rank runs its part of the batched [uncond; cond] call (the
+    cond half on rank 0) and the outputs are all-gathered, so every rank returns the whole batch."""
+    cfg = session.cfg
+    if cfg is None:
+        return original(*args, **kwargs)
+    batch = _arg(positions, "hidden_states", args, kwargs).shape[0]
+    cfg.check_batch(batch)
+    names = BATCHED_KWARGS + session.family.extra_batched_kwargs
+    part_args, part_kwargs = _batch_part(names, args, kwargs, batch, cfg.part, cfg.size)
+    return_dict = part_kwargs.pop("return_dict", True) if "return_dict" in positions else None
+    if return_dict is not None:
+        part_kwargs["return_dict"] = False
+    out = original(*part_args, **part_kwargs)
+    sample = cfg.gather(_output_tensor(out))
+    if return_dict is None:
+        return sample
+    if return_dict:
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample)
+    return (sample,)
+
+
+def _batch_part(names: tuple[str, ...], args: tuple, kwargs: dict, batch: int, part: int,
+                parts: int) -> tuple[tuple, dict]:
+    """Part `part` of `parts` equal slices of the batched inputs (positional tensors and the batched kwargs)."""
+    size = batch // parts
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch:
+            return value[part * size:(part + 1) * size]
+        return value
+
+    return tuple(cut(v) for v in args), {n: cut(v) if n in names else v for n, v in kwargs.items()}
+
+
+def _collective_failure(error: BaseException) -> bool:
+    """Whether an error came from the communication backend (a dead or hung peer), not from the model."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        marker in text for marker in ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out"))
 
 
 def _spec(hidden: Any) -> Any:
@@ -755,17 +900,7 @@ def fastercache_attention_wrapper(session: Session, name: str, kind: str) -> Cal
 
 def _halves(names: tuple[str, ...], args: tuple, kwargs: dict, batch: int) -> tuple[tuple, tuple]:
     """(uncond, cond) halves of the batched inputs: positional tensors and diffusers' batched kwargs."""
-    def cut(value: Any, half: int) -> Any:
-        if isinstance(value, Tensor) and value.dim() and value.shape[0] == batch:
-            return value[:batch // 2] if half == 0 else value[batch // 2:]
-        return value
-
-    out = []
-    for half in (0, 1):
-        a = tuple(cut(v, half) for v in args)
-        k = {n: cut(v, half) if n in names else v for n, v in kwargs.items()}
-        out.append((a, k))
-    return out[0], out[1]
+    return _batch_part(names, args, kwargs, batch, 0, 2), _batch_part(names, args, kwargs, batch, 1, 2)
 
 
 def _faster_cache_forward(session: Session, original: Callable[..., Any], positions: dict[str, int], state: Any,
@@ -807,14 +942,20 @@ def _faster_cache_forward(session: Session, original: Callable[..., Any], positi
         batch = hidden.shape[0]
         (u_args, u_kwargs), (c_args, c_kwargs) = _halves(BATCHED_KWARGS + session.family.extra_batched_kwargs, args,
                                                         kwargs, batch)
-        # The conditional half always runs, at the top level of the graph (its attention windows update
-        # there); the unconditional half runs inside torch.cond only on full steps, with plain attention.
-        cond = _output_tensor(original(*c_args, **c_kwargs))
-        new = dict(scratch.new)
-        u_tensors, rebuild = _split_tensors(u_args, u_kwargs)
+        if session.cfg is not None:
+            cond, computed, new = _faster_cache_halves_on_two_ranks(session, original, state, decision, hidden,
+                                                                    (u_args, u_kwargs), (c_args, c_kwargs))
+            u_tensors, rebuild = (computed,), None
+        else:
+            # The conditional half always runs, at the top level of the graph (its attention windows update
+            # there); the unconditional half runs inside torch.cond only on full steps, with plain attention.
+            cond = _output_tensor(original(*c_args, **c_kwargs))
+            new = dict(scratch.new)
+            u_tensors, rebuild = _split_tensors(u_args, u_kwargs)
 
         def full(cond: Tensor, d_low: Tensor, d_high: Tensor, *ts: Tensor) -> tuple:
-            uncond = _output_tensor(_call(original, rebuild(ts)))
+            # CFG parallelism: the uncond half came from rank 1, in the operands
+            uncond = ts[0] if session.cfg is not None else _output_tensor(_call(original, rebuild(ts)))
             low, high = kernels.frequency_split((uncond - cond).float())
             return uncond, low, high
 
@@ -836,6 +977,31 @@ def _faster_cache_forward(session: Session, original: Callable[..., Any], positi
 
         return Transformer2DModelOutput(sample=sample), new
     return (sample,), new
+
+
+def _faster_cache_halves_on_two_ranks(session: Session, original: Callable[..., Any], state: Any, decision: Any,
+                                      hidden: Tensor, uncond_half: tuple, cond_half: tuple) -> tuple:
+    """FasterCache under CFG parallelism: rank 0 runs the cond half (its attention windows update there, as on
+    one process), rank 1 the uncond half with plain attention on full steps, and idles on a step that skips it;
+    one all-gather gives both ranks both halves. Returns (cond, the uncond half computed or zeros, new state)."""
+    cfg, scratch = session.cfg, session.scratch
+    if cfg.rank == 0:
+        local = _output_tensor(original(*cond_half[0], **cond_half[1]))
+    else:
+        if state is not None:  # the windows keep cond halves: carried over, and their presence means plain attention
+            for key in ("windows", "windows_finite"):
+                if key in state:
+                    scratch.new[key] = dict(state[key])
+        if state is None:
+            local = _output_tensor(original(*uncond_half[0], **uncond_half[1]))
+        else:
+            tensors, rebuild = _split_tensors(*uncond_half)
+            idle = torch.zeros(state["d_low"].shape, dtype=hidden.dtype, device=hidden.device)
+            local = _cond(decision.skip_uncond, lambda z, *ts: z.clone(),
+                          lambda z, *ts: _output_tensor(_call(original, rebuild(ts))), (idle, *tensors))
+    new = dict(scratch.new)
+    computed, cond = cfg.gather(local.float()).to(hidden.dtype).chunk(2)  # batch order: [uncond; cond]
+    return cond, computed, new
 
 
 def _guard_deltas(decision: Any, deltas_ok: Tensor, misses: list[Tensor]) -> Any:

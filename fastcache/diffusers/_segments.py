@@ -28,7 +28,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fastcache import kernels
 from fastcache.control import Flag, all_finite, select
 from fastcache.diffusers._families import BlockIO, Family, block_io
 from fastcache.diffusers._runtime import (
@@ -46,6 +45,7 @@ from fastcache.diffusers._runtime import (
     _sub,
     _with_streams,
 )
+from fastcache.distributed import Reduce, agreed_change, agreed_change_per_sample
 from fastcache.methods import db_cache, first_block_cache, taylorseer, teacache
 from fastcache.methods.db_cache import DBCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
@@ -126,6 +126,9 @@ class ResidualRule:
     """What the middle keeps: its residual per stream (`(residual,)`, None for a stream the blocks drop)."""
 
     front, back = 1, 0
+    # sums over the context-parallel group, set by the session where diffusers' context parallelism is on: every
+    # rank decides from the whole sequence (`fastcache.distributed`)
+    reduce: Reduce | None = None
 
     def keep(self, mids: tuple, old: tuple | None, operands: tuple) -> tuple:
         return tuple(None if m is None else (m,) for m in mids)
@@ -159,7 +162,8 @@ class FirstBlockCacheRule(ResidualRule):
     def decide(self, state: dict, measure: Tensor, finite: Tensor, planned: Any) -> Decided:
         # the engine's rule: NaN never counts as small (diffusers would skip on NaN), and cached residuals holding
         # a NaN or Inf are never reused: computed and counted
-        ratio, skip, refused = first_block_cache.skip_decision(self.config, measure, state["ref"], True, finite)
+        ratio, finite = agreed_change(measure, state["ref"], finite, self.reduce)
+        ratio, skip, refused = first_block_cache.skip_from_ratio(self.config, ratio, True, finite)
         return Decided(skip, refused, dict(ref=select(skip, state["ref"], measure), ratio=ratio), ())
 
 
@@ -194,9 +198,9 @@ class DBCacheRule(ResidualRule):
                        self._operands(counters))
 
     def decide(self, state: dict, measure: Tensor, finite: Tensor, planned: Any) -> Decided:
+        ratio, finite = agreed_change(measure, state["ref"], finite, self.reduce)
         counters = db_cache.Counters(state["count"], state["num_computed"], state["num_cached"], state["continuous"],
                                      finite, state["last_computed"], state["orders"])
-        ratio = kernels.absmean_rel_diff(measure, state["ref"])
         if _forced(planned):  # a warm-up step, known on the host: no cond
             skip, refused = False, None
             continuous, num_cached = torch.zeros_like(counters.continuous), counters.num_cached
@@ -307,10 +311,10 @@ class TeaCacheRule(ResidualRule):
                                          rel=torch.full_like(accumulated, float("inf"))), ())
 
     def decide(self, state: dict, measure: Tensor, finite: Tensor, planned: Any) -> Decided:
+        rel, finite = agreed_change_per_sample(measure, state["previous"], finite, self.reduce)
         if _forced(planned):
             return Decided(False, None, dict(accumulated=torch.zeros_like(state["accumulated"]), previous=measure,
-                                             rel=teacache.relative_change(measure, state["previous"])), ())
-        rel = teacache.relative_change(measure, state["previous"])
+                                             rel=rel), ())
         accumulated, skip, refused = teacache.skip_rule(self.config, state["accumulated"], rel,
                                                         torch.ones_like(finite), finite)
         return Decided(skip, refused, dict(accumulated=accumulated, previous=measure, rel=rel), ())

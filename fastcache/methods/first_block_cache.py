@@ -104,7 +104,13 @@ def skip_decision(config: FirstBlockCacheConfig, residual: Tensor, reference: Te
     """The rule, shared by the engine and the diffusers drop-in: `(ratio, skip, refused)` as 0-dim tensors on
     the device. Small means a reference exists and `ratio <= threshold` (a NaN ratio is never small); a small
     change skips only if the cached residuals are finite, else it is refused (and counted by the caller)."""
-    ratio = kernels.absmean_rel_diff(residual, reference)
+    return skip_from_ratio(config, kernels.absmean_rel_diff(residual, reference), has_reference, cached_finite)
+
+
+def skip_from_ratio(config: FirstBlockCacheConfig, ratio: Tensor, has_reference: Flag,
+                    cached_finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`skip_decision` from a ratio already formed (all-reduced over a sequence-parallel group:
+    `fastcache.distributed`)."""
     small = (ratio <= config.threshold) & has_reference
     return ratio, small & cached_finite, small & ~cached_finite
 

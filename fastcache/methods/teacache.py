@@ -31,8 +31,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastcache import _validate
 from fastcache.control import all_finite, branch
+from fastcache.distributed import agreed_change_per_sample
 from fastcache.engine import Plan, as_timesteps, counted_fraction, trace
-from fastcache.kernels.absmean import ratio_or_inf
 from fastcache.protocol import (
     CacheableModel,
     Inputs,
@@ -153,8 +153,7 @@ def init(config: TeaCacheConfig, model: CacheableModel, inputs: Inputs) -> TeaCa
 def relative_change(current: Tensor, previous: Tensor) -> Tensor:
     """Per sample (dim 0), `mean|current - previous| / mean|previous|` in fp32; `+inf` where the reference is
     all zeros or a mean overflows (never a small change); NaN stays NaN."""
-    num = (current.float() - previous.float()).abs().flatten(1).mean(1)
-    return ratio_or_inf(num, previous.float().abs().flatten(1).mean(1))
+    return agreed_change_per_sample(current, previous, None, None)[0]
 
 
 def rescale(coefficients: Sequence[float], rel: Tensor) -> Tensor:
