@@ -18,6 +18,7 @@ import copy
 import os
 import tempfile
 import traceback
+import warnings
 from datetime import timedelta
 from typing import Any
 from unittest import mock
@@ -76,6 +77,13 @@ def _config(method: str, tc: Any, clock: dict, context: str = "cond") -> Any:
                                     spatial_attention_timestep_skip_range=(-1, 1001),
                                     current_timestep_callback=lambda: clock["t"],
                                     attention_weight_callback=lambda _: 0.3, is_guidance_distilled=True)
+    if method == "MagCache":
+        steps = len(TIMESTEPS)
+        return fd.MagCacheConfig(mag_ratios=[1.0] + [1.0 + 0.004 * i for i in range(1, steps)],
+                                 num_inference_steps=steps, threshold=0.1)
+    if method == "TaylorSeer":
+        return fd.TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2, max_order=2,
+                                        taylor_factors_dtype=torch.float32)
     raise ValueError(method)
 
 
@@ -372,33 +380,52 @@ def _worker(rank: int, world: int, init: str, errors: str, job: str, args: tuple
         with open(f"{errors}.{rank}", "w") as f:
             f.write(traceback.format_exc())
         raise
+    else:
+        if job != "killed":  # its peer is gone
+            dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
 
-def spawn(job: str, world: int, *args: Any) -> None:
-    """Run `WORKERS[job]` on `world` gloo ranks; a rank's failure fails the test with its traceback."""
+def spawn(job: str, world: int, *args: Any, attempts: int = 2) -> None:
+    """Run `WORKERS[job]` on `world` gloo ranks; a rank's failure fails the test with its traceback.
+
+    A rank killed by a signal with no Python traceback (seen once in ~10 runs of 4 ranks on 2 shared cores: gloo
+    aborting with "terminate called without an active exception") is infrastructure, not a result: the job is run
+    once more, and fails if it dies again. Any assertion or exception fails at once."""
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as tmp:
-        errors = os.path.join(tmp, "error")
-        try:
-            mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), errors, job, args), nprocs=world, join=True)
-        except Exception:
-            reports = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp)) if f.startswith("error")]
-            pytest.fail("\n\n".join(reports) or "a rank died without a traceback")
+    for attempt in range(attempts):
+        with tempfile.TemporaryDirectory() as tmp:
+            errors = os.path.join(tmp, "error")
+            try:
+                mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), errors, job, args), nprocs=world,
+                         join=True)
+                return
+            except mp.ProcessExitedException as died:
+                reports = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp))
+                           if f.startswith("error")]
+                if reports or attempt + 1 == attempts:
+                    pytest.fail("\n\n".join(reports) or f"a rank died without a traceback: {died}")
+                warnings.warn(f"{job} on {world} ranks: {died}; running it once more", stacklevel=2)
+            except Exception:
+                reports = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp))
+                           if f.startswith("error")]
+                pytest.fail("\n\n".join(reports) or "a rank failed without a traceback")
 
 
 # -- the tests -------------------------------------------------------------------------------------------------
 
-CASES = [("flux", m, "parallel first") for m in ("FirstBlockCache", "TeaCache", "DBCache", "PAB", "FasterCache")]
+CASES = [("flux", m, "parallel first") for m in ("FirstBlockCache", "TeaCache", "DBCache", "PAB", "FasterCache",
+                                                  "MagCache", "TaylorSeer")]
 CASES += [("wan", m, "cache first") for m in ("FirstBlockCache", "TeaCache", "PAB")]
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_equals_one_process_with_identical_decisions(world: int) -> None:
-    spawn("equal", world, CASES if world == 2 else CASES[:3] + CASES[5:6])
+    bar = ("FirstBlockCache", "PAB", "FasterCache")  # every method on 2 ranks; the issue's three on 4
+    spawn("equal", world, CASES if world == 2 else [c for c in CASES if c[1] in bar])
 
 
 def test_mixed_configs_across_ranks_are_refused_on_every_rank_before_any_compute() -> None:
@@ -446,9 +473,9 @@ def test_a_killed_rank_makes_the_others_fail_within_the_timeout() -> None:
 
 
 def test_cfg_parallel_equals_one_process_with_identical_decisions() -> None:
-    """PAB, FirstBlockCache, DBCache and FasterCache (whose uncond rank idles on the steps that skip the uncond
-    half) on CogVideoX, whose pipelines batch [uncond; cond], on 2 ranks."""
-    spawn("cfg", 2, ["PAB", "FirstBlockCache", "DBCache", "FasterCache"])
+    """PAB, FirstBlockCache, DBCache, FasterCache (whose uncond rank idles on the steps that skip the uncond
+    half), MagCache and TaylorSeer on CogVideoX, whose pipelines batch [uncond; cond], on 2 ranks."""
+    spawn("cfg", 2, ["PAB", "FirstBlockCache", "DBCache", "FasterCache", "MagCache", "TaylorSeer"])
 
 
 def test_cfg_parallel_bad_input_is_refused_before_any_compute() -> None:
