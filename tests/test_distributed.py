@@ -291,6 +291,35 @@ def _cfg_bad_input(rank: int, world: int) -> None:
     assert calls.count == 0
 
 
+def _state_from_another_world(rank: int, world: int) -> None:
+    """A context run on one process, then under context parallelism: its state (the whole sequence's residuals)
+    is dropped, not met by the shard's, and the call computes as a first call does: the same output as a model
+    parallel from the start."""
+    import fastcache.diffusers as fd
+    from fastcache.diffusers._tiny import case
+
+    tc = case("flux")
+    config = fd.FirstBlockCacheConfig(threshold=1e9)  # would reuse anything it could
+    fresh = copy.deepcopy(tc.model).eval()
+    enable_ulysses(fresh, world)
+    fd.enable_cache(fresh, config)
+    model = copy.deepcopy(tc.model).eval()
+    fd.enable_cache(model, config)
+    for t in TIMESTEPS[:2]:
+        with torch.no_grad(), model.cache_context("cond"):
+            model(**tc.kwargs(tc.latent, t), return_dict=False)
+    assert fd.cache_state(model, "cond")["ref"].shape[1] == tc.latent.shape[1]
+    enable_ulysses(model, world)
+    with torch.no_grad(), model.cache_context("cond"):
+        out = model(**tc.kwargs(tc.latent, TIMESTEPS[2]), return_dict=False)[0]
+    state = fd.cache_state(model, "cond")
+    assert int(state["count"]) == 1 and not bool(state["skipped"]), "the old state was met"
+    assert state["ref"].shape[1] * world == tc.latent.shape[1]
+    with torch.no_grad(), fresh.cache_context("cond"):
+        expected = fresh(**tc.kwargs(tc.latent, TIMESTEPS[2]), return_dict=False)[0]
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
 def _poison(state: dict, key: str) -> None:
     """What a NaN computed on this rank alone leaves in a state: a cached value flagged non-finite."""
     for name, flag in list(state[key].items()):
@@ -365,7 +394,7 @@ def _killed_rank(rank: int, world: int, timeout_s: float, report: str) -> None:
 
 WORKERS = {"equal": _equal_to_one_process, "mixed": _mixed_configs, "compiled": _compiled,
            "nan": _nan_on_one_rank, "killed": _killed_rank, "cfg": _cfg_equal_to_one_process,
-           "cfg bad input": _cfg_bad_input}
+           "cfg bad input": _cfg_bad_input, "another world": _state_from_another_world}
 
 
 def _worker(rank: int, world: int, init: str, errors: str, job: str, args: tuple, timeout_s: float = 120) -> None:
@@ -480,3 +509,7 @@ def test_cfg_parallel_equals_one_process_with_identical_decisions() -> None:
 
 def test_cfg_parallel_bad_input_is_refused_before_any_compute() -> None:
     spawn("cfg bad input", 2)
+
+
+def test_a_state_made_for_another_world_size_is_not_reused() -> None:
+    spawn("another world", 2)
