@@ -320,6 +320,52 @@ def _state_from_another_world(rank: int, world: int) -> None:
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
+def _wan_pipeline_under_ulysses(rank: int, world: int) -> None:
+    """As a user runs it: a WanPipeline with CFG (cond and uncond as separate calls, each its own context), its
+    transformer under Ulysses and FirstBlockCache; the latents equal the single-process pipeline's, and every
+    step's decisions per context are identical on every rank."""
+    import torch.distributed as dist
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    import fastcache.diffusers as fd
+    from fastcache.diffusers._tiny import case
+
+    tc = case("wan")
+
+    def generate(parallel: bool, threshold: float) -> tuple[torch.Tensor, list]:
+        transformer = copy.deepcopy(tc.model).eval()
+        if parallel:
+            enable_ulysses(transformer, world)
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                           scheduler=FlowMatchEulerDiscreteScheduler())
+        fd.enable_cache(pipe, fd.FirstBlockCacheConfig(threshold=threshold))
+        rows: list = []
+
+        def record(p: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+            states = (fd.cache_state(p.transformer, name) for name in ("cond", "uncond"))
+            rows.append(tuple((bool(s["skipped"]), round(float(s["ratio"]), 5)) for s in states))
+            return kwargs
+
+        embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(1))
+        latents = pipe(prompt_embeds=embeds, negative_prompt_embeds=-embeds, guidance_scale=3.0, num_frames=5,
+                       height=64, width=64, num_inference_steps=8, output_type="latent",
+                       generator=torch.Generator().manual_seed(0), callback_on_step_end=record).frames
+        return latents, rows
+
+    _, observed = generate(False, 0.0)
+    ratios = sorted(r for row in observed[1:] for _, r in row)
+    threshold = (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
+    expected, expected_rows = generate(False, threshold)
+    latents, rows = generate(True, threshold)
+    flags = [s for row in rows for s, _ in row]
+    assert any(flags) and not all(flags), rows
+    assert [[s for s, _ in row] for row in rows] == [[s for s, _ in row] for row in expected_rows]
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, rows)
+    assert all(r == rows for r in everyone), everyone
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+
+
 def _poison(state: dict, key: str) -> None:
     """What a NaN computed on this rank alone leaves in a state: a cached value flagged non-finite."""
     for name, flag in list(state[key].items()):
@@ -394,7 +440,8 @@ def _killed_rank(rank: int, world: int, timeout_s: float, report: str) -> None:
 
 WORKERS = {"equal": _equal_to_one_process, "mixed": _mixed_configs, "compiled": _compiled,
            "nan": _nan_on_one_rank, "killed": _killed_rank, "cfg": _cfg_equal_to_one_process,
-           "cfg bad input": _cfg_bad_input, "another world": _state_from_another_world}
+           "cfg bad input": _cfg_bad_input, "another world": _state_from_another_world,
+           "wan pipeline": _wan_pipeline_under_ulysses}
 
 
 def _worker(rank: int, world: int, init: str, errors: str, job: str, args: tuple, timeout_s: float = 120) -> None:
@@ -513,3 +560,7 @@ def test_cfg_parallel_bad_input_is_refused_before_any_compute() -> None:
 
 def test_a_state_made_for_another_world_size_is_not_reused() -> None:
     spawn("another world", 2)
+
+
+def test_a_wan_pipeline_with_cfg_under_ulysses_equals_one_process() -> None:
+    spawn("wan pipeline", 2)
