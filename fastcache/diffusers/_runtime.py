@@ -637,8 +637,9 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                     raise
                 import torch.distributed as dist
 
+                kind = "context-parallel" if session.cfg is None else "CFG-parallel"
                 raise RuntimeError(
-                    f"fastcache: a collective of the context-parallel group failed on rank {dist.get_rank()} of "
+                    f"fastcache: a collective of the {kind} group failed on rank {dist.get_rank()} of "
                     f"{dist.get_world_size(session.group)} during a {type(model).__name__} call: a peer rank "
                     "died, or hung past the process group's timeout (init_process_group(timeout=...)); the "
                     f"generation cannot go on. Cause: {error}") from error
