@@ -69,6 +69,16 @@ def agreed_change_per_sample(current: Tensor, previous: Tensor, finite: Tensor |
     return ratio_or_inf(num, den), finite
 
 
+def on_every_rank(reduce: Reduce) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """`(a, b) -> (a on every rank, b on every rank)` for two 0-dim bool flags, in one all-reduce: a rule over a
+    batch split across ranks (TeaCache under CFG parallelism: every sample may skip, and every cache is finite)."""
+    def both(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        bad = reduce(torch.stack([(~a).float(), (~b).float()]))
+        return bad[0] == 0, bad[1] == 0
+
+    return both
+
+
 def agreed_flags(flags: Any, reduce: Reduce) -> Any:
     """A pytree of 0-dim bool flags, each true only where it is true on every rank (one all-reduce for all):
     which cached values every rank may reuse (PAB's and FasterCache's finiteness, on calls decided on the device,
@@ -153,7 +163,9 @@ def enable_cfg_parallel(model_or_pipeline: Any, group: Any = None) -> None:
     """CFG parallelism for a transformer (or a pipeline's) cached with `fastcache.enable_cache`, whose
     pipelines batch [uncond; cond] in one call: each rank of `group` (default: the whole world) runs its part of
     the batch (rank 0 the cond half) and every rank gets the whole output. Data-dependent decisions sum over the
-    group, so every rank decides alike; planned ones are identical by construction. FasterCache (2 ranks): on a
+    group, so every rank decides alike (TeaCache: each rank accumulates its own samples' changes, and a call
+    skips only where every sample on every rank may); planned ones are identical by construction. FasterCache
+    (2 ranks): on a
     full step rank 0 runs the cond half and rank 1 the uncond half; on a step that skips the uncond half, rank 1
     idles (it joins the output all-gather with nothing computed) and both rebuild it from the cond half."""
     import torch.distributed as dist
@@ -161,7 +173,6 @@ def enable_cfg_parallel(model_or_pipeline: Any, group: Any = None) -> None:
     from fastcache.diffusers._api import _denoisers, _is_pipeline, _session, _unwrap
     from fastcache.diffusers._runtime import context_parallel_group
     from fastcache.methods.faster_cache import FasterCacheConfig
-    from fastcache.methods.teacache import TeaCacheConfig
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("enable_cfg_parallel: torch.distributed is not initialized (init_process_group first)")
@@ -179,9 +190,6 @@ def enable_cfg_parallel(model_or_pipeline: Any, group: Any = None) -> None:
         if context_parallel_group(model) is not None:
             raise ValueError(f"model: {name} runs diffusers' context parallelism; CFG parallelism on top of it is "
                              "not supported yet")
-        if isinstance(session.config, TeaCacheConfig):
-            raise ValueError("config: TeaCache keeps one accumulator per sample, which CFG parallelism would split "
-                             "across ranks; use FirstBlockCacheConfig or DBCacheConfig")
         if isinstance(session.config, FasterCacheConfig):
             if session.config.is_guidance_distilled:
                 raise ValueError("config.is_guidance_distilled: a guidance-distilled model has no [uncond; cond] "

@@ -308,6 +308,7 @@ class Session:
         self.reduce = None if group is None else sum_over(group)
         if self.block_rule is not None:
             self.block_rule.reduce = self.reduce
+            self.block_rule.batch_split = self.cfg is not None and group is self.cfg.group
 
     @contextmanager
     def context(self, name: str | None) -> Iterator[None]:

@@ -45,7 +45,7 @@ from fastcache.diffusers._runtime import (
     _sub,
     _with_streams,
 )
-from fastcache.distributed import Reduce, agreed_change, agreed_change_per_sample
+from fastcache.distributed import Reduce, agreed_change, agreed_change_per_sample, on_every_rank
 from fastcache.methods import db_cache, first_block_cache, taylorseer, teacache
 from fastcache.methods.db_cache import DBCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
@@ -129,6 +129,7 @@ class ResidualRule:
     # sums over the context-parallel group, set by the session where diffusers' context parallelism is on: every
     # rank decides from the whole sequence (`fastcache.distributed`)
     reduce: Reduce | None = None
+    batch_split = False  # CFG parallelism: the ranks hold parts of the batch, not of the sequence
 
     def keep(self, mids: tuple, old: tuple | None, operands: tuple) -> tuple:
         return tuple(None if m is None else (m,) for m in mids)
@@ -311,12 +312,18 @@ class TeaCacheRule(ResidualRule):
                                          rel=torch.full_like(accumulated, float("inf"))), ())
 
     def decide(self, state: dict, measure: Tensor, finite: Tensor, planned: Any) -> Decided:
-        rel, finite = agreed_change_per_sample(measure, state["previous"], finite, self.reduce)
+        # the sequence split over ranks: every sample's change summed over them; the batch split (CFG
+        # parallelism): each rank keeps its own samples, and the skip is agreed on once the rule ran
+        split_batch = self.batch_split and self.reduce is not None
+        reduce = None if split_batch else self.reduce
+        rel, agreed = agreed_change_per_sample(measure, state["previous"], finite, reduce)
         if _forced(planned):
             return Decided(False, None, dict(accumulated=torch.zeros_like(state["accumulated"]), previous=measure,
                                              rel=rel), ())
+        everywhere = on_every_rank(self.reduce) if split_batch else None
         accumulated, skip, refused = teacache.skip_rule(self.config, state["accumulated"], rel,
-                                                        torch.ones_like(finite), finite)
+                                                        torch.ones_like(finite), finite if split_batch else agreed,
+                                                        everywhere)
         return Decided(skip, refused, dict(accumulated=accumulated, previous=measure, rel=rel), ())
 
     def after_call(self, state: dict | None, new: dict, output: Tensor) -> None:

@@ -165,13 +165,18 @@ def rescale(coefficients: Sequence[float], rel: Tensor) -> Tensor:
 
 
 def skip_rule(config: TeaCacheConfig, accumulated: Tensor, rel: Tensor, has_reference: Tensor,
-              cached_finite: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+              cached_finite: Tensor, everywhere: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
     """The rule on the device, shared by the engine and the drop-in: `(new accumulated, skip, refused)`.
     Every sample accumulates its rescaled change; the call may skip iff a reference exists and every sample's
     total stays under the threshold (a NaN never does); it skips only over finite residuals, else the skip is
-    refused (counted by the caller). A computing call resets the accumulators."""
+    refused (counted by the caller). A computing call resets the accumulators. `everywhere`: where the batch is
+    split over ranks (CFG parallelism), `(small, finite)` on every rank from this rank's (`fastcache.distributed`)."""
     total = accumulated + rescale(config.coefficients, rel)
-    small = (total < config.threshold).all() & has_reference
+    small = (total < config.threshold).all()
+    if everywhere is not None:
+        small, cached_finite = everywhere(small, cached_finite)
+    small = small & has_reference
     skip = small & cached_finite
     return torch.where(skip, total, torch.zeros_like(total)), skip, small & ~cached_finite
 
