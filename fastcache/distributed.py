@@ -45,6 +45,20 @@ def sum_over(group: Any) -> Reduce:
     return reduce
 
 
+def chain(*reduces: Reduce | None) -> Reduce | None:
+    """The sum over several groups (the context-parallel one, then the CFG-parallel one), None over none."""
+    present = [r for r in reduces if r is not None]
+    if not present:
+        return None
+
+    def reduce(t: Tensor) -> Tensor:
+        for r in present:
+            t = r(t)
+        return t
+
+    return reduce
+
+
 def agreed_change(a: Tensor, b: Tensor, finite: Tensor, reduce: Reduce | None) -> tuple[Tensor, Tensor]:
     """`(mean|a - b| / mean|b|, all cached values finite)` over the whole group, as 0-dim device tensors: the
     local partial sums and the local finiteness go through one all-reduce."""
@@ -171,7 +185,6 @@ def enable_cfg_parallel(model_or_pipeline: Any, group: Any = None) -> None:
     import torch.distributed as dist
 
     from fastcache.diffusers._api import _denoisers, _is_pipeline, _session, _unwrap
-    from fastcache.diffusers._runtime import context_parallel_group
     from fastcache.methods.faster_cache import FasterCacheConfig
 
     if not dist.is_available() or not dist.is_initialized():
@@ -187,9 +200,6 @@ def enable_cfg_parallel(model_or_pipeline: Any, group: Any = None) -> None:
         if not session.family.cfg_batched:
             raise ValueError(f"model: {name}'s pipelines run CFG as separate cond and uncond calls; CFG parallelism "
                              "splits one batched [uncond; cond] call")
-        if context_parallel_group(model) is not None:
-            raise ValueError(f"model: {name} runs diffusers' context parallelism; CFG parallelism on top of it is "
-                             "not supported yet")
         if isinstance(session.config, FasterCacheConfig):
             if session.config.is_guidance_distilled:
                 raise ValueError("config.is_guidance_distilled: a guidance-distilled model has no [uncond; cond] "

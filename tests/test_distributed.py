@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import tempfile
 import traceback
@@ -267,6 +268,49 @@ def _cfg_equal_to_one_process(rank: int, world: int, methods: list[str]) -> None
         fd.disable_cache(model)
 
 
+def _context_and_cfg(rank: int, world: int, methods: list[str]) -> None:
+    """A 2 x 2 mesh: CFG parallelism over the "cfg" dimension, diffusers' Ulysses over the other (LTX-Video batches
+    [uncond; cond] and has a context-parallel plan). The rules sum over both groups."""
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fastcache.diffusers as fd
+    from fastcache.diffusers._tiny import case
+    from fastcache.distributed import enable_cfg_parallel
+
+    mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("cfg", "ring", "ulysses"))
+    ltx = case("ltx")
+    # diffusers' Ulysses on CPU fails on LTX's text mask (its native attention broadcasts a 1-head mask against
+    # the rank's heads: "output with shape [1, 1, 128, 8] doesn't match the broadcast shape [1, 2, 128, 8]",
+    # with or without fastcache), so this runs without one
+    tc = dataclasses.replace(ltx, kwargs=lambda x, t: {**ltx.kwargs(x, t), "encoder_attention_mask": None})
+    for method in methods:
+        clock: dict = {}
+        config = _config(method, tc, clock, "cond_uncond")
+        single = copy.deepcopy(tc.model).eval()
+        fd.enable_cache(single, config)
+        expected = Run(single, tc, clock, method, context="cond_uncond")
+        model = copy.deepcopy(tc.model).eval()
+        with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2, mesh=mesh))
+        fd.enable_cache(model, config)
+        enable_cfg_parallel(model, mesh["cfg"].get_group())
+        run = Run(model, tc, clock, method, context="cond_uncond")
+        label = f"rank {rank}/{world} context x CFG {method}"
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, run.rows)
+        assert all(r == run.rows for r in everyone), f"{label}: ranks disagree: {everyone}"
+        assert run.rows == expected.rows, f"{label}: rows {run.rows} != one process {expected.rows}"
+        if method in MEASURES:
+            flags = [s for s, _ in run.rows]
+            assert any(flags) and not all(flags), f"{label}: {run.rows} must mix skip and compute"
+        for step, (a, b) in enumerate(zip(run.outs, expected.outs, strict=True)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, s=step, label=label: f"{label} step {s}: {m}")
+        fd.disable_cache(model)
+
+
 def _cfg_bad_input(rank: int, world: int) -> None:
     """Refused with a ValueError naming the field, on every rank, before any compute."""
     import fastcache.diffusers as fd
@@ -443,7 +487,8 @@ def _killed_rank(rank: int, world: int, timeout_s: float, report: str) -> None:
 WORKERS = {"equal": _equal_to_one_process, "mixed": _mixed_configs, "compiled": _compiled,
            "nan": _nan_on_one_rank, "killed": _killed_rank, "cfg": _cfg_equal_to_one_process,
            "cfg bad input": _cfg_bad_input, "another world": _state_from_another_world,
-           "wan pipeline": _wan_pipeline_under_ulysses}
+           "wan pipeline": _wan_pipeline_under_ulysses,
+           "context x cfg": _context_and_cfg}
 
 
 def _worker(rank: int, world: int, init: str, errors: str, job: str, args: tuple, timeout_s: float = 120) -> None:
@@ -567,3 +612,7 @@ def test_a_state_made_for_another_world_size_is_not_reused() -> None:
 
 def test_a_wan_pipeline_with_cfg_under_ulysses_equals_one_process() -> None:
     spawn("wan pipeline", 2)
+
+
+def test_context_and_cfg_parallel_on_a_2x2_mesh_equal_one_process() -> None:
+    spawn("context x cfg", 4, ["FirstBlockCache", "TeaCache", "PAB"])

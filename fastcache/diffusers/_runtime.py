@@ -241,8 +241,9 @@ class Session:
         # the block-range methods: whether each block's output goes straight to the next block (checked on first
         # calls; where it does not, one cond per middle block instead of per segment)
         self.chained = True
-        self.group: Any = None  # the context-parallel process group the rules sum over (`follow_parallelism`)
-        self.reduce: Any = None  # the sum over it
+        # the context-parallel and the CFG-parallel process groups (`follow_parallelism`), and the sum over both
+        self.groups: tuple[Any, Any] = (None, None)
+        self.reduce: Any = None
         self.cfg: Any = None  # CFG parallelism (`fastcache.distributed.enable_cfg_parallel`): a `CfgGroup`
         self.restarted = False  # set by a forward that met a new input shape (see denoiser_wrapper)
         # attention processors the forward pre-traces before any torch.cond (`_prewarm`); none where the
@@ -287,28 +288,35 @@ class Session:
         self.active = name
         self.slot.state, self.calls = self.scopes[-1].get(name, (None, 0))
 
-    # -- context parallelism (diffusers' `enable_parallelism`, before or after `enable_cache`) --
+    # -- parallelism: diffusers' context parallelism (`enable_parallelism`, before or after `enable_cache`) splits
+    # the sequence, fastcache's CFG parallelism (`fastcache.distributed.enable_cfg_parallel`) the batch --
     def follow_parallelism(self) -> None:
-        """Eagerly, at each context entry (and each eager call): when the model's context-parallel group changes,
-        check that every rank holds the same config and make the data-dependent rules sum over the group."""
-        group = context_parallel_group(self.model)
-        if group is None and self.cfg is not None:
-            group = self.cfg.group
-        if group is self.group:
+        """Eagerly, at each context entry (and each eager call): when the model's parallel groups change, check
+        that every rank holds the same config and make the data-dependent rules sum over the groups."""
+        groups = (context_parallel_group(self.model), None if self.cfg is None else self.cfg.group)
+        if all(a is b for a, b in zip(groups, self.groups)):
             return
-        if group is not None:
-            from fastcache.distributed import check_same_config, sum_over
+        from fastcache.distributed import chain, check_same_config, sum_over
 
-            device = next(self.model.parameters(), torch.empty(0)).device
-            check_same_config(self.config, group, device)
+        device = next(self.model.parameters(), torch.empty(0)).device
+        for group in groups:
+            if group is not None:
+                check_same_config(self.config, group, device)
         # states made for another world size hold other shards: none is carried over
         self.scopes[-1] = {}
         self.slot.state, self.calls = None, 0
-        self.group = group
-        self.reduce = None if group is None else sum_over(group)
+        self.groups = groups
+        sequence, batch = (None if group is None else sum_over(group) for group in groups)
+        self.reduce = chain(sequence, batch)
         if self.block_rule is not None:
-            self.block_rule.reduce = self.reduce
-            self.block_rule.batch_split = self.cfg is not None and group is self.cfg.group
+            rule = self.block_rule
+            rule.reduce, rule.sequence_sum, rule.batch_sum = self.reduce, sequence, batch
+
+    @property
+    def parallel(self) -> str | None:
+        """Which groups the ranks form, in words (None on one process)."""
+        names = [name for name, group in zip(("context-parallel", "CFG-parallel"), self.groups) if group is not None]
+        return " and ".join(names) or None
 
     @contextmanager
     def context(self, name: str | None) -> Iterator[None]:
@@ -629,7 +637,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             if torch.compiler.is_compiling():
                 return run(*args, **kwargs)
             session.follow_parallelism()
-            if session.group is None:
+            if session.parallel is None:
                 return run(*args, **kwargs)
             try:
                 return run(*args, **kwargs)
@@ -638,10 +646,9 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                     raise
                 import torch.distributed as dist
 
-                kind = "context-parallel" if session.cfg is None else "CFG-parallel"
                 raise RuntimeError(
-                    f"fastcache: a collective of the {kind} group failed on rank {dist.get_rank()} of "
-                    f"{dist.get_world_size(session.group)} during a {type(model).__name__} call: a peer rank "
+                    f"fastcache: a collective of the {session.parallel} group failed on rank {dist.get_rank()} of "
+                    f"{dist.get_world_size()} during a {type(model).__name__} call: a peer rank "
                     "died, or hung past the process group's timeout (init_process_group(timeout=...)); the "
                     f"generation cannot go on. Cause: {error}") from error
 

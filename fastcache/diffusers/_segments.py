@@ -129,7 +129,8 @@ class ResidualRule:
     # sums over the context-parallel group, set by the session where diffusers' context parallelism is on: every
     # rank decides from the whole sequence (`fastcache.distributed`)
     reduce: Reduce | None = None
-    batch_split = False  # CFG parallelism: the ranks hold parts of the batch, not of the sequence
+    sequence_sum: Reduce | None = None  # over the context-parallel group alone (parts of the sequence)
+    batch_sum: Reduce | None = None  # over the CFG-parallel group alone (parts of the batch)
 
     def keep(self, mids: tuple, old: tuple | None, operands: tuple) -> tuple:
         return tuple(None if m is None else (m,) for m in mids)
@@ -314,16 +315,13 @@ class TeaCacheRule(ResidualRule):
     def decide(self, state: dict, measure: Tensor, finite: Tensor, planned: Any) -> Decided:
         # the sequence split over ranks: every sample's change summed over them; the batch split (CFG
         # parallelism): each rank keeps its own samples, and the skip is agreed on once the rule ran
-        split_batch = self.batch_split and self.reduce is not None
-        reduce = None if split_batch else self.reduce
-        rel, agreed = agreed_change_per_sample(measure, state["previous"], finite, reduce)
+        rel, finite = agreed_change_per_sample(measure, state["previous"], finite, self.sequence_sum)
         if _forced(planned):
             return Decided(False, None, dict(accumulated=torch.zeros_like(state["accumulated"]), previous=measure,
                                              rel=rel), ())
-        everywhere = on_every_rank(self.reduce) if split_batch else None
+        everywhere = None if self.batch_sum is None else on_every_rank(self.batch_sum)
         accumulated, skip, refused = teacache.skip_rule(self.config, state["accumulated"], rel,
-                                                        torch.ones_like(finite), finite if split_batch else agreed,
-                                                        everywhere)
+                                                        torch.ones_like(finite), finite, everywhere)
         return Decided(skip, refused, dict(accumulated=accumulated, previous=measure, rel=rel), ())
 
     def after_call(self, state: dict | None, new: dict, output: Tensor) -> None:
