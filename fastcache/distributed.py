@@ -15,6 +15,10 @@ ratio, so no rule needs to know which of its inputs are sharded.
 
 Planned decisions (PAB, FasterCache, MagCache, TaylorSeer, DBCache's warm-up, TeaCache's first and last step)
 depend only on the call count and the timestep, which every rank shares: identical by construction.
+
+CFG parallelism (`enable_cfg_parallel`) splits the batch of a [uncond; cond] call instead: the same sums hold
+(FirstBlockCache's and DBCache's ratios are over the whole batch), and TeaCache, which keeps one accumulator per
+sample, agrees only on its skip. On a 2-D mesh both groups are summed over, the sequence's first.
 """
 
 from __future__ import annotations
