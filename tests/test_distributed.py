@@ -311,6 +311,22 @@ def _context_and_cfg(rank: int, world: int, methods: list[str]) -> None:
         fd.disable_cache(model)
 
 
+def _indivisible_sequence(rank: int, world: int) -> None:
+    """3 ranks and Flux's 64 image tokens: diffusers' split refuses on every rank before any attention runs."""
+    import fastcache.diffusers as fd
+    from fastcache.diffusers._tiny import case
+
+    tc = case("flux")
+    model = copy.deepcopy(tc.model).eval()
+    enable_ulysses(model, world)
+    fd.enable_cache(model, fd.FirstBlockCacheConfig(threshold=0.1))
+    calls = AttentionCalls()
+    with calls, torch.no_grad(), model.cache_context("cond"):
+        with pytest.raises(AssertionError, match="divisible by mesh size"):
+            model(**tc.kwargs(tc.latent, TIMESTEPS[0]), return_dict=False)
+    assert calls.count == 0
+
+
 def _cfg_bad_input(rank: int, world: int) -> None:
     """Refused with a ValueError naming the field, on every rank, before any compute."""
     import fastcache.diffusers as fd
@@ -488,7 +504,8 @@ WORKERS = {"equal": _equal_to_one_process, "mixed": _mixed_configs, "compiled": 
            "nan": _nan_on_one_rank, "killed": _killed_rank, "cfg": _cfg_equal_to_one_process,
            "cfg bad input": _cfg_bad_input, "another world": _state_from_another_world,
            "wan pipeline": _wan_pipeline_under_ulysses,
-           "context x cfg": _context_and_cfg}
+           "context x cfg": _context_and_cfg,
+           "indivisible": _indivisible_sequence}
 
 
 def _worker(rank: int, world: int, init: str, errors: str, job: str, args: tuple, timeout_s: float = 120) -> None:
@@ -547,8 +564,7 @@ CASES += [("wan", m, "cache first") for m in ("FirstBlockCache", "TeaCache", "PA
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_equals_one_process_with_identical_decisions(world: int) -> None:
-    bar = ("FirstBlockCache", "PAB", "FasterCache")  # every method on 2 ranks; the issue's three on 4
-    spawn("equal", world, CASES if world == 2 else [c for c in CASES if c[1] in bar])
+    spawn("equal", world, CASES)
 
 
 def test_mixed_configs_across_ranks_are_refused_on_every_rank_before_any_compute() -> None:
@@ -616,3 +632,7 @@ def test_a_wan_pipeline_with_cfg_under_ulysses_equals_one_process() -> None:
 
 def test_context_and_cfg_parallel_on_a_2x2_mesh_equal_one_process() -> None:
     spawn("context x cfg", 4, ["FirstBlockCache", "TeaCache", "PAB"])
+
+
+def test_a_world_size_that_does_not_divide_the_sequence_is_refused_on_every_rank() -> None:
+    spawn("indivisible", 3)
