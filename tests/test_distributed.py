@@ -126,8 +126,29 @@ def enable_ulysses(model: torch.nn.Module, world: int) -> None:
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
 
 
-def _equal_to_one_process(rank: int, world: int, cases: list[tuple[str, str, str]]) -> None:
+def _same_on_every_rank(label: str, world: int, value: Any) -> None:
     import torch.distributed as dist
+
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, value)
+    assert all(v == everyone[0] for v in everyone), f"{label}: ranks disagree: {everyone}"
+
+
+def _matches_one_process(label: str, run: Run, expected: Run, method: str,
+                         reference: torch.Tensor | None = None) -> None:
+    """Decisions that mix skip and compute, the rule's measures equal to `reference` (default: the single
+    process's: the rule measured the whole sequence, not the rank's shard), and every output equal."""
+    if method in MEASURES:
+        flags = [s for s, _ in run.rows]
+        assert any(flags) and not all(flags), f"{label}: {run.rows} must mix skip and compute"
+        reference = torch.stack(expected.measures[1:]) if reference is None else reference
+        torch.testing.assert_close(torch.stack(run.measures[1:]), reference, atol=1e-6, rtol=1e-5,
+                                   msg=lambda m: f"{label} measures: {m}")
+    for step, (a, b) in enumerate(zip(run.outs, expected.outs, strict=True)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, s=step: f"{label} step {s}: {m}")
+
+
+def _equal_to_one_process(rank: int, world: int, cases: list[tuple[str, str, str]]) -> None:
 
     import fastcache.diffusers as fd
     from fastcache.diffusers._tiny import case
@@ -149,20 +170,10 @@ def _equal_to_one_process(rank: int, world: int, cases: list[tuple[str, str, str
         run = Run(model, tc, clock, method)
         label = f"rank {rank}/{world} {name} {method} ({order})"
         assert run.rows == expected.rows, f"{label}: rows {run.rows} != one process {expected.rows}"
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, run.rows)
-        assert all(r == run.rows for r in everyone), f"{label}: ranks disagree: {everyone}"
-        if method in MEASURES:
-            flags = [s for s, _ in run.rows]
-            assert any(flags) and not all(flags), f"{label}: {run.rows} must mix skip and compute"
-            # the rule measured the whole sequence (all-reduced), not the rank's shard
-            torch.testing.assert_close(torch.stack(run.measures[1:]), torch.stack(expected.measures[1:]),
-                                       atol=1e-6, rtol=1e-5, msg=lambda m, label=label: f"{label} measures: {m}")
+        _same_on_every_rank(label, world, run.rows)
+        _matches_one_process(label, run, expected, method)
         if "ref" in run.state:
             assert run.state["ref"].shape[1] * world == expected.state["ref"].shape[1], f"{label}: not sharded"
-        for step, (a, b) in enumerate(zip(run.outs, expected.outs, strict=True)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5,
-                                       msg=lambda m, s=step, label=label: f"{label} step {s}: {m}")
         fd.disable_cache(model)
 
 
@@ -216,9 +227,13 @@ def _compiled(rank: int, world: int, parallelism: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _own_samples(expected: Run, method: str, cfg_rank: int) -> torch.Tensor | None:
+    """TeaCache measures per sample: under CFG parallelism a rank holds its own ([uncond; cond], rank 0 the cond)."""
+    return torch.stack(expected.measures[1:])[:, [1 - cfg_rank]] if method == "TeaCache" else None
+
+
 def _cfg_equal_to_one_process(rank: int, world: int, methods: list[str]) -> None:
     """CogVideoX batches [uncond; cond]: rank 0 runs the cond half, rank 1 the uncond half."""
-    import torch.distributed as dist
 
     import fastcache.diffusers as fd
     from fastcache.diffusers._tiny import case
@@ -243,9 +258,7 @@ def _cfg_equal_to_one_process(rank: int, world: int, methods: list[str]) -> None
         run = Run(model, tc, clock, method, context="cond_uncond")
         label = f"rank {rank}/{world} CFG-parallel {method}"
         rows = [s for s, _ in run.rows] if method == "FasterCache" else run.rows  # its ranks run different halves
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, (rows, [d.sum().item() for d in run.deltas]))
-        assert all(r == everyone[0] for r in everyone), f"{label}: ranks disagree: {everyone}"
+        _same_on_every_rank(label, world, (rows, [d.sum().item() for d in run.deltas]))
         if method == "FasterCache":
             # each rank makes half the single process's attention calls: rank 0 the cond half's, rank 1 the
             # uncond half's on full steps, none on the steps that skip it (it idles)
@@ -254,24 +267,13 @@ def _cfg_equal_to_one_process(rank: int, world: int, methods: list[str]) -> None
             torch.testing.assert_close(torch.stack(run.deltas), torch.stack(expected.deltas), atol=1e-5, rtol=1e-5)
         else:
             assert run.rows == expected.rows, f"{label}: rows {run.rows} != one process {expected.rows}"
-        if method in MEASURES:
-            flags = [s for s, _ in run.rows]
-            assert any(flags) and not all(flags), f"{label}: {run.rows} must mix skip and compute"
-            reference = torch.stack(expected.measures[1:])
-            if method == "TeaCache":  # per sample: this rank's own, [uncond; cond] with rank 0 the cond half
-                reference = reference[:, [1 - rank]]
-            torch.testing.assert_close(torch.stack(run.measures[1:]), reference,
-                                       atol=1e-6, rtol=1e-5, msg=lambda m, label=label: f"{label} measures: {m}")
-        for step, (a, b) in enumerate(zip(run.outs, expected.outs, strict=True)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5,
-                                       msg=lambda m, s=step, label=label: f"{label} step {s}: {m}")
+        _matches_one_process(label, run, expected, method, _own_samples(expected, method, rank))
         fd.disable_cache(model)
 
 
 def _context_and_cfg(rank: int, world: int, methods: list[str]) -> None:
     """A 2 x 2 mesh: CFG parallelism over the "cfg" dimension, diffusers' Ulysses over the other (LTX-Video batches
     [uncond; cond] and has a context-parallel plan). The rules sum over both groups."""
-    import torch.distributed as dist
     from diffusers import ContextParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -298,16 +300,10 @@ def _context_and_cfg(rank: int, world: int, methods: list[str]) -> None:
         enable_cfg_parallel(model, mesh["cfg"].get_group())
         run = Run(model, tc, clock, method, context="cond_uncond")
         label = f"rank {rank}/{world} context x CFG {method}"
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, run.rows)
-        assert all(r == run.rows for r in everyone), f"{label}: ranks disagree: {everyone}"
+        _same_on_every_rank(label, world, run.rows)
         assert run.rows == expected.rows, f"{label}: rows {run.rows} != one process {expected.rows}"
-        if method in MEASURES:
-            flags = [s for s, _ in run.rows]
-            assert any(flags) and not all(flags), f"{label}: {run.rows} must mix skip and compute"
-        for step, (a, b) in enumerate(zip(run.outs, expected.outs, strict=True)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5,
-                                       msg=lambda m, s=step, label=label: f"{label} step {s}: {m}")
+        _matches_one_process(label, run, expected, method,
+                             _own_samples(expected, method, mesh["cfg"].get_local_rank()))
         fd.disable_cache(model)
 
 
