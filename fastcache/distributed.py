@@ -63,44 +63,45 @@ def chain(*reduces: Reduce | None) -> Reduce | None:
     return reduce
 
 
+def _summed_with_finiteness(values: Tensor, finite: Tensor, reduce: Reduce) -> tuple[Tensor, Tensor]:
+    """`values` summed over the group, and whether `finite` holds on every rank: one all-reduce for both."""
+    packed = reduce(torch.cat([values, (~finite).float().reshape(1)]))
+    return packed[:-1], packed[-1] == 0
+
+
 def agreed_change(a: Tensor, b: Tensor, finite: Tensor, reduce: Reduce | None) -> tuple[Tensor, Tensor]:
     """`(mean|a - b| / mean|b|, all cached values finite)` over the whole group, as 0-dim device tensors: the
     local partial sums and the local finiteness go through one all-reduce."""
     sums = kernels.absmean_sums(a, b)
     if reduce is None:
         return kernels.rel_diff_from_sums(sums), finite
-    packed = reduce(torch.cat([sums, (~finite).float().reshape(1)]))
-    return ratio_or_inf(packed[0], packed[1]), packed[2] == 0
+    sums, finite = _summed_with_finiteness(sums, finite, reduce)
+    return ratio_or_inf(sums[0], sums[1]), finite
 
 
-def agreed_change_per_sample(current: Tensor, previous: Tensor, finite: Tensor | None,
-                             reduce: Reduce | None) -> tuple[Tensor, Tensor | None]:
+def per_sample_means(current: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sample (dim 0), in fp32: `mean|current - previous|` and `mean|previous|`."""
+    return ((current.float() - previous.float()).abs().flatten(1).mean(1),
+            previous.float().abs().flatten(1).mean(1))
+
+
+def agreed_change_per_sample(current: Tensor, previous: Tensor, finite: Tensor,
+                             reduce: Reduce | None) -> tuple[Tensor, Tensor]:
     """Per sample (dim 0): `mean|current - previous| / mean|previous|` in fp32 over the whole group (`+inf`
     where the reference is all zeros or a mean overflows; NaN stays NaN), and whether every rank's cached values
-    are `finite` (TeaCache's measure: `teacache.relative_change` is this on one process)."""
-    num = (current.float() - previous.float()).abs().flatten(1).mean(1)
-    den = previous.float().abs().flatten(1).mean(1)
-    if reduce is not None and finite is not None:
-        packed = reduce(torch.cat([num, den, (~finite).float().reshape(1)]))
-        n = num.numel()
-        num, den, finite = packed[:n], packed[n:2 * n], packed[2 * n] == 0
+    are `finite` (TeaCache's measure: `teacache.relative_change` on one process)."""
+    num, den = per_sample_means(current, previous)
+    if reduce is not None:
+        means, finite = _summed_with_finiteness(torch.cat([num, den]), finite, reduce)
+        num, den = means.chunk(2)
     return ratio_or_inf(num, den), finite
-
-
-def on_every_rank(reduce: Reduce) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """`(a, b) -> (a on every rank, b on every rank)` for two 0-dim bool flags, in one all-reduce: a rule over a
-    batch split across ranks (TeaCache under CFG parallelism: every sample may skip, and every cache is finite)."""
-    def both(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        bad = reduce(torch.stack([(~a).float(), (~b).float()]))
-        return bad[0] == 0, bad[1] == 0
-
-    return both
 
 
 def agreed_flags(flags: Any, reduce: Reduce) -> Any:
     """A pytree of 0-dim bool flags, each true only where it is true on every rank (one all-reduce for all):
     which cached values every rank may reuse (PAB's and FasterCache's finiteness, on calls decided on the device,
-    where one rank refusing a reuse the others take would split their collectives)."""
+    where one rank refusing a reuse the others take would split their collectives), or whether every sample on
+    every rank may skip (TeaCache under CFG parallelism)."""
     leaves, spec = tree_flatten(flags)
     if not leaves:
         return flags
@@ -144,8 +145,8 @@ def check_same_config(config: Any, group: Any, device: torch.device | str = "cpu
         for rank, value in enumerate(values):
             groups.setdefault(value, []).append(rank)
         split = "; ".join(f"ranks {ranks}" for ranks in groups.values())
-        raise ValueError(f"config: the ranks of the context-parallel group hold different cache configs ({split}); "
-                         "every rank must enable the same config, or their decisions would diverge")
+        raise ValueError(f"config: the ranks of a parallel group hold different cache configs ({split}); every "
+                         "rank must enable the same config, or their decisions would diverge")
 
 
 # -- CFG parallelism -------------------------------------------------------------------------------------------
@@ -188,14 +189,13 @@ def enable_cfg_parallel(model_or_pipeline: Any, group: Any = None) -> None:
     idles (it joins the output all-gather with nothing computed) and both rebuild it from the cond half."""
     import torch.distributed as dist
 
-    from fastcache.diffusers._api import _denoisers, _is_pipeline, _session, _unwrap
+    from fastcache.diffusers._api import _session, _targets
     from fastcache.methods.faster_cache import FasterCacheConfig
 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("enable_cfg_parallel: torch.distributed is not initialized (init_process_group first)")
-    targets = _denoisers(model_or_pipeline) if _is_pipeline(model_or_pipeline) else [_unwrap(model_or_pipeline)]
     size = dist.get_world_size(group)
-    for model in targets:
+    for model in _targets(model_or_pipeline):
         session = _session(model)
         name = type(model).__name__
         if session is None:

@@ -382,7 +382,6 @@ def _wan_pipeline_under_ulysses(rank: int, world: int) -> None:
     """As a user runs it: a WanPipeline with CFG (cond and uncond as separate calls, each its own context), its
     transformer under Ulysses and FirstBlockCache; the latents equal the single-process pipeline's, and every
     step's decisions per context are identical on every rank."""
-    import torch.distributed as dist
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     import fastcache.diffusers as fd
@@ -418,9 +417,7 @@ def _wan_pipeline_under_ulysses(rank: int, world: int) -> None:
     flags = [s for row in rows for s, _ in row]
     assert any(flags) and not all(flags), rows
     assert [[s for s, _ in row] for row in rows] == [[s for s, _ in row] for row in expected_rows]
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, rows)
-    assert all(r == rows for r in everyone), everyone
+    _same_on_every_rank("Wan pipeline", world, rows)
     torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -434,7 +431,6 @@ def _nan_on_one_rank(rank: int, world: int, method: str) -> None:
     """Rank 1's cached values turn non-finite after the first step; a rule that would reuse them everywhere
     (FirstBlockCache with a huge threshold, PAB decided on the device) computes on every rank, then caches
     again: the rows stay identical, nothing hangs."""
-    import torch.distributed as dist
 
     import fastcache.diffusers as fd
     from fastcache.diffusers._tiny import case
@@ -459,9 +455,7 @@ def _nan_on_one_rank(rank: int, world: int, method: str) -> None:
             counter.count = 0
             if i == 0 and rank == 1:
                 _poison(fd.cache_state(model, "cond"), "finite")
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, rows)
-    assert all(r == rows for r in everyone), everyone
+    _same_on_every_rank(f"non-finite {method}", world, rows)
     if method == "FirstBlockCache":
         assert rows == [4, 4, 1, 1], rows  # step 1 refused the reuse on every rank
     else:

@@ -79,6 +79,13 @@ def _unwrap(model: Any) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # a torch.compile'd module: the module it wraps
 
 
+def _targets(model_or_pipeline: Any) -> list[nn.Module]:
+    """The transformers a call names: a pipeline's denoisers, or the (unwrapped) model itself."""
+    if _is_pipeline(model_or_pipeline):
+        return _denoisers(model_or_pipeline)
+    return [_unwrap(model_or_pipeline)]
+
+
 def _check_not_cached_by_diffusers(model: nn.Module) -> None:
     if getattr(model, "_cache_config", None) is not None:
         raise ValueError(f"model: {type(model).__name__} already has diffusers' own cache hooks "
@@ -233,7 +240,7 @@ def cache_context(model: Any, name: str | None) -> Any:
 
 def reset_cache(model_or_pipeline: Any) -> None:
     """Forget every context state of the current scope (the next call of each context starts afresh)."""
-    targets = _denoisers(model_or_pipeline) if _is_pipeline(model_or_pipeline) else [model_or_pipeline]
+    targets = _targets(model_or_pipeline)
     sessions = [_session(target) for target in targets]
     if not targets or any(session is None for session in sessions):
         raise ValueError(f"model: fastcache is not enabled on this {type(_unwrap(model_or_pipeline)).__name__}")
@@ -267,8 +274,7 @@ def calibrated_coefficients(model_or_pipeline: Any) -> tuple[float, ...]:
     pipeline call apart) gives, per sample, the relative change of block 0's modulated input and of the model's
     output; `numpy.polyfit(x, y, 4)` over all of them, highest degree first, for `TeaCacheConfig(coefficients=)`.
     A pipeline with two denoisers (Wan 2.2) pools both, as one config serves both."""
-    targets = _denoisers(model_or_pipeline) if _is_pipeline(model_or_pipeline) else [_unwrap(model_or_pipeline)]
-    sessions = [_session(target) for target in targets]
+    sessions = [_session(target) for target in _targets(model_or_pipeline)]
     if not sessions or any(s is None or not isinstance(s.config, TeaCacheConfig) or not s.config.calibrate
                            for s in sessions):
         raise ValueError("model: calibrated_coefficients needs fastcache enabled with TeaCacheConfig(calibrate=True)")

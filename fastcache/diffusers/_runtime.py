@@ -996,18 +996,15 @@ def _faster_cache_halves_on_two_ranks(session: Session, original: Callable[..., 
     cfg, scratch = session.cfg, session.scratch
     if cfg.rank == 0:
         local = _output_tensor(original(*cond_half[0], **cond_half[1]))
+    elif state is None:
+        local = _output_tensor(original(*uncond_half[0], **uncond_half[1]))
     else:
-        if state is not None:  # the windows keep cond halves: carried over, and their presence means plain attention
-            for key in ("windows", "windows_finite"):
-                if key in state:
-                    scratch.new[key] = dict(state[key])
-        if state is None:
-            local = _output_tensor(original(*uncond_half[0], **uncond_half[1]))
-        else:
-            tensors, rebuild = _split_tensors(*uncond_half)
-            idle = torch.zeros(state["d_low"].shape, dtype=hidden.dtype, device=hidden.device)
-            local = _cond(decision.skip_uncond, lambda z, *ts: z.clone(),
-                          lambda z, *ts: _output_tensor(_call(original, rebuild(ts))), (idle, *tensors))
+        # the windows keep cond halves: carried over, and their presence means plain attention
+        scratch.new.update({key: dict(state[key]) for key in ("windows", "windows_finite") if key in state})
+        tensors, rebuild = _split_tensors(*uncond_half)
+        idle = torch.zeros(state["d_low"].shape, dtype=hidden.dtype, device=hidden.device)
+        local = _cond(decision.skip_uncond, lambda z, *ts: z.clone(),
+                      lambda z, *ts: _output_tensor(_call(original, rebuild(ts))), (idle, *tensors))
     new = dict(scratch.new)
     computed, cond = cfg.gather(local.float()).to(hidden.dtype).chunk(2)  # batch order: [uncond; cond]
     return cond, computed, new

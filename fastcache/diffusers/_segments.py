@@ -45,7 +45,7 @@ from fastcache.diffusers._runtime import (
     _sub,
     _with_streams,
 )
-from fastcache.distributed import Reduce, agreed_change, agreed_change_per_sample, on_every_rank
+from fastcache.distributed import Reduce, agreed_change, agreed_change_per_sample, agreed_flags
 from fastcache.methods import db_cache, first_block_cache, taylorseer, teacache
 from fastcache.methods.db_cache import DBCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
@@ -126,8 +126,8 @@ class ResidualRule:
     """What the middle keeps: its residual per stream (`(residual,)`, None for a stream the blocks drop)."""
 
     front, back = 1, 0
-    # sums over the context-parallel group, set by the session where diffusers' context parallelism is on: every
-    # rank decides from the whole sequence (`fastcache.distributed`)
+    # set by the session under parallelism (`fastcache.distributed`), so every rank decides from the whole
+    # sequence and batch: the sum over the context-parallel and the CFG-parallel group
     reduce: Reduce | None = None
     sequence_sum: Reduce | None = None  # over the context-parallel group alone (parts of the sequence)
     batch_sum: Reduce | None = None  # over the CFG-parallel group alone (parts of the batch)
@@ -319,7 +319,8 @@ class TeaCacheRule(ResidualRule):
         if _forced(planned):
             return Decided(False, None, dict(accumulated=torch.zeros_like(state["accumulated"]), previous=measure,
                                              rel=rel), ())
-        everywhere = None if self.batch_sum is None else on_every_rank(self.batch_sum)
+        batch_sum = self.batch_sum
+        everywhere = None if batch_sum is None else (lambda *flags: agreed_flags(flags, batch_sum))
         accumulated, skip, refused = teacache.skip_rule(self.config, state["accumulated"], rel,
                                                         torch.ones_like(finite), finite, everywhere)
         return Decided(skip, refused, dict(accumulated=accumulated, previous=measure, rel=rel), ())

@@ -31,8 +31,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastcache import _validate
 from fastcache.control import all_finite, branch
-from fastcache.distributed import agreed_change_per_sample
+from fastcache.distributed import per_sample_means
 from fastcache.engine import Plan, as_timesteps, counted_fraction, trace
+from fastcache.kernels.absmean import ratio_or_inf
 from fastcache.protocol import (
     CacheableModel,
     Inputs,
@@ -153,7 +154,7 @@ def init(config: TeaCacheConfig, model: CacheableModel, inputs: Inputs) -> TeaCa
 def relative_change(current: Tensor, previous: Tensor) -> Tensor:
     """Per sample (dim 0), `mean|current - previous| / mean|previous|` in fp32; `+inf` where the reference is
     all zeros or a mean overflows (never a small change); NaN stays NaN."""
-    return agreed_change_per_sample(current, previous, None, None)[0]
+    return ratio_or_inf(*per_sample_means(current, previous))
 
 
 def rescale(coefficients: Sequence[float], rel: Tensor) -> Tensor:
