@@ -45,3 +45,11 @@ def check_weight(name: str, w: object, ref: torch.Tensor, fn: str) -> torch.Tens
     if w.device != ref.device:
         raise ValueError(f"{fn}: {name} is on {w.device} but the data is on {ref.device}")
     return w
+
+
+def inline_in_compiled_cpu_graph(t: torch.Tensor) -> bool:
+    """Whether to trace an op's torch composite instead of calling the custom op: inside a compiled CPU graph the
+    op would be an opaque eager call (tens of microseconds of Python dispatch per call, and inductor cannot fuse
+    through it); the composite fuses into the surrounding kernels. Eager CPU calls and every CUDA call keep
+    the op (its chunked CPU loop, or the Triton kernel)."""
+    return t.device.type == "cpu" and torch.compiler.is_compiling()

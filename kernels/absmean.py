@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_same, check_tensor
+from ._checks import check_same, check_tensor, inline_in_compiled_cpu_graph
 from ._triton import (
     HAS_TRITON,
     device_guard,
@@ -224,6 +224,9 @@ def absmean_sums(a: Tensor, b: Tensor) -> Tensor:
         ValueError: empty inputs, mismatched shapes, dtypes or devices, or an unsupported dtype.
     """
     _check_pair(a, b, "absmean_sums")
+    if inline_in_compiled_cpu_graph(a):  # one fused loop (bench/results/kernels_cpu.md: 8.6 ms vs 23.6 ms)
+        diff = a.float() - b.float()
+        return torch.stack((diff.abs().sum(), b.float().abs().sum()))
     return torch.ops.fastcache.absmean_sums(a, b)
 
 
@@ -276,10 +279,4 @@ def absmean_rel_diff(a: Tensor, b: Tensor) -> Tensor:
     Example:
         >>> skip = absmean_rel_diff(residual, ref_residual) <= threshold  # a 0-dim bool tensor
     """
-    if a.device.type == "cpu" and torch.compiler.is_compiling():
-        # Inside a compiled CPU graph the op would be an opaque eager call; the same fp32 sums written
-        # inline let inductor fuse them into one loop (bench/results/kernels_cpu.md: 8.6 ms vs 23.6 ms).
-        _check_pair(a, b, "absmean_rel_diff")
-        diff = a.float() - b.float()
-        return rel_diff_from_sums(torch.stack((diff.abs().sum(), b.float().abs().sum())))
     return rel_diff_from_sums(absmean_sums(a, b))

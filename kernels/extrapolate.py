@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_same, check_tensor, check_weight
+from ._checks import check_same, check_tensor, check_weight, inline_in_compiled_cpu_graph
 from ._triton import (
     HAS_TRITON,
     device_guard,
@@ -158,4 +158,6 @@ def extrapolate(f_k: Tensor, f_prev: Tensor, w: Tensor) -> Tensor:
     check_tensor("f_prev", f_prev, fn)
     check_same(fn, "f_k", f_k, "f_prev", f_prev, dtype=True)
     check_weight("w", w, f_k, fn)
+    if inline_in_compiled_cpu_graph(f_k):
+        return _extrapolate_torch(f_k, f_prev, w)
     return torch.ops.fastcache.extrapolate(f_k, f_prev, w)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import check_same, check_tensor, check_weight
+from ._checks import check_same, check_tensor, check_weight, inline_in_compiled_cpu_graph
 from ._triton import (
     HAS_TRITON,
     device_guard,
@@ -213,4 +213,6 @@ def fastercache_uncond(
     check_same(fn, "c", c, "d_high", d_high, dtype=False)
     check_weight("w_low", w_low, c, fn)
     check_weight("w_high", w_high, c, fn)
+    if inline_in_compiled_cpu_graph(c):
+        return _fastercache_uncond_torch(c, d_low, d_high, w_low, w_high)
     return torch.ops.fastcache.fastercache_uncond(c, d_low, d_high, w_low, w_high)

@@ -18,6 +18,7 @@ pytest.importorskip("diffusers")
 
 
 import fastcache.diffusers as fd  # noqa: E402
+from fastcache.diffusers._api import _session  # noqa: E402
 from fastcache.diffusers._families import FAMILIES  # noqa: E402
 from fastcache.diffusers._segments import block_roles  # noqa: E402
 from fastcache.diffusers._tiny import CASES as CASES_ALL  # noqa: E402
@@ -98,6 +99,9 @@ def test_fullgraph_compile(name: str, method: str, contexts: tuple[str, ...], dy
     counter = CompileCounter("inductor")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     outs = denoise(compiled, tc, TIMESTEPS, contexts, clock=clock)
+    # nothing of a call outlives it: what stays reachable is rebuilt by dynamo's residual bytecode after every
+    # call, and kept tensors hold memory (an attribute cleared after a torch.cond kept its old value: Session.scratch)
+    assert _session(model).scratch is None
     graphs = counter.graphs
     breaks = dynamo.graph_breaks
     fd.reset_cache(model)  # a second generation: fresh states, the same graphs

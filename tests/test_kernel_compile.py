@@ -69,6 +69,26 @@ def test_inductor_fullgraph_matches_eager_without_graph_breaks(dynamo):
     torch.testing.assert_close(got[8].double(), expected, atol=1e-6, rtol=1e-6)
 
 
+def test_elementwise_ops_are_traced_inline_in_a_compiled_cpu_graph():
+    """On CPU a custom op in a compiled graph is an opaque eager call (tens of us of dispatch, no fusion): the
+    elementwise ops trace their torch composite there; the matmul-bound split stays one op."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(engine_like_step, fullgraph=True, backend=record)(*inputs())
+    (gm,) = graphs
+    ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "fastcache" in str(n.target)}
+    assert ops == {"fastcache.frequency_split", "fastcache.lowpass"}, ops
+    # eager CPU calls keep the op (its chunked loop): the same values as the composite
+    with torch.profiler.profile() as prof:
+        absmean_sums(*inputs()[2:4])
+    assert any(e.name == "fastcache::absmean_sums" for e in prof.events())
+
+
 def test_triton_kernels_inside_compiled_graph_via_interpreter(dynamo):
     """The real Triton kernels (interpreted) inside one fullgraph aot_eager graph on CPU."""
     absmean_op = absmean_module.interpreter_test_op()

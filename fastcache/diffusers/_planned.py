@@ -119,13 +119,16 @@ def mag_cache_wrapper(session: Any, block: nn.Module, role: MagRole) -> Wrapper:
     pass their inputs through); on a computed call the tail measures the residual against the head's input.
     The second stream passes through a skip (diffusers' rule: text, dropped after the blocks), except where it
     is audio the model outputs (`Family.audio_stream`: LTX-2, Kandinsky 6): it gets a residual of its own."""
-    scratch, config = session.scratch, session.config
+    config = session.config
     io = block_io(block)
     positions = _positions(block)
     audio = session.family.audio_stream
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
+            scratch = session.scratch
+            if scratch is None:  # called on its own, outside the transformer's forward: nothing cached
+                return original(*args, **kwargs)
             state, skip = scratch.state, scratch.decision.skip
             inputs = _input_streams(io, positions, args, kwargs)
             if role.head:
@@ -192,10 +195,13 @@ def taylorseer_modules(model: nn.Module, config: TaylorSeerCacheConfig) -> dict[
 
 def taylorseer_wrapper(session: Any, name: str, active: bool) -> Wrapper:
     """One module under TaylorSeer: compute and update its factors, or forecast it (inactive: zeros)."""
-    scratch, config = session.scratch, session.config
+    config = session.config
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
+            scratch = session.scratch
+            if scratch is None:  # called on its own, outside the transformer's forward: nothing cached
+                return original(*args, **kwargs)
             state, decision = scratch.state, scratch.decision
             factors = scratch.new.setdefault("factors", {})
             templates = scratch.new.setdefault("templates", {})

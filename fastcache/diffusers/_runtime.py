@@ -134,7 +134,7 @@ class Slot:
 
 @dataclass
 class Scratch:
-    """Values passed between wrappers within one forward (set and read at the top level of the graph)."""
+    """Values passed between wrappers within one forward: a fresh one per call (`Session.begin_call`)."""
 
     state: Any = None
     new: dict = field(default_factory=dict)
@@ -197,7 +197,8 @@ class Session:
         self.family = family
         self.config = config
         self.slot = Slot()
-        self.scratch = Scratch()
+        # the running forward's Scratch, under the key "call" between begin_call and end_call (see `scratch`)
+        self._call: dict[str, Scratch] = {}
         # per pipeline call: context name -> (state, calls made with it, counted on the host)
         self.scopes: list[dict[str | None, tuple[Any, int]]] = [{}]
         self.active: str | None = None
@@ -439,6 +440,21 @@ class Session:
                              f"pipeline runs {len(timesteps)} steps; set num_inference_steps={len(timesteps)} (the "
                              "ratios are resampled to it)")
 
+    @property
+    def scratch(self) -> Scratch | None:
+        """The running forward's scratch. It lives in a dict that is never reassigned, not in an attribute: under
+        torch.compile, dynamo (torch 2.13) replays an attribute written both before and after a torch.cond with
+        its value from before the cond, so a cleared attribute kept the call's block calls and tensors alive,
+        rebuilt by ~1000 bytecodes after every call (tests/test_diffusers_compile.py checks nothing is left)."""
+        return self._call.get("call")
+
+    def begin_call(self, state: Any) -> Scratch:
+        scratch = self._call["call"] = Scratch(state=state)
+        return scratch
+
+    def end_call(self) -> None:
+        self._call.clear()
+
     def method_config(self) -> Any:
         """The config the rules run with: FasterCache with CFG off runs as guidance-distilled; diffusers' module
         callbacks are left out (their values come from `host_weights`)."""
@@ -630,7 +646,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
     """The transformer's forward: read the active state, run the method, store the new state."""
     model, family, config = session.model, session.family, session.config
     positions = _positions(model)
-    slot, scratch = session.slot, session.scratch
+    slot = session.slot
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -665,7 +681,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                 timestep = torch.as_tensor(timestep if timestep is not None else 0.0)
             t = family.timestep(timestep)
             _prewarm(session.processors)
-            scratch.state, scratch.new, scratch.misses = state, {}, []
+            scratch = session.begin_call(state)
             implicit = session.plan_outside_context()
             planned = session.take_planned()
             if planned is None and session.reduce is not None and state is not None and session.block_rule is None:
@@ -682,7 +698,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                                        f"entry from the context's call count; call {type(model).__name__} once per "
                                        "`with model.cache_context(name):`, as most diffusers pipelines do (a call "
                                        "outside any context is planned on its own only when run eagerly)")
-                scratch.decision, scratch.starts = planned, {}
+                scratch.decision = planned
                 out = _call_own_half(session, original, positions, args, kwargs)
                 new = dict(scratch.new)
             else:
@@ -690,8 +706,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                     scratch.decision = (None if state is None else planned if planned is not None
                                         else pyramid_attention_broadcast.decide(config, state["count"], t))
                 else:
-                    scratch.skip, scratch.operands, scratch.decision = False, (), planned
-                    scratch.segment_inputs, scratch.starts, scratch.passed, scratch.deferred = {}, {}, {}, {}
+                    scratch.decision = planned
                     # a planned call (DBCache's warm-up, TeaCache's last step) computes with no cond
                     session.decided_on = "host" if planned is not None and planned.force_compute else "device"
                 out = _call_own_half(session, original, positions, args, kwargs)
@@ -706,7 +721,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             # canonical strides for every state tensor: the next call guards on them (a size-1 batch dim
             # keeps arbitrary strides, which recompiled FasterCache twice), and inductor asserts them
             slot.state = tree_map(lambda x: canonical(x) if isinstance(x, Tensor) else x, new)
-            scratch.state, scratch.new, scratch.decision = None, {}, None
+            session.end_call()
             if implicit:
                 session._count_calls()
             return out
@@ -782,10 +797,11 @@ def pab_wrapper(session: Session, name: str, kind: str) -> Callable[[Callable[..
     """One attention module under PAB: compute or reuse its output. A cached output holding a NaN or Inf is
     never reused on the device (its finiteness joins the cond's predicate) and always counted in the state's
     `nonfinite`; a planned reuse is a plain `if` (refusing it would be a branch on data: a host sync)."""
-    scratch = session.scratch
-
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
+            scratch = session.scratch
+            if scratch is None:  # called on its own, outside the transformer's forward: nothing cached
+                return original(*args, **kwargs)
             state = scratch.state
             if not session.caches(kind) or (state is not None and name not in state.get("cache", {})):
                 return original(*args, **kwargs)  # a kind this run never reuses: nothing to keep
@@ -866,10 +882,11 @@ def _same(a: tuple, b: tuple) -> bool:
 # -- FasterCache --------------------------------------------------------------------------------------------
 
 def fastercache_attention_wrapper(session: Session, name: str, kind: str) -> Callable[..., Any]:
-    scratch = session.scratch
-
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
+            scratch = session.scratch
+            if scratch is None:  # called on its own, outside the transformer's forward: nothing cached
+                return original(*args, **kwargs)
             # The conditional half runs first and records every site's window; a second call in the same
             # forward is the unconditional half of a full step (inside torch.cond): plain attention, since
             # the windows keep conditional halves only. (A membership test, not a mode flag: Python

@@ -393,7 +393,6 @@ class Deferred:
 
 def block_wrapper(session: Session, block: nn.Module, role: BlockRole, rule: Any) -> Wrapper:
     """One block's forward under a block-range cache (see the module's docstring)."""
-    scratch = session.scratch
     io = block_io(block)
     positions = _positions(block)
     method = type(session.config).__name__.removesuffix("Config")
@@ -401,6 +400,9 @@ def block_wrapper(session: Session, block: nn.Module, role: BlockRole, rule: Any
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
+            scratch = session.scratch
+            if scratch is None:  # called on its own, outside the transformer's forward: nothing cached
+                return original(*args, **kwargs)
             segment = role.segment
             inputs = _input_streams(io, positions, args, kwargs)
             if role.first:
