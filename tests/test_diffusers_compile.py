@@ -193,3 +193,64 @@ def test_no_fullgraph_families_break_the_graph_uncached(name: str) -> None:
     with torch.no_grad(), pytest.raises(torch._dynamo.exc.Unsupported):
         compiled(**tc.kwargs(tc.latent, TIMESTEPS[0]), return_dict=False)
     torch._dynamo.reset()
+
+
+def _static_inputs_recorder(model: torch.nn.Module, foreign: list[list[tuple]]):
+    """A backend that records, per compiled graph, the static inputs (what CUDA graph trees keep at a fixed address
+    and re-record for when it moves) that are not the model's own parameters or buffers."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    own = {id(t) for t in (*model.parameters(), *model.buffers())}
+
+    def backend(gm, example_inputs):
+        def forward_compiler(fx_gm, _fake_inputs):
+            static = torch._guards.TracingContext.get().fw_metadata.static_input_indices
+            foreign.append([tuple(example_inputs[i].shape) for i in static if id(example_inputs[i]) not in own])
+            return make_boxed_func(fx_gm.forward)
+
+        return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+
+    return backend
+
+
+STATIC_CASES = [("flux", "fbc"), ("flux", "pab"), ("flux", "fc-distilled"), ("flux", "mag"), ("flux", "taylorseer"),
+                ("flux", "teacache"), ("flux", "dbcache"), ("cogvideox", "fc")]
+
+
+@pytest.mark.parametrize(("name", "method"), STATIC_CASES, ids=[f"{n}-{m}" for n, m in STATIC_CASES])
+def test_the_state_is_no_static_input(name: str, method: str, dynamo) -> None:
+    """dynamo takes a tensor it reaches through the model (the wrapped forward's closure included) for a static
+    input, and CUDA graph trees re-record a graph whenever a static input moves: the state and the planned
+    decisions (new tensors every call) must reach the graph another way (H100: 76 recordings for 3 graphs)."""
+    tc = case(name)
+    model = tc.model.eval()
+    clock: dict = {}
+    if method == "mag":
+        config = fd.MagCacheConfig(mag_ratios=[1.0] + [1.0 + 0.004 * i for i in range(1, len(TIMESTEPS))],
+                                   num_inference_steps=len(TIMESTEPS), threshold=0.1)
+    elif method == "taylorseer":
+        config = fd.TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2)
+    elif method == "teacache":
+        config = fd.TeaCacheConfig(threshold=0.2)
+    elif method == "dbcache":
+        config = fd.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=1, residual_diff_threshold=0.2,
+                                  max_warmup_steps=2, taylorseer_order=1)
+    else:
+        config = _config(method.split("-")[0], clock, distilled=method.endswith("distilled"),
+                         threshold=_fbc_threshold(tc, ("cond",)) if method == "fbc" else 0.0)
+        if method == "fc-distilled":
+            config = dataclasses.replace(config, tensor_format="BCFHW")
+    fd.enable_cache(model, config)
+    foreign: list[list[tuple]] = []
+    backend = _static_inputs_recorder(model, foreign)
+    contexts = ("cond_uncond",) if name == "cogvideox" else ("cond",)
+    # compiled as a module, and inside a function of the user's (the model then reached from its closure)
+    denoise(torch.compile(model, fullgraph=True, backend=backend), tc, TIMESTEPS[:6], contexts, clock=clock)
+    as_module = len(foreign)
+    torch._dynamo.reset()
+    step = torch.compile(lambda **kwargs: model(**kwargs), fullgraph=True, backend=backend)
+    denoise(step, tc, TIMESTEPS[:6], contexts, clock=clock, set_context=model.cache_context)
+    fd.disable_cache(model)
+    assert 0 < as_module < len(foreign)
+    assert all(not shapes for shapes in foreign), foreign

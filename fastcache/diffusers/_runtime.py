@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -125,11 +127,39 @@ def _sub(a: Any, b: Any) -> Any:
     return None if a is None or b is None else a - b
 
 
-@dataclass
-class Slot:
-    """The active context's state; `cache_context` swaps it eagerly, the compiled forward reads/writes it."""
+# What a compiled forward reads that changes from call to call (the active context's state and the decision planned
+# for the call) lives in this module-level dict, one entry per Session, not on an object reached through the model:
+# dynamo takes every tensor it reaches through the model (the closure of its wrapped forward included) for a static
+# input, and CUDA graph trees re-record a graph whenever a static input moves (an H100 run recorded 76 graphs for 3
+# dynamo graphs: the state is new every call). tests/test_diffusers_compile.py checks the static inputs.
+_LIVE: dict[int, dict[str, Any]] = {}
+_KEYS = itertools.count()
 
-    state: Any = None
+
+class Slot:
+    """The active context's state and the call's planned decision; `cache_context` swaps them eagerly, the
+    compiled forward reads and writes them (through `_LIVE`)."""
+
+    def __init__(self) -> None:
+        self.key = next(_KEYS)
+        _LIVE[self.key] = {"state": None, "pending": None}
+        weakref.finalize(self, _LIVE.pop, self.key, None)
+
+    @property
+    def state(self) -> Any:
+        return _LIVE[self.key]["state"]
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        _LIVE[self.key]["state"] = value
+
+    @property
+    def pending(self) -> Any:
+        return _LIVE[self.key]["pending"]
+
+    @pending.setter
+    def pending(self, value: Any) -> None:
+        _LIVE[self.key]["pending"] = value
 
 
 @dataclass
@@ -233,7 +263,6 @@ class Session:
         self.device_config = config
         self.distilled_config = (dataclasses.replace(config, is_guidance_distilled=True)
                                  if isinstance(config, FasterCacheConfig) else None)
-        self.pending: Any = None
         # the attention kinds a planned run ever reuses, from the running pipeline's whole schedule (None: not
         # known, cache every hooked site): a kind the plan always computes is not cached at all
         self.cached_kinds: frozenset[str] | None = None
@@ -439,6 +468,15 @@ class Session:
             raise ValueError(f"MagCacheConfig.num_inference_steps: {self.config.num_inference_steps}, but the "
                              f"pipeline runs {len(timesteps)} steps; set num_inference_steps={len(timesteps)} (the "
                              "ratios are resampled to it)")
+
+    @property
+    def pending(self) -> Any:
+        """The decision planned at the context's entry for the next call, or a marker (DEVICE, CONSUMED, SEVERAL)."""
+        return self.slot.pending
+
+    @pending.setter
+    def pending(self, value: Any) -> None:
+        self.slot.pending = value
 
     @property
     def scratch(self) -> Scratch | None:
