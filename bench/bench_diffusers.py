@@ -271,6 +271,17 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + f"\n\n{json.dumps(meta)}\n"
 
 
+def _commit() -> str | None:
+    """The checkout's commit, so a results file says which code it measured."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=DEFAULT_RUNS, help="model:method pairs")
@@ -290,6 +301,7 @@ def main() -> None:
     import diffusers
 
     meta = dict(torch=torch.__version__, diffusers=diffusers.__version__, python=platform.python_version(),
+                commit=_commit(),
                 machine=platform.machine(), cpus=os.cpu_count(), threads=torch.get_num_threads(),
                 loadavg_before=load_before, loadavg_after=os.getloadavg(), args=vars(args),
                 sizes=OVERHEAD_SIZES if args.regime == "overhead" else {k: v.size for k, v in SETUPS.items()})

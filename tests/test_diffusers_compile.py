@@ -214,8 +214,9 @@ def _static_inputs_recorder(model: torch.nn.Module, foreign: list[list[tuple]]):
     return backend
 
 
-STATIC_CASES = [("flux", "fbc"), ("flux", "pab"), ("flux", "fc-distilled"), ("flux", "mag"), ("flux", "taylorseer"),
-                ("flux", "teacache"), ("flux", "dbcache"), ("cogvideox", "fc")]
+# one method per way the state is read: a segment's cond (FBC, DBCache), planned attention (PAB, FasterCache's
+# uncond deltas) and planned decisions holding tensors (TaylorSeer)
+STATIC_CASES = [("flux", "fbc"), ("flux", "pab"), ("flux", "taylorseer"), ("flux", "dbcache"), ("cogvideox", "fc")]
 
 
 @pytest.mark.parametrize(("name", "method"), STATIC_CASES, ids=[f"{n}-{m}" for n, m in STATIC_CASES])
@@ -226,31 +227,22 @@ def test_the_state_is_no_static_input(name: str, method: str, dynamo) -> None:
     tc = case(name)
     model = tc.model.eval()
     clock: dict = {}
-    if method == "mag":
-        config = fd.MagCacheConfig(mag_ratios=[1.0] + [1.0 + 0.004 * i for i in range(1, len(TIMESTEPS))],
-                                   num_inference_steps=len(TIMESTEPS), threshold=0.1)
-    elif method == "taylorseer":
+    if method == "taylorseer":
         config = fd.TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2)
-    elif method == "teacache":
-        config = fd.TeaCacheConfig(threshold=0.2)
     elif method == "dbcache":
         config = fd.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=1, residual_diff_threshold=0.2,
                                   max_warmup_steps=2, taylorseer_order=1)
     else:
         config = _config(method.split("-")[0], clock, distilled=method.endswith("distilled"),
                          threshold=_fbc_threshold(tc, ("cond",)) if method == "fbc" else 0.0)
-        if method == "fc-distilled":
-            config = dataclasses.replace(config, tensor_format="BCFHW")
     fd.enable_cache(model, config)
     foreign: list[list[tuple]] = []
     backend = _static_inputs_recorder(model, foreign)
     contexts = ("cond_uncond",) if name == "cogvideox" else ("cond",)
-    # compiled as a module, and inside a function of the user's (the model then reached from its closure)
-    denoise(torch.compile(model, fullgraph=True, backend=backend), tc, TIMESTEPS[:6], contexts, clock=clock)
-    as_module = len(foreign)
-    torch._dynamo.reset()
+    # compiled inside a function of the user's, the model reached from its closure (compiled as a module, the
+    # model is the frame's own argument: its forward's closure was never taken for static)
     step = torch.compile(lambda **kwargs: model(**kwargs), fullgraph=True, backend=backend)
     denoise(step, tc, TIMESTEPS[:6], contexts, clock=clock, set_context=model.cache_context)
     fd.disable_cache(model)
-    assert 0 < as_module < len(foreign)
+    assert len(foreign) >= 2
     assert all(not shapes for shapes in foreign), foreign
