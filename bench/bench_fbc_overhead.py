@@ -10,7 +10,9 @@ Per call, medians over round-robin rounds (so load drifts hit every variant alik
     diffusers, always compute / always skip   the same for diffusers' hook
 
 and, for each, the time spent inside inductor's compiled graphs against outside them (dynamo's guards, the
-frame's argument plumbing, the AOT wrapper). Then the guard check alone of each compiled graph.
+frame's argument plumbing, the AOT wrapper). Then the guard check alone of each compiled graph. Last, the same
+split for the engine's FirstBlockCache skip step on the reference DiT of `bench_engine.py` (256 wide, 8 blocks,
+CFG batch 2), against the uncached model and the model cut to its first block.
 
     python bench/bench_fbc_overhead.py      # writes bench/results/fbc_overhead_cpu.{md,json}
 """
@@ -128,6 +130,7 @@ def main() -> None:
         inside = statistics.median(c[1] for c in calls[name]) * 1e6
         rows.append(dict(variant=name, us_per_call=total, us_in_graphs=inside, us_outside_graphs=total - inside))
     guards = guard_times(variants, tc, timesteps)
+    engine = engine_skip_step(args.repeats)
     meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                 cpus=os.cpu_count(), threads=torch.get_num_threads(), commit=_commit(), args=vars(args),
                 size=OVERHEAD_SIZES["flux"], loadavg_before=load_before, loadavg_after=os.getloadavg())
@@ -136,11 +139,64 @@ def main() -> None:
               for r in rows]
     lines += ["", "| compiled graph | guard check, us |", "|---|---|"]
     lines += [f"| {name} | {seconds * 1e6:.1f} |" for name, seconds in guards.items()]
+    lines += ["", "| engine (reference DiT, 8 blocks) | us per call | in inductor's graphs | outside them |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['us_per_call']:.0f} | {r['us_in_graphs']:.0f} | {r['us_outside_graphs']:.0f} |"
+              for r in engine]
     table = "\n".join(lines) + f"\n\n{json.dumps(meta)}\n"
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, guards_seconds=guards), indent=1))
+    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, guards_seconds=guards,
+                                                    engine=engine), indent=1))
     out.with_suffix(".md").write_text(table)
     print(table)
+
+
+def engine_skip_step(repeats: int) -> list[dict]:
+    """Per call: the uncached reference DiT, the same model cut to its first block, and FirstBlockCache's step
+    when it skips (threshold 1e9; a state's first call always computes and is left out)."""
+    from bench_engine import NULL, build_model
+
+    import fastcache
+    from fastcache.models.dit import cfg_inputs, sampling_timesteps
+    from fastcache.protocol import forward
+
+    model = build_model("cpu")
+    first = copy.deepcopy(model)
+    first.blocks, first.num_blocks = torch.nn.ModuleList(list(first.blocks)[:1]), 1
+    x0, labels = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([3])
+    timesteps = sampling_timesteps(20, "cpu")
+    inputs = [cfg_inputs(x0, t, labels, NULL) for t in timesteps]
+    uncached = torch.compile(lambda i: forward(model, i), fullgraph=True)
+    cut = torch.compile(lambda i: forward(first, i), fullgraph=True)
+    method = fastcache.make(fastcache.FirstBlockCacheConfig(threshold=1e9))
+    state0 = method.init(model, inputs[0])
+    step = torch.compile(lambda s, i: method.step(model, s, i, None), fullgraph=True)
+    clock = GraphClock()
+    names = ("uncached", "uncached, first block only", "FirstBlockCache, skip step")
+    calls: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+
+    def timed(name: str, fn: Any, *args: Any, record: bool) -> Any:
+        clock.seconds = 0.0
+        start = time.perf_counter()
+        out = fn(*args)
+        if record:
+            calls[name].append((time.perf_counter() - start, clock.seconds))
+        return out
+
+    with torch.no_grad():
+        for r in range(repeats + 2):  # two rounds compile
+            state = state0
+            for k, i in enumerate(inputs):
+                _, state = timed(names[2], step, state, i, record=r >= 2 and k > 0)
+                timed(names[0], uncached, i, record=r >= 2)
+                timed(names[1], cut, i, record=r >= 2)
+    clock.close()
+    rows = []
+    for name in names:
+        total = statistics.median(c[0] for c in calls[name]) * 1e6
+        inside = statistics.median(c[1] for c in calls[name]) * 1e6
+        rows.append(dict(variant=name, us_per_call=total, us_in_graphs=inside, us_outside_graphs=total - inside))
+    return rows
 
 
 def guard_times(variants: dict, tc: Any, timesteps: torch.Tensor) -> dict[str, float]:
