@@ -66,6 +66,16 @@ class GraphClock:
         self.module.CompiledFxGraph.__call__ = self.original
 
 
+def split_rows(calls: dict[str, list[tuple[float, float]]]) -> list[dict]:
+    """Per variant, the median us per call, inside inductor's graphs and outside them."""
+    rows = []
+    for name, timed in calls.items():
+        total = statistics.median(c[0] for c in timed) * 1e6
+        inside = statistics.median(c[1] for c in timed) * 1e6
+        rows.append(dict(variant=name, us_per_call=total, us_in_graphs=inside, us_outside_graphs=total - inside))
+    return rows
+
+
 def build(name: str, model: torch.nn.Module) -> tuple[torch.nn.Module, Any, bool]:
     import diffusers
 
@@ -124,11 +134,7 @@ def main() -> None:
         for name in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
             generate(name, record=True)
     clock.close()
-    rows = []
-    for name in VARIANTS:
-        total = statistics.median(c[0] for c in calls[name]) * 1e6
-        inside = statistics.median(c[1] for c in calls[name]) * 1e6
-        rows.append(dict(variant=name, us_per_call=total, us_in_graphs=inside, us_outside_graphs=total - inside))
+    rows = split_rows(calls)
     guards = guard_times(variants, tc, timesteps)
     engine = engine_skip_step(args.repeats)
     meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
@@ -191,12 +197,7 @@ def engine_skip_step(repeats: int) -> list[dict]:
                 timed(names[0], uncached, i, record=r >= 2)
                 timed(names[1], cut, i, record=r >= 2)
     clock.close()
-    rows = []
-    for name in names:
-        total = statistics.median(c[0] for c in calls[name]) * 1e6
-        inside = statistics.median(c[1] for c in calls[name]) * 1e6
-        rows.append(dict(variant=name, us_per_call=total, us_in_graphs=inside, us_outside_graphs=total - inside))
-    return rows
+    return split_rows(calls)
 
 
 def guard_times(variants: dict, tc: Any, timesteps: torch.Tensor) -> dict[str, float]:
