@@ -233,8 +233,7 @@ def test_the_state_is_no_static_input(name: str, method: str, dynamo) -> None:
         config = fd.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=1, residual_diff_threshold=0.2,
                                   max_warmup_steps=2, taylorseer_order=1)
     else:
-        config = _config(method.split("-")[0], clock, distilled=method.endswith("distilled"),
-                         threshold=_fbc_threshold(tc, ("cond",)) if method == "fbc" else 0.0)
+        config = _config(method, clock, threshold=_fbc_threshold(tc, ("cond",)) if method == "fbc" else 0.0)
     fd.enable_cache(model, config)
     foreign: list[list[tuple]] = []
     backend = _static_inputs_recorder(model, foreign)
