@@ -28,6 +28,7 @@ from fastcache.models.dit import DiT, DiTConfig, cfg_inputs, sampling_timesteps
 from fastcache.protocol import forward
 
 NULL = 10
+SPLIT = ", split step"  # FBC as `fastcache.compile_step` runs it: a compiled head, one host read, a compiled tail
 
 
 def settings() -> dict[str, Any]:
@@ -44,6 +45,8 @@ def settings() -> dict[str, Any]:
             spatial_attention_timestep_skip_range=(0, 1000)),
         "FBC threshold 0.05": fastcache.FirstBlockCacheConfig(threshold=0.05),
         "FBC threshold 0.2": fastcache.FirstBlockCacheConfig(threshold=0.2),
+        "FBC threshold 0.05" + SPLIT: fastcache.FirstBlockCacheConfig(threshold=0.05),
+        "FBC threshold 0.2" + SPLIT: fastcache.FirstBlockCacheConfig(threshold=0.2),
     }
 
 
@@ -104,10 +107,11 @@ def euler(denoise: Callable[[int, dict[str, torch.Tensor]], torch.Tensor], x0: t
 
 
 def make_generate(model: DiT, config: Any, x0: torch.Tensor, labels: torch.Tensor, steps: int,
-                  compile: bool = True) -> tuple[Callable[[], torch.Tensor], Callable[[], tuple[float, int]]]:
+                  compile: bool = True,
+                  split: bool = False) -> tuple[Callable[[], torch.Tensor], Callable[[], tuple[float, int]]]:
     """A compiled (or eager) CFG Euler generation, and a function giving the last run's computed FLOP share and its
     count of reuses that met a non-finite cached value (the state's `nonfinite`); `generate.last["state"]` is the
-    last run's final state."""
+    last run's final state. `split`: FirstBlockCache's split step."""
     timesteps = sampling_timesteps(steps, x0.device)
     first = cfg_inputs(x0, timesteps[0], labels, NULL)
     if config is None:
@@ -119,8 +123,8 @@ def make_generate(model: DiT, config: Any, x0: torch.Tensor, labels: torch.Tenso
     else:
         method = fastcache.make(config)
         compiled = (lambda s, i, d: method.step(model, s, i, d))
-        if compile:
-            compiled = torch.compile(compiled, fullgraph=True)
+        if compile:  # FirstBlockCache with one torch.cond, or (split) its split step
+            compiled = fastcache.compile_step(method, model, split=split)
         # A state is a value (steps never write into it): one initial state serves every generation, so
         # init's shape trace is paid once per input shape, not per generation.
         state0 = method.init(model, first)
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                   if name == "uncached" or prefixes is None or any(name.startswith(p) for p in prefixes)}
         for name, config in chosen.items():
             counters.clear()
-            generate, fraction = make_generate(model, config, x0, labels, args.steps)
+            generate, fraction = make_generate(model, config, x0, labels, args.steps, split=name.endswith(SPLIT))
             start = time.perf_counter()
             generate()  # warm-up: compiles every step variant
             sync(args.device)

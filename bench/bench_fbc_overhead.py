@@ -12,7 +12,9 @@ Per call, medians over round-robin rounds (so load drifts hit every variant alik
 and, for each, the time spent inside inductor's compiled graphs against outside them (dynamo's guards, the
 frame's argument plumbing, the AOT wrapper). Then the guard check alone of each compiled graph. Last, the same
 split for the engine's FirstBlockCache skip step on the reference DiT of `bench_engine.py` (256 wide, 8 blocks,
-CFG batch 2), against the uncached model and the model cut to its first block.
+CFG batch 2), against the uncached model and the model cut to its first block: the one-cond step
+(`method.step` compiled) and the split step (`fastcache.compile_step`: a compiled head, one host read, a
+compiled tail).
 
     python bench/bench_fbc_overhead.py      # writes bench/results/fbc_overhead_cpu.{md,json}
 """
@@ -159,7 +161,7 @@ def main() -> None:
 
 def engine_skip_step(repeats: int) -> list[dict]:
     """Per call: the uncached reference DiT, the same model cut to its first block, and FirstBlockCache's step
-    when it skips (threshold 1e9; a state's first call always computes and is left out)."""
+    when it skips (threshold 1e9; a state's first call always computes and is left out), one-cond and split."""
     from bench_engine import NULL, build_model
 
     import fastcache
@@ -177,8 +179,9 @@ def engine_skip_step(repeats: int) -> list[dict]:
     method = fastcache.make(fastcache.FirstBlockCacheConfig(threshold=1e9))
     state0 = method.init(model, inputs[0])
     step = torch.compile(lambda s, i: method.step(model, s, i, None), fullgraph=True)
+    split = fastcache.compile_step(method, model)
     clock = GraphClock()
-    names = ("uncached", "uncached, first block only", "FirstBlockCache, skip step")
+    names = ("uncached", "uncached, first block only", "FirstBlockCache, skip step", "FirstBlockCache, split skip step")
     calls: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
 
     def timed(name: str, fn: Any, *args: Any, record: bool) -> Any:
@@ -191,9 +194,10 @@ def engine_skip_step(repeats: int) -> list[dict]:
 
     with torch.no_grad():
         for r in range(repeats + 2):  # two rounds compile
-            state = state0
+            state = split_state = state0
             for k, i in enumerate(inputs):
                 _, state = timed(names[2], step, state, i, record=r >= 2 and k > 0)
+                _, split_state = timed(names[3], split, split_state, i, None, record=r >= 2 and k > 0)
                 timed(names[0], uncached, i, record=r >= 2)
                 timed(names[1], cut, i, record=r >= 2)
     clock.close()

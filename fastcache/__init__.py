@@ -7,6 +7,7 @@
         out, state = method.step(model, state, inputs_at(t), plan[i])
 """
 
+from fastcache.compiled import CompiledStep, compile_step
 from fastcache.control import branch
 from fastcache.cuda_graphs import out_of_cuda_graph_pool
 from fastcache.diffusers import (
@@ -37,6 +38,7 @@ __all__ = [
     "AttentionSite",
     "CacheMethod",
     "CacheableModel",
+    "CompiledStep",
     "DBCacheConfig",
     "DBCacheDecision",
     "DBCacheState",
@@ -63,6 +65,7 @@ __all__ = [
     "apply_pyramid_attention_broadcast",
     "branch",
     "cache_context",
+    "compile_step",
     "disable_cache",
     "enable_cache",
     "load_state",

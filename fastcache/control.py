@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 Flag = bool | Tensor
 T = TypeVar("T")
@@ -71,7 +71,34 @@ def branch(pred: Flag, true_fn: Callable[..., T], false_fn: Callable[..., T], op
         # Eager: torch.cond would re-trace its branches with dynamo at every call (new closures each
         # step); one host read is far cheaper there. Compiled code never takes this path.
         return true_fn(*operands) if bool(pred) else false_fn(*operands)
-    return torch.cond(pred, _without_aliases(true_fn), _without_aliases(false_fn), _pin_layouts(operands))
+    unique, rebuild = _distinct_tensors(operands)
+    return torch.cond(pred, _without_aliases(lambda *ts: true_fn(*rebuild(ts))),
+                      _without_aliases(lambda *ts: false_fn(*rebuild(ts))), _pin_layouts(unique))
+
+
+def _distinct_tensors(operands: tuple) -> tuple[tuple[Tensor, ...], Callable[[tuple], tuple]]:
+    """The operands' distinct tensors (by identity), and the function that puts the operands back together from
+    them. A tensor passed twice (the same modulation or rotary table to every block a cond runs) would be two
+    operands of torch.cond, so two inputs of each branch's graph, each checked for its size and stride at every
+    call; other leaves (None, numbers) stay constants of the branches."""
+    leaves, spec = tree_flatten(operands)
+    unique: list[Tensor] = []
+    slots: list[int | None] = []
+    for leaf in leaves:
+        if not isinstance(leaf, Tensor):
+            slots.append(None)
+            continue
+        # identity, not id(): id() would make dynamo guard on the objects
+        found = next((k for k, seen in enumerate(unique) if seen is leaf), None)
+        if found is None:
+            found = len(unique)
+            unique.append(leaf)
+        slots.append(found)
+
+    def rebuild(tensors: tuple) -> tuple:
+        return tree_unflatten([leaf if slot is None else tensors[slot] for leaf, slot in zip(leaves, slots)], spec)
+
+    return tuple(unique), rebuild
 
 
 def _pin_layouts(operands: tuple) -> tuple:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import fastcache
+from fastcache.models.dit import cfg_inputs
 from fastcache.testing import CompileCounter
-from tests.test_engine import METHODS, denoise, max_diff, noise, tiny_dit
+from tests.test_engine import LABELS, METHODS, NULL, denoise, max_diff, noise, tiny_dit
 
 STEPS = 12
 
@@ -77,29 +78,71 @@ def test_branch_operand_computed_from_a_transposed_view_compiles_with_inductor(d
 
 
 def test_fbc_split_step_compiles_without_cond_and_matches_the_one_cond_step(dynamo) -> None:
-    """FBC for CUDA graphs: a compiled head (embed, first block, decision), one host read of the decision,
-    then a compiled tail specialised on it. Neither graph holds a torch.cond (so both can be CUDA-graphed); the
-    tail compiles once per decision value; outputs and counters equal the one-cond step's."""
-    from fastcache.methods import first_block_cache as fbc
-
+    """FBC for CUDA graphs, as `fastcache.compile_step` runs it by default: a compiled head (embed, first block,
+    decision), one host read of the decision, then a compiled tail specialised on it. Neither graph holds a
+    torch.cond (so both can be CUDA-graphed); the tail compiles once per decision value; outputs and counters
+    equal the one-cond step's."""
     model, config = tiny_dit(), METHODS["fbc"](False)
     x = noise(False, 0)
     with torch.no_grad():
         expected, expected_state = denoise(model, config, x, STEPS, device_decisions=True)
         counter = CompileCounter("inductor")
-        head = torch.compile(lambda s, i: fbc.head_step(config, model, s, i), fullgraph=True, backend=counter)
-        tail = torch.compile(lambda s, h, skip: fbc.tail_step(config, model, s, h, skip), fullgraph=True,
-                             backend=counter)
-
-        def split_step(state, inputs, decision):
-            h = head(state, inputs)
-            return tail(state, h, bool(h.skip))  # the step's one host read
-
-        outs, state = denoise(model, config, x, STEPS, step_fn=split_step, device_decisions=True)
-    assert counter.max_conds_per_call == 0 and counter.graphs <= 3, counter.conds_per_graph
+        step = fastcache.compile_step(fastcache.make(config), model, backend=counter)
+        outs, state = denoise(model, config, x, STEPS, step_fn=step, device_decisions=True)
+    assert step.split and dynamo.graph_breaks == 0
+    assert counter.max_conds_per_call == 0 and counter.graphs == 3, counter.conds_per_graph  # head, 2 tails
     assert int(state.num_computed) == int(expected_state.num_computed)
     assert 1 < int(state.num_computed) < STEPS
     assert max_diff(expected, outs) <= 1e-5
+
+
+def test_compile_step_of_a_planned_method_is_its_compiled_step(dynamo) -> None:
+    """A planned method through compile_step: no split, one graph per step variant, no cond, equal to eager."""
+    model, config = tiny_dit(), METHODS["pab"](False)
+    method = fastcache.make(config)
+    x = noise(False, 0)
+    with torch.no_grad():
+        eager, _ = denoise(model, config, x, STEPS)
+        counter = CompileCounter("aot_eager")
+        step = fastcache.compile_step(method, model, backend=counter)
+        compiled, _ = denoise(model, config, x, STEPS, step_fn=step)
+    assert not step.split and dynamo.graph_breaks == 0
+    assert 1 <= counter.graphs <= method.plan(torch.linspace(1000, 0, STEPS + 1)[:-1]).variants()
+    assert counter.max_conds_per_call == 0
+    assert max_diff(eager, compiled) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_step_asked_for_cuda_graphs_on_cpu_warns_and_compiles_without_them(mode: str, dynamo) -> None:
+    """CUDA graphs asked for on a CPU: one clear warning at the first step, before anything compiles; the step
+    compiles without CUDA graphs (torch.compile gets no mode for reduce-overhead, max-autotune-no-cudagraphs
+    for max-autotune) and gives the eager outputs."""
+    model, config = tiny_dit(), METHODS["fbc"](False)
+    x = noise(False, 0)
+    with torch.no_grad():
+        expected, _ = denoise(model, config, x, 4, device_decisions=True)
+        step = fastcache.compile_step(fastcache.make(config), model, mode=mode)
+        with pytest.warns(UserWarning, match=r"CUDA graphs need inputs on a CUDA device \(got cpu\)") as caught:
+            outs, _ = denoise(model, config, x, 4, step_fn=step, device_decisions=True)
+    assert len(caught) == 1 and step.cuda_graphs is False
+    assert max_diff(expected, outs) <= 1e-5
+
+
+def test_compile_step_refuses_bad_input_before_compiling() -> None:
+    model = tiny_dit()
+    pab, fbc = fastcache.make(METHODS["pab"](False)), fastcache.make(METHODS["fbc"](False))
+    with pytest.raises(ValueError, match="split: only FirstBlockCache has a split step"):
+        fastcache.compile_step(pab, model, split=True)
+    with pytest.raises(TypeError, match="split: expected True, False or None"):
+        fastcache.compile_step(fbc, model, split="yes")
+    with pytest.raises(TypeError, match=r"method: expected a fastcache.make\(config\) result"):
+        fastcache.compile_step(METHODS["fbc"](False), model)
+    with pytest.raises(TypeError, match="mode: expected a torch.compile mode string"):
+        fastcache.compile_step(fbc, model, mode=1)
+    step = fastcache.compile_step(fbc, model)
+    inputs = cfg_inputs(noise(False, 0), torch.tensor(999.0), LABELS, NULL)
+    with pytest.raises(TypeError, match="decision: FirstBlockCache decides on the device"):
+        step(fbc.init(model, inputs), inputs, True)
 
 
 @pytest.mark.parametrize("video", [False, True], ids=["image", "video"])

@@ -45,6 +45,26 @@ def test_readme_tour_runs_with_the_other_configs_swapped_in(name: str, dynamo) -
     assert 0.0 < fraction < 1.0  # it cached something
 
 
+def test_readme_compile_step_line_runs_in_the_tour(dynamo) -> None:
+    """The paragraph after the tour: its `compile_step` line in place of the tour's torch.compile line, with
+    FirstBlockCache swapped in, runs the loop unchanged. On this CPU it warns that CUDA graphs need a CUDA device
+    and compiles without them, as a split step: no graph break, a head and a tail per decision value."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    tour = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    line = re.search(r'`(step = fastcache\.compile_step\(method, model, mode="reduce-overhead"\))`', readme)
+    assert line is not None, "the README no longer shows the compile_step line"
+    compile_line = "step = torch.compile(lambda s, i, d: method.step(model, s, i, d), fullgraph=True)"
+    pab = "fastcache.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2)"
+    assert compile_line in tour and pab in tour
+    tour = tour.replace(pab, SWAPS["fbc"]).replace(compile_line, line.group(1)[:-1] + ', backend="aot_eager")')
+    scope: dict = {}
+    with pytest.warns(UserWarning, match="CUDA graphs need inputs on a CUDA device"):
+        exec(compile(tour, "README.md", "exec"), scope)
+    assert scope["step"].split and dynamo.graph_breaks == 0
+    assert 2 <= dynamo.graphs <= 3
+    assert 0 < int(scope["state"].num_computed) < len(scope["timesteps"])  # it skipped some steps
+
+
 def test_readme_families_table_is_the_one_the_tests_check() -> None:
     """The families x methods table in the README is generated from fastcache's coverage and the tests' oracles
     (tests/_families.py): regenerate it with `readme_table()` when either changes."""
