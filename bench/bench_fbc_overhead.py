@@ -11,10 +11,10 @@ Per call, medians over round-robin rounds (so load drifts hit every variant alik
 
 and, for each, the time spent inside inductor's compiled graphs against outside them (dynamo's guards, the
 frame's argument plumbing, the AOT wrapper). Then the guard check alone of each compiled graph. Last, the same
-split for the engine's FirstBlockCache skip step on the reference DiT of `bench_engine.py` (256 wide, 8 blocks,
-CFG batch 2), against the uncached model and the model cut to its first block: the one-cond step
-(`method.step` compiled) and the split step (`fastcache.compile_step`: a compiled head, one host read, a
-compiled tail).
+split for the engine's FirstBlockCache step on the reference DiT of `bench_engine.py` (256 wide, 8 blocks, CFG
+batch 2), skipping and computing, against the uncached model and the model cut to its first block: the one-cond
+step and the split step (`fastcache.compile_step` with split=False and by default: a compiled head, one host
+read, a compiled tail).
 
     python bench/bench_fbc_overhead.py      # writes bench/results/fbc_overhead_cpu.{md,json}
 """
@@ -138,7 +138,7 @@ def main() -> None:
     clock.close()
     rows = split_rows(calls)
     guards = guard_times(variants, tc, timesteps)
-    engine = engine_skip_step(args.repeats)
+    engine = engine_steps(args.repeats)
     meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                 cpus=os.cpu_count(), threads=torch.get_num_threads(), commit=_commit(), args=vars(args),
                 size=OVERHEAD_SIZES["flux"], loadavg_before=load_before, loadavg_after=os.getloadavg())
@@ -159,9 +159,10 @@ def main() -> None:
     print(table)
 
 
-def engine_skip_step(repeats: int) -> list[dict]:
-    """Per call: the uncached reference DiT, the same model cut to its first block, and FirstBlockCache's step
-    when it skips (threshold 1e9; a state's first call always computes and is left out), one-cond and split."""
+def engine_steps(repeats: int) -> list[dict]:
+    """Per call: the uncached reference DiT, the same model cut to its first block, and FirstBlockCache's step,
+    one-cond and split, when it skips (threshold 1e9; a state's first call always computes and is left out) and
+    when it computes (threshold 0)."""
     from bench_engine import NULL, build_model
 
     import fastcache
@@ -174,32 +175,30 @@ def engine_skip_step(repeats: int) -> list[dict]:
     x0, labels = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([3])
     timesteps = sampling_timesteps(20, "cpu")
     inputs = [cfg_inputs(x0, t, labels, NULL) for t in timesteps]
-    uncached = torch.compile(lambda i: forward(model, i), fullgraph=True)
-    cut = torch.compile(lambda i: forward(first, i), fullgraph=True)
-    method = fastcache.make(fastcache.FirstBlockCacheConfig(threshold=1e9))
-    state0 = method.init(model, inputs[0])
-    step = torch.compile(lambda s, i: method.step(model, s, i, None), fullgraph=True)
-    split = fastcache.compile_step(method, model)
+    steps: dict[str, Any] = {"uncached": torch.compile(lambda i: forward(model, i), fullgraph=True),
+             "uncached, first block only": torch.compile(lambda i: forward(first, i), fullgraph=True)}
+    states = {}
+    for when, threshold in (("skip", 1e9), ("compute", 0.0)):
+        method = fastcache.make(fastcache.FirstBlockCacheConfig(threshold=threshold))
+        states[when] = method.init(model, inputs[0])
+        steps[f"FirstBlockCache, {when} step"] = fastcache.compile_step(method, model, split=False)
+        steps[f"FirstBlockCache, split {when} step"] = fastcache.compile_step(method, model)
     clock = GraphClock()
-    names = ("uncached", "uncached, first block only", "FirstBlockCache, skip step", "FirstBlockCache, split skip step")
-    calls: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
-
-    def timed(name: str, fn: Any, *args: Any, record: bool) -> Any:
-        clock.seconds = 0.0
-        start = time.perf_counter()
-        out = fn(*args)
-        if record:
-            calls[name].append((time.perf_counter() - start, clock.seconds))
-        return out
+    calls: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
 
     with torch.no_grad():
         for r in range(repeats + 2):  # two rounds compile
-            state = split_state = state0
+            state = {name: states["skip" if "skip" in name else "compute"] for name in steps}
             for k, i in enumerate(inputs):
-                _, state = timed(names[2], step, state, i, record=r >= 2 and k > 0)
-                _, split_state = timed(names[3], split, split_state, i, None, record=r >= 2 and k > 0)
-                timed(names[0], uncached, i, record=r >= 2)
-                timed(names[1], cut, i, record=r >= 2)
+                for name, step in steps.items():
+                    clock.seconds = 0.0
+                    start = time.perf_counter()
+                    if name.startswith("uncached"):
+                        step(i)
+                    else:
+                        _, state[name] = step(state[name], i, None)
+                    if r >= 2 and (k > 0 or name.startswith("uncached")):
+                        calls[name].append((time.perf_counter() - start, clock.seconds))
     clock.close()
     return split_rows(calls)
 
