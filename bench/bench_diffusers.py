@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_engine import _commit
 from torch._dynamo.utils import counters
 
 import fastcache.diffusers as fd
@@ -269,17 +270,6 @@ def _markdown(rows: list[dict], meta: dict) -> str:
                      f"{r['graph_breaks']} | {r['graphs']} ({r['graphs_during_timing']}) | "
                      f"{'-' if computed is None else f'{computed:.2f}'} | {'-' if diff is None else f'{diff:.1e}'} |")
     return "\n".join(lines) + f"\n\n{json.dumps(meta)}\n"
-
-
-def _commit() -> str | None:
-    """The checkout's commit, so a results file says which code it measured."""
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main() -> None:

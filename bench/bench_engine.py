@@ -154,6 +154,17 @@ def make_generate(model: DiT, config: Any, x0: torch.Tensor, labels: torch.Tenso
     return generate, report
 
 
+def _commit() -> str | None:
+    """The checkout's commit, so a results file says which code it measured."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -217,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": torch.get_num_threads(), "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "steps": args.steps, "repeats": args.repeats, "batch": args.batch,
         "model": "DiT 256 wide, 8 blocks, 32x32x4, patch 2 (256 tokens), CFG batch 2x", "date": time.strftime("%F"),
+        "commit": _commit(),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
