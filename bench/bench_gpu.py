@@ -63,7 +63,7 @@ from torch._dynamo.utils import counters
 import fastcache
 import fastcache.diffusers as fd
 from fastcache.diffusers._tiny import TinyCase, case, fbc_threshold
-from fastcache.methods import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast, taylorseer
+from fastcache.methods import faster_cache, mag_cache, pyramid_attention_broadcast, taylorseer
 from fastcache.models.dit import DiT, DiTConfig, cfg_inputs, sampling_timesteps
 from fastcache.protocol import forward
 from fastcache.testing import CompileCounter
@@ -88,7 +88,7 @@ ENGINE_DIT = dict(in_channels=4, sample_size=64, patch_size=2, hidden_size=1024,
 SMOKE_DIT = dict(in_channels=4, sample_size=8, patch_size=2, hidden_size=32, num_heads=2, depth=2)
 ENGINE_SETTINGS = ("uncached", "PAB spatial N=2", "FasterCache uncond N=2, wide ranges", "FBC threshold 0.2",
                    "FBC threshold 0.2, split step")
-SPLIT = ", split step"  # FBC as a compiled head, one host read of the decision, a compiled tail per decision
+SPLIT = bench_engine.SPLIT  # FBC as fastcache.compile_step runs it: compiled head, one host read, compiled tail
 DEFAULT_UNITS = ("flux-small-fbc,flux-small-pab,flux-small-mag,engine,engine-ro,flux-large-fbc,flux-large-pab,"
                  "flux-large-mag,wan-large-fbc,wan-large-pab,wan-small-fbc,wan-small-pab,flux-small-taylorseer,"
                  "cogvideox-small-fastercache")
@@ -475,25 +475,21 @@ class EngineRun:
         self.skip_reasons: list[str] = []
         if config is None:
             compiled = torch.compile(lambda inputs: forward(model, inputs), **compile_options)
-            self.step: Callable[..., Any] = lambda state, inputs, decision: (compiled(inputs), state)
+
+            def uncached_step(state: Any, inputs: Any, decision: Any) -> Any:
+                if self.uses_cuda_graphs:  # one cudagraph-trees generation per step, as compile_step starts
+                    torch.compiler.cudagraph_mark_step_begin()
+                return compiled(inputs), state
+
+            self.step: Callable[..., Any] = uncached_step
             self.state0: Any = None
             self.plan: Any = [None] * steps
             self.fraction: Callable[[Any], float] = lambda state: 1.0
-        elif name.endswith(SPLIT):
-            head = torch.compile(lambda s, i: first_block_cache.head_step(config, model, s, i), **compile_options)
-            tail = torch.compile(lambda s, h, skip: first_block_cache.tail_step(config, model, s, h, skip),
-                                 **compile_options)
-
-            def split_step(state: Any, inputs: Any, decision: Any) -> Any:
-                h = head(state, inputs)
-                return tail(state, h, bool(h.skip))  # the step's one host read
-
-            self.step = split_step
         else:
             method = fastcache.make(config)
-            self.step = torch.compile(lambda s, i, d: method.step(model, s, i, d), **compile_options)
-        if config is not None:
-            method = fastcache.make(config)  # (the same method: a config's functions are pure)
+            # the API a user calls: under CUDA graphs it starts a cudagraph-trees generation per step (the split
+            # step's head and tail share it) and copies the new state out of the pool (fastcache.cuda_graphs)
+            self.step = fastcache.compile_step(method, model, split=name.endswith(SPLIT), **compile_options)
             # a state is a value (steps never write into it): one initial state serves every generation
             self.state0 = method.init(model, first)
             self.plan = method.plan(self.timesteps)
@@ -502,11 +498,7 @@ class EngineRun:
     def generate(self) -> Tensor:
         x, state, ts = self.x0, self.state0, self.timesteps
         for i in range(self.steps):
-            if self.uses_cuda_graphs:  # one cudagraph-trees generation per step: the split step's head and tail
-                torch.compiler.cudagraph_mark_step_begin()  # share one, so the tail reads the head's outputs
-            out, new = self.step(state, cfg_inputs(x, ts[i], self.labels, bench_engine.NULL), self.plan[i])
-            # CUDA graphs: out of the pool, which the next step's recordings free (fastcache.cuda_graphs)
-            state = fastcache.out_of_cuda_graph_pool(new, state) if self.uses_cuda_graphs else new
+            out, state = self.step(state, cfg_inputs(x, ts[i], self.labels, bench_engine.NULL), self.plan[i])
             u, c = out.chunk(2)
             t_next = ts[i + 1] if i + 1 < self.steps else self.zero
             x = x + (t_next - ts[i]) / 1000 * (u + 4.0 * (c - u))
@@ -529,7 +521,6 @@ def engine_unit(mode: str, args: argparse.Namespace, log: Callable[[str], None],
     if mode == "reduce-overhead":
         options["mode"] = mode
     configs = bench_engine.settings()
-    configs["FBC threshold 0.2" + SPLIT] = configs["FBC threshold 0.2"]
     torch._dynamo.reset()
     counters.clear()
     names = args.settings.split(";") if args.settings else ENGINE_SETTINGS
