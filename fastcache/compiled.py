@@ -12,9 +12,10 @@ compiled step needs on a GPU and what a user would otherwise write by hand:
 - FirstBlockCache runs as a split step (design (b) of the GPU-first work): a compiled head (embed, first block,
   the decision), one host read of the decision, then a compiled tail for that value. No `torch.cond`, so its
   graphs can be CUDA-graphed (inductor skips CUDA graphs for a graph holding a cond, and lowers the cond to a
-  host read anyway). A skip call then runs graphs holding the first block's and the head's parameters only;
-  measured on CPU (bench/results/fbc_overhead_cpu.md) it costs less than the one-cond step, and a compute call
-  costs the same. `split=False` keeps the one-cond step.
+  host read anyway). A skip call then runs graphs holding the first block's and the head's parameters only:
+  measured on CPU (bench/results/fbc_overhead_cpu.md), a skip costs what the model cut to its first block costs
+  (the one-cond step 8% more), a compute call 0.6% more than the one-cond step (a second graph call).
+  `split=False` keeps the one-cond step.
 - Under CUDA graphs (`mode="reduce-overhead"` or `"max-autotune"`), each step starts a cudagraph-trees
   generation (`torch.compiler.cudagraph_mark_step_begin`, so the tail may read the head's outputs), and the new
   state is copied out of the graphs' memory pool (`fastcache.out_of_cuda_graph_pool`): a later step would
