@@ -9,10 +9,11 @@
 It is `torch.compile(lambda s, i, d: method.step(model, s, i, d), fullgraph=True, **options)` plus what a
 compiled step needs on a GPU and what a user would otherwise write by hand:
 
-- FirstBlockCache runs as a split step (design (b) of the GPU-first work): a compiled head (embed, first block,
-  the decision), one host read of the decision, then a compiled tail for that value. No `torch.cond`, so its
-  graphs can be CUDA-graphed (inductor skips CUDA graphs for a graph holding a cond, and lowers the cond to a
-  host read anyway). A skip call then runs graphs holding the first block's and the head's parameters only:
+- The data-dependent methods (FirstBlockCache, TeaCache, DBCache) run as split steps (design (b) of the
+  GPU-first work): a compiled head (embed, the blocks before the decision, the decision), one host read of the
+  decision, then a compiled tail for that value (no read on a planned compute). No `torch.cond`, so their graphs
+  can be CUDA-graphed (inductor skips CUDA graphs for a graph holding a cond, and lowers the cond to a host read
+  anyway). A FirstBlockCache skip call then runs graphs holding the first block's and the head's parameters only:
   measured on CPU (bench/results/fbc_overhead_cpu.md), a skip costs what the model cut to its first block costs
   (the one-cond step 8% more), a compute call 0.6% more than the one-cond step (a second graph call).
   `split=False` keeps the one-cond step.
@@ -36,8 +37,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
 from fastcache.cuda_graphs import out_of_cuda_graph_pool
-from fastcache.engine import CacheMethod
-from fastcache.methods import first_block_cache
+from fastcache.engine import CacheMethod, _methods
 from fastcache.protocol import CacheableModel, Inputs
 
 # torch.compile's modes that CUDA-graph, and the mode each becomes where there are no CUDA graphs (None: default)
@@ -72,15 +72,16 @@ class CompiledStep:
         method, model = self.method, self.model
         if not self.split:
             return torch.compile(lambda s, i, d: method.step(model, s, i, d), **options)
-        config = method.config
-        head = torch.compile(lambda s, i: first_block_cache.head_step(config, model, s, i), **options)
-        tail = torch.compile(lambda s, h, skip: first_block_cache.tail_step(config, model, s, h, skip), **options)
+        config, module = method.config, _split_module(method.config)
+        head = torch.compile(lambda s, i, d: module.head_step(config, model, s, i, d), **options)
+        tail = torch.compile(lambda s, h, skip: module.tail_step(config, model, s, h, skip), **options)
 
         def split_step(state: Any, inputs: Inputs, decision: Any) -> tuple[Tensor, Any]:
-            if decision is not None:
-                raise TypeError(f"decision: FirstBlockCache decides on the device; pass None, got {decision!r}")
-            h = head(state, inputs)
-            return tail(state, h, bool(h.skip))  # the step's one host read
+            module.check_decision(decision)  # a clear error before anything compiles
+            h = head(state, inputs, decision)
+            # a planned compute (TeaCache's first and last steps, DBCache's warm-up) takes no decision
+            forced = getattr(decision, "force_compute", False)
+            return tail(state, h, False if forced else bool(h.skip))  # the step's one host read
 
         return split_step
 
@@ -88,23 +89,30 @@ class CompiledStep:
 def compile_step(method: CacheMethod, model: CacheableModel, *, split: bool | None = None,
                  **compile_options: Any) -> CompiledStep:
     """`method.step` for `model`, compiled with `torch.compile(fullgraph=True, **compile_options)` (see the
-    module's docstring). `split`: FirstBlockCache's split step (None: yes for FirstBlockCache, the only method
-    that has one)."""
+    module's docstring). `split`: the split step of a data-dependent method (None: yes for FirstBlockCache,
+    TeaCache and DBCache, the methods that have one)."""
     if not isinstance(method, CacheMethod):
         raise TypeError(f"method: expected a fastcache.make(config) result, got {type(method).__name__}")
-    has_split = isinstance(method.config, first_block_cache.FirstBlockCacheConfig)
+    has_split = _split_module(method.config) is not None
     if split is None:
         split = has_split
     if not isinstance(split, bool):
         raise TypeError(f"split: expected True, False or None, got {split!r}")
     if split and not has_split:
-        raise ValueError(f"split: only FirstBlockCache has a split step (head_step, tail_step); got "
-                         f"{type(method.config).__name__}: pass split=False or None")
+        raise ValueError(f"split: only FirstBlockCache, TeaCache and DBCache have a split step (head_step, "
+                         f"tail_step); got {type(method.config).__name__}: pass split=False or None")
     mode = compile_options.get("mode")
     if mode is not None and not isinstance(mode, str):
         raise TypeError(f"mode: expected a torch.compile mode string, got {mode!r}")
     compile_options.setdefault("fullgraph", True)
     return CompiledStep(method, model, split, compile_options)
+
+
+def _split_module(config: Any) -> Any:
+    """The method module of a config whose step splits into `check_decision`, `head_step` and `tail_step`, else
+    None."""
+    module = _methods()[type(config)][0]
+    return module if hasattr(module, "head_step") else None
 
 
 def _asks_for_cuda_graphs(options: dict[str, Any]) -> bool:

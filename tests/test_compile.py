@@ -77,21 +77,36 @@ def test_branch_operand_computed_from_a_transposed_view_compiles_with_inductor(d
         torch.testing.assert_close(compiled(x, w, torch.tensor(pred)), f(x, w, torch.tensor(pred)))
 
 
-def test_fbc_split_step_compiles_without_cond_and_matches_the_one_cond_step(dynamo) -> None:
-    """FBC for CUDA graphs, as `fastcache.compile_step` runs it by default: a compiled head (embed, first block,
-    decision), one host read of the decision, then a compiled tail specialised on it. Neither graph holds a
-    torch.cond (so both can be CUDA-graphed); the tail compiles once per decision value; outputs and counters
-    equal the one-cond step's."""
-    model, config = tiny_dit(), METHODS["fbc"](False)
+SPLIT_CASES = {
+    # name: (method, decisions on the device?)
+    "fbc": ("fbc", True),
+    "teacache-planned": ("teacache", False),  # the first and last steps are planned computes: no host read
+    "teacache-device": ("teacache", True),
+    "dbcache-planned": ("dbcache", False),  # the warm-up steps are planned computes
+    "dbcache-device": ("dbcache", True),
+}
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_step_compiles_without_cond_and_matches_the_one_cond_step(case: str, dynamo) -> None:
+    """The data-dependent methods for CUDA graphs, as `fastcache.compile_step` runs them by default: a compiled
+    head (embed, the blocks before the decision, the decision), one host read of the decision, then a compiled
+    tail specialised on it. No graph holds a torch.cond (so all can be CUDA-graphed); a head per planned decision
+    kind and a tail per decision value; outputs and counters equal the eager one-cond step's."""
+    name, device_decisions = SPLIT_CASES[case]
+    model, config = tiny_dit(), METHODS[name](False)
     x = noise(False, 0)
     with torch.no_grad():
-        expected, expected_state = denoise(model, config, x, STEPS, device_decisions=True)
+        expected, expected_state = denoise(model, config, x, STEPS, device_decisions=device_decisions)
         counter = CompileCounter("inductor")
         step = fastcache.compile_step(fastcache.make(config), model, backend=counter)
-        outs, state = denoise(model, config, x, STEPS, step_fn=step, device_decisions=True)
+        outs, state = denoise(model, config, x, STEPS, step_fn=step, device_decisions=device_decisions)
     assert step.split and dynamo.graph_breaks == 0
-    assert counter.max_conds_per_call == 0 and counter.graphs == 3, counter.conds_per_graph  # head, 2 tails
+    assert counter.max_conds_per_call == 0, counter.conds_per_graph
+    heads = 1 if device_decisions else 2  # planned: the forced computes' head and the deciding one
+    assert counter.graphs == heads + 2, counter.graphs  # and a tail per decision value
     assert int(state.num_computed) == int(expected_state.num_computed)
+    assert int(state.nonfinite) == int(expected_state.nonfinite)
     assert 1 < int(state.num_computed) < STEPS
     assert max_diff(expected, outs) <= 1e-5
 
@@ -131,7 +146,7 @@ def test_compile_step_asked_for_cuda_graphs_on_cpu_warns_and_compiles_without_th
 def test_compile_step_refuses_bad_input_before_compiling() -> None:
     model = tiny_dit()
     pab, fbc = fastcache.make(METHODS["pab"](False)), fastcache.make(METHODS["fbc"](False))
-    with pytest.raises(ValueError, match="split: only FirstBlockCache has a split step"):
+    with pytest.raises(ValueError, match="split: only FirstBlockCache, TeaCache and DBCache have a split step"):
         fastcache.compile_step(pab, model, split=True)
     with pytest.raises(TypeError, match="split: expected True, False or None"):
         fastcache.compile_step(fbc, model, split="yes")

@@ -25,13 +25,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastcache import _validate, kernels
-from fastcache.control import all_finite, branch
+from fastcache.control import Flag, all_finite, branch
 from fastcache.engine import Plan, as_timesteps, counted_fraction, trace
 from fastcache.methods import taylorseer
 from fastcache.protocol import (
@@ -208,27 +208,57 @@ def taylor_counters(config: DBCacheConfig, state: DBCacheState | Counters, compu
             torch.where(computed, state.count, state.last_computed))
 
 
-def step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inputs: Inputs,
-         decision: DBCacheDecision | None = None) -> tuple[Tensor, DBCacheState]:
-    """One model call. `decision`: the plan's entry (warm-up steps compute with no cond), or None to decide
-    every call on the device (the warm-up too, from the state's call count)."""
+class DBCacheHead(NamedTuple):
+    """What a step's head leaves for its tail: the streams after the first Fn blocks and the decision."""
+
+    streams: Streams
+    aux: Any
+    residual: Tensor  # the Fn blocks' residual, hidden stream
+    ratio: Tensor  # fp32 0-dim: its relative change against the reference
+    rule: CacheRule  # (a planned compute: no skip, the counters reset)
+
+    @property
+    def skip(self) -> Tensor:
+        return self.rule.skip
+
+
+def _forced(decision: DBCacheDecision | None) -> bool:
+    return decision is not None and decision.force_compute
+
+
+def check_decision(decision: Any) -> None:
     if decision is not None and not isinstance(decision, DBCacheDecision):
         raise TypeError(f"decision: DBCache takes plan[i] (a DBCacheDecision) or None, got {decision!r}")
+
+
+def head_step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inputs: Inputs,
+              decision: DBCacheDecision | None = None) -> DBCacheHead:
+    """The first half of a step: embed, the first Fn blocks, the skip decision (on the device)."""
+    check_decision(decision)
     check_state(state, DBCacheState, "DBCache")
     check_inputs(state.spec, inputs)
     check_blocks(config, model.num_blocks, type(model).__name__)
-    fn, middle_end = config.Fn_compute_blocks, model.num_blocks - config.Bn_compute_blocks
     streams, aux = model.embed(inputs)
     h_in = streams[0]
-    for index in range(fn):
+    for index in range(config.Fn_compute_blocks):
         streams = model.block(index, streams, aux, call_attention)
     residual = streams[0] - h_in
     ratio = kernels.absmean_rel_diff(residual, state.ref_residual)
-    if decision is not None and decision.force_compute:
-        false = torch.zeros((), dtype=torch.bool, device=state.count.device)
-        rule = CacheRule(false, false, torch.zeros_like(state.continuous), state.num_cached)
+    if _forced(decision):  # two tensors, not one twice: a split step's tail would guard on the aliasing
+        skip, refused = (torch.zeros((), dtype=torch.bool, device=state.count.device) for _ in range(2))
+        rule = CacheRule(skip, refused, torch.zeros_like(state.continuous), state.num_cached)
     else:
         rule = cache_rule(config, state, ratio)
+    return DBCacheHead(streams, aux, residual, ratio, rule)
+
+
+def tail_step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, head: DBCacheHead,
+              skip: Flag) -> tuple[Tensor, DBCacheState]:
+    """The second half: the middle blocks or their cached residual (TaylorSeer: its forecast), then the last Bn
+    blocks. `skip` is `head.skip` (a torch.cond on the device), its value read on the host (a plain branch:
+    `fastcache.compile_step`'s split step), or False on a planned compute."""
+    fn, middle_end = config.Fn_compute_blocks, model.num_blocks - config.Bn_compute_blocks
+    aux = head.aux
 
     def compute(streams: Streams, current: Tensor, ref: Tensor, factors: tuple, finite: Tensor) -> tuple:
         out = streams
@@ -251,19 +281,27 @@ def step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inpu
         return tuple(s + m for s, m in zip(streams, mids)), ref, factors, finite
 
     # every tensor a branch returns is an operand (a closed-over one would alias the branch's output)
-    streams, ref, factors, finite = branch(False if decision is not None and decision.force_compute else rule.skip,
-                                           reuse, compute, (streams, residual, state.ref_residual, state.factors,
-                                                            state.factors_finite))
+    streams, ref, factors, finite = branch(skip, reuse, compute, (head.streams, head.residual, state.ref_residual,
+                                                                  state.factors, state.factors_finite))
     for index in range(middle_end, model.num_blocks):
         streams = model.block(index, streams, aux, call_attention)
     out = model.head(streams, aux)
+    rule = head.rule
     computed = ~rule.skip
     orders, last_computed = taylor_counters(config, state, computed)
     return out, DBCacheState(
         count=state.count + 1, num_computed=state.num_computed + computed.long(), skipped=rule.skip,
-        ratio=ratio, ref_residual=ref, factors=factors, factors_finite=finite, orders=orders,
+        ratio=head.ratio, ref_residual=ref, factors=factors, factors_finite=finite, orders=orders,
         last_computed=last_computed, num_cached=rule.num_cached,
         continuous=rule.continuous, nonfinite=state.nonfinite + rule.refused.long(), spec=state.spec)
+
+
+def step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inputs: Inputs,
+         decision: DBCacheDecision | None = None) -> tuple[Tensor, DBCacheState]:
+    """One model call. `decision`: the plan's entry (warm-up steps compute with no cond), or None to decide
+    every call on the device (the warm-up too, from the state's call count)."""
+    head = head_step(config, model, state, inputs, decision)
+    return tail_step(config, model, state, head, False if _forced(decision) else head.skip)
 
 
 def computed_fraction(config: DBCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan,

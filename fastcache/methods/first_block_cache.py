@@ -115,9 +115,16 @@ def skip_from_ratio(config: FirstBlockCacheConfig, ratio: Tensor, has_reference:
     return ratio, small & cached_finite, small & ~cached_finite
 
 
+def check_decision(decision: Any) -> None:
+    if decision is not None:
+        raise TypeError(f"decision: FirstBlockCache decides on the device; pass None, got {decision!r}")
+
+
 def head_step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlockCacheState,
-              inputs: Inputs) -> FirstBlockCacheHead:
-    """The first half of a step: embed, first block, the skip decision (on the device)."""
+              inputs: Inputs, decision: None = None) -> FirstBlockCacheHead:
+    """The first half of a step: embed, first block, the skip decision (on the device; `decision` must be
+    None, as in FBC's plan)."""
+    check_decision(decision)
     check_state(state, FirstBlockCacheState, "FirstBlockCache")
     check_inputs(state.spec, inputs)
     streams, aux = model.embed(inputs)
@@ -154,9 +161,7 @@ def step(config: FirstBlockCacheConfig, model: CacheableModel, state: FirstBlock
          decision: None = None) -> tuple[Tensor, FirstBlockCacheState]:
     """One model call; the skip is decided on the device (`decision` must be None, as in FBC's plan): one
     torch.cond. For CUDA graphs, run `head_step` and `tail_step` as two compiled functions instead."""
-    if decision is not None:
-        raise TypeError(f"decision: FirstBlockCache decides on the device; pass None, got {decision!r}")
-    head = head_step(config, model, state, inputs)
+    head = head_step(config, model, state, inputs, decision)
     return tail_step(config, model, state, head, head.skip)
 
 

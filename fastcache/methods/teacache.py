@@ -30,7 +30,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastcache import _validate
-from fastcache.control import all_finite, branch
+from fastcache.control import Flag, all_finite, branch
 from fastcache.distributed import per_sample_means
 from fastcache.engine import Plan, as_timesteps, counted_fraction, trace
 from fastcache.kernels.absmean import ratio_or_inf
@@ -182,27 +182,51 @@ def skip_rule(config: TeaCacheConfig, accumulated: Tensor, rel: Tensor, has_refe
     return torch.where(skip, total, torch.zeros_like(total)), skip, small & ~cached_finite
 
 
-def step(config: TeaCacheConfig, model: CacheableModel, state: TeaCacheState, inputs: Inputs,
-         decision: TeaCacheDecision | None = None) -> tuple[Tensor, TeaCacheState]:
-    """One model call. `decision`: the plan's entry (the first and last steps compute, with no cond), or None
-    to decide every call on the device (then the last step is not known and may skip)."""
+class TeaCacheHead(NamedTuple):
+    """What a step's head leaves for its tail: the embedded streams, the decision and its bookkeeping."""
+
+    streams: Streams
+    aux: Any
+    modulated: Tensor  # the first block's modulated input, this call's reference for the next
+    accumulated: Tensor  # fp32 0-dim: the rescaled change accumulated since the last computed call
+    skip: Tensor  # bool 0-dim (false on a planned compute)
+    refused: Tensor  # bool 0-dim: small enough to skip, but the cached residuals are not finite
+
+
+def _forced(decision: TeaCacheDecision | None) -> bool:
+    return decision is not None and decision.force_compute
+
+
+def check_decision(decision: Any) -> None:
     if decision is not None and not isinstance(decision, TeaCacheDecision):
         raise TypeError(f"decision: TeaCache takes plan[i] (a TeaCacheDecision) or None, got {decision!r}")
+
+
+def head_step(config: TeaCacheConfig, model: CacheableModel, state: TeaCacheState, inputs: Inputs,
+              decision: TeaCacheDecision | None = None) -> TeaCacheHead:
+    """The first half of a step: embed, the first block's modulated input, the skip decision (on the device)."""
+    check_decision(decision)
     check_state(state, TeaCacheState, "TeaCache")
     check_inputs(state.spec, inputs)
     streams, aux = model.embed(inputs)
     modulated = model.modulated_input(streams, aux)
-    forced = decision is not None and decision.force_compute
-    false = torch.zeros((), dtype=torch.bool, device=state.count.device)
-    if forced:
-        accumulated, skip, refused = torch.zeros_like(state.accumulated), false, false
-    else:
-        rel = relative_change(modulated, state.previous_input)
-        accumulated, skip, refused = skip_rule(config, state.accumulated, rel, state.count > 0,
-                                               state.residuals_finite)
+    if _forced(decision):  # two tensors, not one twice: a split step's tail would guard on the aliasing
+        skip, refused = (torch.zeros((), dtype=torch.bool, device=state.count.device) for _ in range(2))
+        return TeaCacheHead(streams, aux, modulated, torch.zeros_like(state.accumulated), skip, refused)
+    rel = relative_change(modulated, state.previous_input)
+    accumulated, skip, refused = skip_rule(config, state.accumulated, rel, state.count > 0, state.residuals_finite)
+    return TeaCacheHead(streams, aux, modulated, accumulated, skip, refused)
+
+
+def tail_step(config: TeaCacheConfig, model: CacheableModel, state: TeaCacheState, head: TeaCacheHead,
+              skip: Flag) -> tuple[Tensor, TeaCacheState]:
+    """The second half: every block, or the cached residuals. `skip` is `head.skip` (a torch.cond on the
+    device), its value read on the host (a plain branch: `fastcache.compile_step`'s split step), or False on a
+    planned compute."""
+    del config
 
     def compute(streams: Streams, residuals: Streams, n: Tensor, finite: Tensor) -> tuple:
-        out = run_blocks(model, 0, streams, aux, call_attention)
+        out = run_blocks(model, 0, streams, head.aux, call_attention)
         new = tuple(o - s for o, s in zip(out, streams))
         return out, new, n + 1, all_finite(new)
 
@@ -210,11 +234,18 @@ def step(config: TeaCacheConfig, model: CacheableModel, state: TeaCacheState, in
         return tuple(s + r for s, r in zip(streams, residuals)), residuals, n, finite
 
     out_streams, residuals, num_computed, finite = branch(
-        False if forced else skip, reuse, compute, (streams, state.residuals, state.num_computed,
-                                                    state.residuals_finite))
-    out = model.head(out_streams, aux)
-    return out, TeaCacheState(state.count + 1, num_computed, skip, accumulated, modulated, residuals, finite,
-                              state.nonfinite + refused.long(), state.spec)
+        skip, reuse, compute, (head.streams, state.residuals, state.num_computed, state.residuals_finite))
+    out = model.head(out_streams, head.aux)
+    return out, TeaCacheState(state.count + 1, num_computed, head.skip, head.accumulated, head.modulated, residuals,
+                              finite, state.nonfinite + head.refused.long(), state.spec)
+
+
+def step(config: TeaCacheConfig, model: CacheableModel, state: TeaCacheState, inputs: Inputs,
+         decision: TeaCacheDecision | None = None) -> tuple[Tensor, TeaCacheState]:
+    """One model call. `decision`: the plan's entry (the first and last steps compute, with no cond), or None
+    to decide every call on the device (then the last step is not known and may skip)."""
+    head = head_step(config, model, state, inputs, decision)
+    return tail_step(config, model, state, head, False if _forced(decision) else head.skip)
 
 
 # -- calibration ------------------------------------------------------------------------------------------------
