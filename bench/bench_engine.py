@@ -83,6 +83,10 @@ def beyond_diffusers_settings(model: DiT, x0: torch.Tensor, labels: torch.Tensor
         "DBCache F2B1 threshold 0.2 + TaylorSeer 1": fastcache.DBCacheConfig(
             Fn_compute_blocks=2, Bn_compute_blocks=1, residual_diff_threshold=0.2, max_warmup_steps=2,
             taylorseer_order=1),
+        "TeaCache threshold 0.3 (calibrated)" + SPLIT: fastcache.TeaCacheConfig(threshold=0.3,
+                                                                                coefficients=coefficients),
+        "DBCache F2B1 threshold 0.2" + SPLIT: fastcache.DBCacheConfig(
+            Fn_compute_blocks=2, Bn_compute_blocks=1, residual_diff_threshold=0.2, max_warmup_steps=2),
     }
 
 
