@@ -53,6 +53,8 @@ class CompiledStep:
         self._step: Callable[..., tuple[Tensor, Any]] | None = None
 
     def __call__(self, state: Any, inputs: Inputs, decision: Any = None) -> tuple[Tensor, Any]:
+        # a wrong decision is a clear TypeError here, not dynamo's "Observed exception" from inside the trace
+        _methods()[type(self.method.config)][0].check_decision(decision)
         if self._step is None:
             self._step = self._build(inputs)
         if self.cuda_graphs:
@@ -77,7 +79,6 @@ class CompiledStep:
         tail = torch.compile(lambda s, h, skip: module.tail_step(config, model, s, h, skip), **options)
 
         def split_step(state: Any, inputs: Inputs, decision: Any) -> tuple[Tensor, Any]:
-            module.check_decision(decision)  # a clear error before anything compiles
             h = head(state, inputs, decision)
             # a planned compute (TeaCache's first and last steps, DBCache's warm-up) takes no decision
             forced = getattr(decision, "force_compute", False)
@@ -109,8 +110,7 @@ def compile_step(method: CacheMethod, model: CacheableModel, *, split: bool | No
 
 
 def _split_module(config: Any) -> Any:
-    """The method module of a config whose step splits into `check_decision`, `head_step` and `tail_step`, else
-    None."""
+    """The method module of a config whose step splits into `head_step` and `tail_step`, else None."""
     module = _methods()[type(config)][0]
     return module if hasattr(module, "head_step") else None
 

@@ -154,10 +154,33 @@ def test_compile_step_refuses_bad_input_before_compiling() -> None:
         fastcache.compile_step(METHODS["fbc"](False), model)
     with pytest.raises(TypeError, match="mode: expected a torch.compile mode string"):
         fastcache.compile_step(fbc, model, mode=1)
-    step = fastcache.compile_step(fbc, model)
+
+
+WRONG_DECISIONS = {
+    "pab": (METHODS["pab"](False), "decision: PAB takes plan"),
+    "fastercache": (METHODS["fastercache"](False), "decision: FasterCache takes plan"),
+    "fbc": (METHODS["fbc"](False), "decision: FirstBlockCache decides on the device"),
+    "teacache": (METHODS["teacache"](False), "decision: TeaCache takes plan"),
+    "dbcache": (METHODS["dbcache"](False), "decision: DBCache takes plan"),
+    "mag": (fastcache.MagCacheConfig(mag_ratios=[1.0] * STEPS, num_inference_steps=STEPS),
+            "decision: MagCache is planned"),
+    "taylorseer": (fastcache.TaylorSeerCacheConfig(), "decision: TaylorSeer is planned"),
+}
+
+
+@pytest.mark.parametrize("name", WRONG_DECISIONS)
+def test_compile_step_refuses_a_wrong_decision_before_compiling(name: str) -> None:
+    """A decision of the wrong kind is a TypeError naming the field at the call, before anything is traced (it
+    was dynamo's "Observed exception" from inside the trace)."""
+    config, message = WRONG_DECISIONS[name]
+    model = tiny_dit()
+    method = fastcache.make(config)
     inputs = cfg_inputs(noise(False, 0), torch.tensor(999.0), LABELS, NULL)
-    with pytest.raises(TypeError, match="decision: FirstBlockCache decides on the device"):
-        step(fbc.init(model, inputs), inputs, True)
+    counter = CompileCounter("eager")
+    step = fastcache.compile_step(method, model, backend=counter)
+    with pytest.raises(TypeError, match=message):
+        step(method.init(model, inputs), inputs, "reuse")
+    assert counter.graphs == 0
 
 
 @pytest.mark.parametrize("video", [False, True], ids=["image", "video"])

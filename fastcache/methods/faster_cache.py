@@ -305,6 +305,11 @@ def _attend(sites: dict[str, str], decision: FasterCacheDecision, w: _Windows, f
     return attend
 
 
+def check_decision(decision: Any) -> None:
+    if decision is not None and not isinstance(decision, FasterCacheDecision):
+        raise TypeError(f"decision: FasterCache takes plan[i] (a FasterCacheDecision) or None, got {decision!r}")
+
+
 def step(config: FasterCacheConfig, model: CacheableModel, state: FasterCacheState, inputs: Inputs,
          decision: FasterCacheDecision | None = None) -> tuple[Tensor, FasterCacheState]:
     """One model call on [uncond; cond] inputs. `decision`: the plan's entry, or None to decide on device."""

@@ -164,6 +164,10 @@ def record_ratio(ratios: Tensor, count: Tensor, residual: Tensor, previous: Tens
     return ratios.index_put((index.reshape(1),), ratio.reshape(1))
 
 
+def check_decision(decision: Any) -> None:
+    check_planned_decision(decision, MagCacheDecision, "MagCache")
+
+
 def step(config: MagCacheConfig, model: CacheableModel, state: MagCacheState, inputs: Inputs,
          decision: MagCacheDecision | None = None) -> tuple[Tensor, MagCacheState]:
     """One model call with the plan's entry for it (MagCache is always planned: its rule reads no data)."""

@@ -186,6 +186,11 @@ def attend_with_cache(sites: dict[str, AttentionKind], decision: PABDecision, st
     return attend
 
 
+def check_decision(decision: Any) -> None:
+    if decision is not None and not isinstance(decision, PABDecision):
+        raise TypeError(f"decision: PAB takes plan[i] (a PABDecision) or None, got {decision!r}")
+
+
 def step(config: PyramidAttentionBroadcastConfig, model: CacheableModel, state: PABState, inputs: Inputs,
          decision: PABDecision | None = None) -> tuple[Tensor, PABState]:
     """One model call. `decision`: the plan's entry for this call, or None to decide on the device."""

@@ -218,6 +218,10 @@ def forecast_tree(factors: tuple[Any, ...], template: Any, decision: TaylorSeerD
                            for i, t in enumerate(leaves)], spec)
 
 
+def check_decision(decision: Any) -> None:
+    check_planned_decision(decision, TaylorSeerDecision, "TaylorSeer")
+
+
 def step(config: TaylorSeerCacheConfig, model: CacheableModel, state: TaylorSeerState, inputs: Inputs,
          decision: TaylorSeerDecision | None = None) -> tuple[Tensor, TaylorSeerState]:
     """One model call with the plan's entry for it (TaylorSeer is always planned: its rule reads no data)."""
