@@ -28,7 +28,7 @@ from fastcache.models.dit import DiT, DiTConfig, cfg_inputs, sampling_timesteps
 from fastcache.protocol import forward
 
 NULL = 10
-SPLIT = ", split step"  # FBC as `fastcache.compile_step` runs it: a compiled head, one host read, a compiled tail
+SPLIT = ", split step"  # as `fastcache.compile_step` runs FBC, TeaCache, DBCache: head, one host read, tail
 
 
 def settings() -> dict[str, Any]:

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_diffusers import OVERHEAD_SIZES, RESULTS, _commit, own_frame  # noqa: E402
+from bench_diffusers import OVERHEAD_SIZES, RESULTS, own_frame  # noqa: E402
+from bench_engine import _commit  # noqa: E402
 
 import fastcache.diffusers as fd  # noqa: E402
 from fastcache.diffusers._tiny import case  # noqa: E402

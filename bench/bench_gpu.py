@@ -88,7 +88,7 @@ ENGINE_DIT = dict(in_channels=4, sample_size=64, patch_size=2, hidden_size=1024,
 SMOKE_DIT = dict(in_channels=4, sample_size=8, patch_size=2, hidden_size=32, num_heads=2, depth=2)
 ENGINE_SETTINGS = ("uncached", "PAB spatial N=2", "FasterCache uncond N=2, wide ranges", "FBC threshold 0.2",
                    "FBC threshold 0.2, split step")
-SPLIT = bench_engine.SPLIT  # FBC as fastcache.compile_step runs it: compiled head, one host read, compiled tail
+SPLIT = bench_engine.SPLIT  # as fastcache.compile_step runs FBC: compiled head, one host read, compiled tail
 DEFAULT_UNITS = ("flux-small-fbc,flux-small-pab,flux-small-mag,engine,engine-ro,flux-large-fbc,flux-large-pab,"
                  "flux-large-mag,wan-large-fbc,wan-large-pab,wan-small-fbc,wan-small-pab,flux-small-taylorseer,"
                  "cogvideox-small-fastercache")

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
 from fastcache.cuda_graphs import out_of_cuda_graph_pool
-from fastcache.engine import CacheMethod, _methods
+from fastcache.engine import CacheMethod, _methods, forced_compute
 from fastcache.protocol import CacheableModel, Inputs
 
 # torch.compile's modes that CUDA-graph, and the mode each becomes where there are no CUDA graphs (None: default)
@@ -47,14 +47,16 @@ CUDA_GRAPHS_MODE: dict[str, str | None] = {"reduce-overhead": None, "max-autotun
 class CompiledStep:
     """`step(state, inputs, decision) -> (output, new state)`, as `method.step(model, ...)` computes it."""
 
-    def __init__(self, method: CacheMethod, model: CacheableModel, split: bool, options: dict[str, Any]) -> None:
-        self.method, self.model, self.split, self.options = method, model, split, options
+    def __init__(self, method: CacheMethod, module: Any, model: CacheableModel, split: bool,
+                 options: dict[str, Any]) -> None:
+        # module: the method's module (check_decision; head_step and tail_step where split)
+        self.method, self.module, self.model, self.split, self.options = method, module, model, split, options
         self.cuda_graphs: bool | None = None  # known at the first step, from the inputs' device
         self._step: Callable[..., tuple[Tensor, Any]] | None = None
 
     def __call__(self, state: Any, inputs: Inputs, decision: Any = None) -> tuple[Tensor, Any]:
         # a wrong decision is a clear TypeError here, not dynamo's "Observed exception" from inside the trace
-        _methods()[type(self.method.config)][0].check_decision(decision)
+        self.module.check_decision(decision)
         if self._step is None:
             self._step = self._build(inputs)
         if self.cuda_graphs:
@@ -74,15 +76,13 @@ class CompiledStep:
         method, model = self.method, self.model
         if not self.split:
             return torch.compile(lambda s, i, d: method.step(model, s, i, d), **options)
-        config, module = method.config, _split_module(method.config)
+        config, module = method.config, self.module
         head = torch.compile(lambda s, i, d: module.head_step(config, model, s, i, d), **options)
         tail = torch.compile(lambda s, h, skip: module.tail_step(config, model, s, h, skip), **options)
 
         def split_step(state: Any, inputs: Inputs, decision: Any) -> tuple[Tensor, Any]:
             h = head(state, inputs, decision)
-            # a planned compute (TeaCache's first and last steps, DBCache's warm-up) takes no decision
-            forced = getattr(decision, "force_compute", False)
-            return tail(state, h, False if forced else bool(h.skip))  # the step's one host read
+            return tail(state, h, False if forced_compute(decision) else bool(h.skip))  # the step's one host read
 
         return split_step
 
@@ -94,7 +94,8 @@ def compile_step(method: CacheMethod, model: CacheableModel, *, split: bool | No
     TeaCache and DBCache, the methods that have one)."""
     if not isinstance(method, CacheMethod):
         raise TypeError(f"method: expected a fastcache.make(config) result, got {type(method).__name__}")
-    has_split = _split_module(method.config) is not None
+    module = _methods()[type(method.config)][0]
+    has_split = hasattr(module, "head_step")
     if split is None:
         split = has_split
     if not isinstance(split, bool):
@@ -106,13 +107,7 @@ def compile_step(method: CacheMethod, model: CacheableModel, *, split: bool | No
     if mode is not None and not isinstance(mode, str):
         raise TypeError(f"mode: expected a torch.compile mode string, got {mode!r}")
     compile_options.setdefault("fullgraph", True)
-    return CompiledStep(method, model, split, compile_options)
-
-
-def _split_module(config: Any) -> Any:
-    """The method module of a config whose step splits into `head_step` and `tail_step`, else None."""
-    module = _methods()[type(config)][0]
-    return module if hasattr(module, "head_step") else None
+    return CompiledStep(method, module, model, split, compile_options)
 
 
 def _asks_for_cuda_graphs(options: dict[str, Any]) -> bool:

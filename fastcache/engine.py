@@ -242,6 +242,18 @@ def counted_fraction(model: CacheableModel, inputs: Inputs, state: Any, skipped_
     return 1.0 - (calls - computed) * sum(tr.block_flops[skipped_blocks]) / (calls * tr.total_flops)
 
 
+def check_optional_decision(decision: Any, expected: type, method: str) -> None:
+    """Refuse a foreign decision for a method that takes a planned one or None (decide on the device)."""
+    if decision is not None and not isinstance(decision, expected):
+        raise TypeError(f"decision: {method} takes plan[i] (a {expected.__name__}) or None, got {decision!r}")
+
+
+def forced_compute(decision: Any) -> bool:
+    """Whether a planned decision computes with no data-dependent choice to make (TeaCache's first and last
+    steps, DBCache's warm-up): the step then takes no branch on the device and no host read."""
+    return getattr(decision, "force_compute", False)
+
+
 def check_planned_decision(decision: Any, expected: type, method: str) -> None:
     """Refuse a missing or foreign decision for a method that is always planned (its rules read no data)."""
     if not isinstance(decision, expected):

@@ -46,6 +46,7 @@ from fastcache.diffusers._runtime import (
     _with_streams,
 )
 from fastcache.distributed import Reduce, agreed_change, agreed_change_per_sample, agreed_flags
+from fastcache.engine import forced_compute
 from fastcache.methods import db_cache, first_block_cache, taylorseer, teacache
 from fastcache.methods.db_cache import DBCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
@@ -116,10 +117,6 @@ def _all_true(flags: tuple[Tensor, ...], device: torch.device) -> Tensor:
     if not flags:
         return torch.ones((), dtype=torch.bool, device=device)
     return torch.stack(flags).all()
-
-
-def _forced(planned: Any) -> bool:
-    return planned is not None and planned.force_compute
 
 
 class ResidualRule:
@@ -203,7 +200,7 @@ class DBCacheRule(ResidualRule):
         ratio, finite = agreed_change(measure, state["ref"], finite, self.reduce)
         counters = db_cache.Counters(state["count"], state["num_computed"], state["num_cached"], state["continuous"],
                                      finite, state["last_computed"], state["orders"])
-        if _forced(planned):  # a warm-up step, known on the host: no cond
+        if forced_compute(planned):  # a warm-up step, known on the host: no cond
             skip, refused = False, None
             continuous, num_cached = torch.zeros_like(counters.continuous), counters.num_cached
         else:
@@ -316,7 +313,7 @@ class TeaCacheRule(ResidualRule):
         # the sequence split over ranks: every sample's change summed over them; the batch split (CFG
         # parallelism): each rank keeps its own samples, and the skip is agreed on once the rule ran
         rel, finite = agreed_change_per_sample(measure, state["previous"], finite, self.sequence_sum)
-        if _forced(planned):
+        if forced_compute(planned):
             return Decided(False, None, dict(accumulated=torch.zeros_like(state["accumulated"]), previous=measure,
                                              rel=rel), ())
         batch_sum = self.batch_sum

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fastcache import _validate, kernels
 from fastcache.control import Flag, all_finite, branch
-from fastcache.engine import Plan, as_timesteps, counted_fraction, trace
+from fastcache.engine import Plan, as_timesteps, check_optional_decision, counted_fraction, forced_compute, trace
 from fastcache.methods import taylorseer
 from fastcache.protocol import (
     CacheableModel,
@@ -222,13 +222,8 @@ class DBCacheHead(NamedTuple):
         return self.rule.skip
 
 
-def _forced(decision: DBCacheDecision | None) -> bool:
-    return decision is not None and decision.force_compute
-
-
 def check_decision(decision: Any) -> None:
-    if decision is not None and not isinstance(decision, DBCacheDecision):
-        raise TypeError(f"decision: DBCache takes plan[i] (a DBCacheDecision) or None, got {decision!r}")
+    check_optional_decision(decision, DBCacheDecision, "DBCache")
 
 
 def head_step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inputs: Inputs,
@@ -244,7 +239,7 @@ def head_step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState,
         streams = model.block(index, streams, aux, call_attention)
     residual = streams[0] - h_in
     ratio = kernels.absmean_rel_diff(residual, state.ref_residual)
-    if _forced(decision):  # two tensors, not one twice: a split step's tail would guard on the aliasing
+    if forced_compute(decision):  # two tensors, not one twice: a split step's tail would guard on the aliasing
         skip, refused = (torch.zeros((), dtype=torch.bool, device=state.count.device) for _ in range(2))
         rule = CacheRule(skip, refused, torch.zeros_like(state.continuous), state.num_cached)
     else:
@@ -301,7 +296,7 @@ def step(config: DBCacheConfig, model: CacheableModel, state: DBCacheState, inpu
     """One model call. `decision`: the plan's entry (warm-up steps compute with no cond), or None to decide
     every call on the device (the warm-up too, from the state's call count)."""
     head = head_step(config, model, state, inputs, decision)
-    return tail_step(config, model, state, head, False if _forced(decision) else head.skip)
+    return tail_step(config, model, state, head, False if forced_compute(decision) else head.skip)
 
 
 def computed_fraction(config: DBCacheConfig, model: CacheableModel, inputs: Inputs, plan: Plan,

@@ -35,6 +35,7 @@ from fastcache.engine import (
     TensorMeta,
     as_timesteps,
     batch_halves,
+    check_optional_decision,
     check_planned_reuse,
     letters,
     trace,
@@ -306,8 +307,7 @@ def _attend(sites: dict[str, str], decision: FasterCacheDecision, w: _Windows, f
 
 
 def check_decision(decision: Any) -> None:
-    if decision is not None and not isinstance(decision, FasterCacheDecision):
-        raise TypeError(f"decision: FasterCache takes plan[i] (a FasterCacheDecision) or None, got {decision!r}")
+    check_optional_decision(decision, FasterCacheDecision, "FasterCache")
 
 
 def step(config: FasterCacheConfig, model: CacheableModel, state: FasterCacheState, inputs: Inputs,

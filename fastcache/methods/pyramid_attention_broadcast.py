@@ -26,6 +26,7 @@ from fastcache.engine import (
     AttentionSchedule,
     Plan,
     as_timesteps,
+    check_optional_decision,
     check_planned_reuse,
     letters,
     trace,
@@ -187,8 +188,7 @@ def attend_with_cache(sites: dict[str, AttentionKind], decision: PABDecision, st
 
 
 def check_decision(decision: Any) -> None:
-    if decision is not None and not isinstance(decision, PABDecision):
-        raise TypeError(f"decision: PAB takes plan[i] (a PABDecision) or None, got {decision!r}")
+    check_optional_decision(decision, PABDecision, "PAB")
 
 
 def step(config: PyramidAttentionBroadcastConfig, model: CacheableModel, state: PABState, inputs: Inputs,

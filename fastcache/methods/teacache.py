@@ -32,7 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fastcache import _validate
 from fastcache.control import Flag, all_finite, branch
 from fastcache.distributed import per_sample_means
-from fastcache.engine import Plan, as_timesteps, counted_fraction, trace
+from fastcache.engine import Plan, as_timesteps, check_optional_decision, counted_fraction, forced_compute, trace
 from fastcache.kernels.absmean import ratio_or_inf
 from fastcache.protocol import (
     CacheableModel,
@@ -193,13 +193,8 @@ class TeaCacheHead(NamedTuple):
     refused: Tensor  # bool 0-dim: small enough to skip, but the cached residuals are not finite
 
 
-def _forced(decision: TeaCacheDecision | None) -> bool:
-    return decision is not None and decision.force_compute
-
-
 def check_decision(decision: Any) -> None:
-    if decision is not None and not isinstance(decision, TeaCacheDecision):
-        raise TypeError(f"decision: TeaCache takes plan[i] (a TeaCacheDecision) or None, got {decision!r}")
+    check_optional_decision(decision, TeaCacheDecision, "TeaCache")
 
 
 def head_step(config: TeaCacheConfig, model: CacheableModel, state: TeaCacheState, inputs: Inputs,
@@ -210,7 +205,7 @@ def head_step(config: TeaCacheConfig, model: CacheableModel, state: TeaCacheStat
     check_inputs(state.spec, inputs)
     streams, aux = model.embed(inputs)
     modulated = model.modulated_input(streams, aux)
-    if _forced(decision):  # two tensors, not one twice: a split step's tail would guard on the aliasing
+    if forced_compute(decision):  # two tensors, not one twice: a split step's tail would guard on the aliasing
         skip, refused = (torch.zeros((), dtype=torch.bool, device=state.count.device) for _ in range(2))
         return TeaCacheHead(streams, aux, modulated, torch.zeros_like(state.accumulated), skip, refused)
     rel = relative_change(modulated, state.previous_input)
@@ -245,7 +240,7 @@ def step(config: TeaCacheConfig, model: CacheableModel, state: TeaCacheState, in
     """One model call. `decision`: the plan's entry (the first and last steps compute, with no cond), or None
     to decide every call on the device (then the last step is not known and may skip)."""
     head = head_step(config, model, state, inputs, decision)
-    return tail_step(config, model, state, head, False if _forced(decision) else head.skip)
+    return tail_step(config, model, state, head, False if forced_compute(decision) else head.skip)
 
 
 # -- calibration ------------------------------------------------------------------------------------------------
