@@ -15,7 +15,7 @@ compiled step needs on a GPU and what a user would otherwise write by hand:
   can be CUDA-graphed (inductor skips CUDA graphs for a graph holding a cond, and lowers the cond to a host read
   anyway). A FirstBlockCache skip call then runs graphs holding the first block's and the head's parameters only:
   measured on CPU (bench/results/fbc_overhead_cpu.md), a skip costs what the model cut to its first block costs
-  (the one-cond step 8% more), a compute call 0.6% more than the one-cond step (a second graph call).
+  (the one-cond step 8% more), a compute call 0.6-1.4% more than the one-cond step (a second graph call).
   `split=False` keeps the one-cond step.
 - Under CUDA graphs (`mode="reduce-overhead"` or `"max-autotune"`), each step starts a cudagraph-trees
   generation (`torch.compiler.cudagraph_mark_step_begin`, so the tail may read the head's outputs), and the new

@@ -191,7 +191,7 @@ def test_regional_compilation(name: str, method: str, dynamo) -> None:
 @pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.FailOnRecompileLimitHit,
                    reason="a per-site method's state is keyed by its site's name, so under regional compilation "
                           "each block of a class guards on its own keys: one graph per block and decision "
-                          "(Flux PAB, 4 blocks: 12 graphs; Wan PAB passes the recompile limit of 8)")
+                          "(Wan PAB passes the recompile limit of 8)")
 def test_regional_compilation_of_pab_shares_graphs_between_blocks(dynamo) -> None:
     eager, outs = _regional_run("wan", "pab", CompileCounter("aot_eager"))
     for a, b in zip(eager, outs, strict=True):
