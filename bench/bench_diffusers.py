@@ -10,6 +10,9 @@ through these providers:
                                              records how)
     fastcache-eager, fastcache-compiled      fastcache's drop-in (`fastcache.enable_cache`), fullgraph=True
 
+`--compile regional` compiles the same way with diffusers' regional compilation instead
+(`transformer.compile_repeated_blocks(fullgraph=...)`: each repeated block on its own, the rest eager).
+
 Both caches get the same config and timesteps, so they take the same decisions, with one exception kept on
 purpose: diffusers' PAB keeps one state per attention module, not per cache context, so with separate cond /
 uncond passes (Wan) its uncond pass reuses the cond pass's attention; fastcache keeps one state per context.
@@ -120,7 +123,7 @@ class Provider:
     """One way of running the loop: its own copy of the model, cache and (maybe compiled) runner."""
 
     def __init__(self, name: str, setup: Setup, tc: TinyCase, method: str, threshold: float,
-                 timesteps: torch.Tensor) -> None:
+                 timesteps: torch.Tensor, regional: bool = False) -> None:
         self.name, self.setup, self.tc, self.method, self.timesteps = name, setup, tc, method, timesteps
         self.clock: dict = {}
         self.model = copy.deepcopy(tc.model)
@@ -132,7 +135,10 @@ class Provider:
         self.runner = self.model
         if name.endswith(("compiled", "fullgraph")):
             fullgraph = not name.startswith("diffusers-compiled")
-            self.runner = torch.compile(own_frame(self.model, name), fullgraph=fullgraph)
+            if regional:  # diffusers' regional compilation: each repeated block compiled on its own
+                self.model.compile_repeated_blocks(fullgraph=fullgraph)
+            else:
+                self.runner = torch.compile(own_frame(self.model, name), fullgraph=fullgraph)
         self.fbc_computed: list[int] = []
         self.nonfinite: int | None = None  # reuses that met a non-finite cached value (fastcache providers)
         self.times: list[float] = []
@@ -201,7 +207,9 @@ def bench(model_name: str, method: str, args: argparse.Namespace) -> list[dict]:
     probe = "diffusers-fullgraph" in names  # expected to fail: run last, outside the timing
     torch._dynamo.reset()
     counters.clear()
-    providers = [Provider(n, setup, tc, method, threshold, timesteps) for n in names if n != "diffusers-fullgraph"]
+    regional = args.compile == "regional"
+    providers = [Provider(n, setup, tc, method, threshold, timesteps, regional) for n in names
+                 if n != "diffusers-fullgraph"]
     latents, warmups = {}, {p.name: 0.0 for p in providers}
     # two warm-up rounds: the first compiles; in the second a provider may still recompile because another
     # provider's graphs on the shared diffusers code objects changed which guards it meets first
@@ -237,17 +245,18 @@ def bench(model_name: str, method: str, args: argparse.Namespace) -> list[dict]:
         row = next(r for r in rows if r["provider"] == "fastcache-compiled")
         row["paired_ratio_vs_diffusers_compiled"] = statistics.median(ratios)
     if probe:
-        rows.append(_probe_fullgraph(setup, tc, method, threshold, timesteps))
+        rows.append(_probe_fullgraph(setup, tc, method, threshold, timesteps, regional))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def _probe_fullgraph(setup: Setup, tc: TinyCase, method: str, threshold: float, timesteps: torch.Tensor) -> dict:
+def _probe_fullgraph(setup: Setup, tc: TinyCase, method: str, threshold: float, timesteps: torch.Tensor,
+                     regional: bool) -> dict:
     """diffusers' hooks under torch.compile(fullgraph=True): one generation, and how it fails."""
     torch._dynamo.reset()
     row: dict = dict(model=setup.model, method=method, provider="diffusers-fullgraph")
     try:
-        Provider("diffusers-fullgraph", setup, tc, method, threshold, timesteps).generate()
+        Provider("diffusers-fullgraph", setup, tc, method, threshold, timesteps, regional).generate()
         row["error"] = None
     except Exception as error:
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160]}"
@@ -282,6 +291,8 @@ def main() -> None:
                         help="FBC threshold (default: probed to skip about half the steps); 0 always computes")
     parser.add_argument("--regime", choices=("compute", "overhead"), default="compute",
                         help="compute: models big enough that compute dominates; overhead: the smallest models")
+    parser.add_argument("--compile", choices=("whole", "regional"), default="whole",
+                        help="whole: torch.compile of the transformer; regional: compile_repeated_blocks")
     parser.add_argument("--out", default=None, help="default: bench/results/diffusers_bench[_overhead]")
     args = parser.parse_args()
     if args.out is None:

@@ -21,6 +21,7 @@ pytest.importorskip("diffusers")
 import fastcache.diffusers as fd  # noqa: E402
 from fastcache.diffusers._api import _session  # noqa: E402
 from fastcache.diffusers._families import FAMILIES  # noqa: E402
+from fastcache.diffusers._runtime import HostSide  # noqa: E402
 from fastcache.diffusers._segments import block_roles  # noqa: E402
 from fastcache.diffusers._tiny import CASES as CASES_ALL  # noqa: E402
 from fastcache.diffusers._tiny import case, denoise, fbc_threshold  # noqa: E402
@@ -152,8 +153,9 @@ def _regional_config(method: str, clock: dict, tc, contexts: tuple[str, ...]):
     return _config(method, clock, threshold=_fbc_threshold(tc, contexts) if method == "fbc" else 0.0)
 
 
-def _regional_run(name: str, method: str, backend) -> tuple[list, list]:
-    """Eager fastcache, then the same config under diffusers' regional compilation."""
+def _regional_run(name: str, method: str, backend, monkeypatch=None) -> tuple[list, list, torch.nn.Module, list[int]]:
+    """Eager fastcache, then the same config under diffusers' regional compilation (and its host reads, counted
+    with `monkeypatch`)."""
     tc = case(name)
     tc.model.eval()
     contexts = ("cond", "uncond") if name == "wan" else ("cond",)
@@ -166,26 +168,61 @@ def _regional_run(name: str, method: str, backend) -> tuple[list, list]:
         _assert_skips_and_computes(eager_model, contexts)
     fd.enable_cache(model, config)
     model.compile_repeated_blocks(fullgraph=True, backend=backend)
-    return eager, denoise(model, tc, TIMESTEPS, contexts, clock=clock)
+    reads = [0] if monkeypatch is None else _count_host_reads(monkeypatch)
+    return eager, denoise(model, tc, TIMESTEPS, contexts, clock=clock), model, reads
 
 
 REGIONAL = [("flux", "fbc"), ("wan", "fbc"), ("flux", "mag"), ("wan", "mag")]
 
 
 @pytest.mark.parametrize(("name", "method"), REGIONAL, ids=[f"{n}-{m}" for n, m in REGIONAL])
-def test_regional_compilation(name: str, method: str, dynamo) -> None:
+def test_regional_compilation(name: str, method: str, dynamo, monkeypatch) -> None:
     """diffusers' regional compilation (`transformer.compile_repeated_blocks(fullgraph=True)`: each repeated block
     compiled on its own, the transformer's forward eager around them) with the block-range and step-level methods:
-    0 breaks, outputs equal to eager. FirstBlockCache's one torch.cond is in the graph of each segment's last
-    deferred block; MagCache's decisions are planned (no cond). Blocks of one class share their graphs: one per
-    block role (FBC: first, deferred, last deferred) or planned decision, under dynamo's recompile limit of 8."""
+    0 breaks, no torch.cond, outputs equal to eager. FirstBlockCache's rule runs eagerly around the compiled blocks
+    (the graphs hold the blocks alone, as many as the model compiled the same way uncached) and reads its decision on
+    the host once per call, but for a context's first, which computes; MagCache's decisions are planned. Blocks of
+    one class share their graphs, under dynamo's recompile limit of 8."""
     counter = CompileCounter("aot_eager")
-    eager, outs = _regional_run(name, method, counter)
+    eager, outs, model, reads = _regional_run(name, method, counter, monkeypatch)
+    monkeypatch.undo()
     assert dynamo.graph_breaks == 0
-    assert 1 <= counter.graphs <= 8, counter.graphs
-    assert counter.max_conds_per_call == (1 if method == "fbc" else 0), counter.conds_per_graph
+    assert counter.max_conds_per_call == 0, counter.conds_per_graph
+    if method == "fbc":  # as many graphs as the model compiled the same way without a cache
+        assert counter.graphs == _regional_graphs_uncached(name), counter.graphs
+        contexts = 2 if name == "wan" else 1
+        assert reads[0] == contexts * (len(TIMESTEPS) - 1)
+    else:
+        assert 1 <= counter.graphs <= 8, counter.graphs
     for a, b in zip(eager, outs, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    fd.disable_cache(model)
+    assert not any(isinstance(m.__dict__.get("_compiled_call_impl"), HostSide) for m in model.modules())
+
+
+def _regional_graphs_uncached(name: str) -> int:
+    tc = case(name)
+    model = copy.deepcopy(tc.model.eval())
+    counter = CompileCounter("eager")
+    model.compile_repeated_blocks(fullgraph=True, backend=counter)
+    contexts = ("cond", "uncond") if name == "wan" else ("cond",)
+    with torch.no_grad():
+        for t in TIMESTEPS[:3]:
+            for _ in contexts:
+                model(**tc.kwargs(tc.latent, t), return_dict=False)
+    return counter.graphs
+
+
+def _count_host_reads(monkeypatch) -> list[int]:
+    """Counts `bool(tensor)` calls (the drop-in's one host read of a device decision) while the test runs."""
+    reads, read = [0], torch.Tensor.__bool__
+
+    def counted(self: torch.Tensor) -> bool:
+        reads[0] += 1
+        return read(self)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", counted)
+    return reads
 
 
 @pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.FailOnRecompileLimitHit,
@@ -193,7 +230,7 @@ def test_regional_compilation(name: str, method: str, dynamo) -> None:
                           "each block of a class guards on its own keys: one graph per block and decision "
                           "(Wan PAB passes the recompile limit of 8)")
 def test_regional_compilation_of_pab_shares_graphs_between_blocks(dynamo) -> None:
-    eager, outs = _regional_run("wan", "pab", CompileCounter("aot_eager"))
+    eager, outs, _, _ = _regional_run("wan", "pab", CompileCounter("aot_eager"))
     for a, b in zip(eager, outs, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
 

@@ -70,7 +70,11 @@ def _arg(positions: dict[str, int], name: str, args: tuple, kwargs: dict) -> Any
 
 
 def _split_tensors(args: tuple, kwargs: dict) -> tuple[tuple[Tensor, ...], Callable[[tuple], tuple]]:
-    """The tensor leaves of (args, kwargs), and how to put other tensors in their place (for torch.cond)."""
+    """The tensor leaves of (args, kwargs), and how to put other tensors in their place (for torch.cond). Run
+    eagerly, a branch is a plain call (`_cond` reads the decision): nothing is split, `rebuild` gives the call's
+    own arguments back (flattening every block's arguments cost an eager call tens of microseconds)."""
+    if not torch.compiler.is_compiling():
+        return (), lambda tensors: (args, kwargs)
     leaves, spec = tree_flatten((args, kwargs))
     where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
 
@@ -187,6 +191,20 @@ CONSUMED = "consumed"  # one call took the entry's decision
 SEVERAL = "several"  # a second call inside one entry: it decided on the device, and host counts are lost
 
 
+class HostSide:
+    """A block's compiled forward (`_compiled_call_impl`) with a block-range method's rule run eagerly around it
+    (`Session.intercept_compiled_blocks`); called traced (an enclosing compiled graph) or outside a transformer
+    call, it is the compiled forward alone."""
+
+    def __init__(self, impl: Callable[..., Any], run: Callable[..., Any]) -> None:
+        self.impl, self.run = impl, run
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return self.impl(*args, **kwargs)
+        return self.run(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class Wrapped:
     """One forward fastcache replaced: where it went, and what to put back."""
@@ -279,6 +297,11 @@ class Session:
         # attention processors the forward pre-traces before any torch.cond (`_prewarm`); none where the
         # method takes no cond (its decisions planned on the host)
         self.processors: tuple[Any, ...] = ()
+        # the block-range methods under regional compilation (`compile_repeated_blocks`): per wrapped block, how to
+        # run its rule eagerly around the block's compiled forward (`_segments.block_wrapper`), and whether a
+        # compiled block forward is being entered from there (its traced wrapper then runs the block alone)
+        self.host_sides: list[tuple[nn.Module, Callable[[Callable[..., Any]], Callable[..., Any]]]] = []
+        self.passthrough = False
 
     # -- installing wrappers --
     def wrap(self, module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
@@ -295,7 +318,32 @@ class Session:
         module.forward = wrapper = make(module.forward)
         self.wrapped.append(Wrapped(module, wrapper, None, had, previous))
 
+    def intercept_compiled_blocks(self) -> None:
+        """Eagerly, at each transformer call: a wrapped block compiled on its own (`module.compile()`, as
+        diffusers' `compile_repeated_blocks` does) gets the method's rule around its compiled forward, so the
+        compiled graph holds the block alone (no torch.cond; shared by the blocks of a class) and the call's one
+        decision is read on the host, once, where the first middle block would run."""
+        for block, make in self.host_sides:
+            impl = block.__dict__.get("_compiled_call_impl")
+            if impl is not None and not isinstance(impl, HostSide):
+                block._compiled_call_impl = HostSide(impl, make(self._entering(impl)))
+
+    def _entering(self, impl: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.passthrough = True
+            try:
+                return impl(*args, **kwargs)
+            finally:
+                self.passthrough = False
+
+        return call
+
     def unwrap_all(self) -> None:
+        for block, _ in self.host_sides:
+            impl = block.__dict__.get("_compiled_call_impl")
+            if isinstance(impl, HostSide):
+                block._compiled_call_impl = impl.impl
+        self.host_sides.clear()
         for w in reversed(self.wrapped):
             # hooks added over fastcache's wrapper later (`enable_parallelism` after `enable_cache`) stay
             inner = next((ref for ref in getattr(getattr(w.module, "_diffusers_hook", None), "_fn_refs", ())
@@ -690,6 +738,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
         def forward(*args: Any, **kwargs: Any) -> Any:
             if torch.compiler.is_compiling():
                 return run(*args, **kwargs)
+            session.intercept_compiled_blocks()
             session.follow_parallelism()
             if session.parallel is None:
                 return run(*args, **kwargs)
@@ -758,7 +807,9 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                 new["nonfinite"] = count_misses(before, scratch.misses)
             # canonical strides for every state tensor: the next call guards on them (a size-1 batch dim
             # keeps arbitrary strides, which recompiled FasterCache twice), and inductor asserts them
-            slot.state = tree_map(lambda x: canonical(x) if isinstance(x, Tensor) else x, new)
+            # (eagerly no graph reads the state: left as it is)
+            slot.state = (tree_map(lambda x: canonical(x) if isinstance(x, Tensor) else x, new)
+                          if torch.compiler.is_compiling() else new)
             session.end_call()
             if implicit:
                 session._count_calls()

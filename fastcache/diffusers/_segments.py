@@ -16,6 +16,11 @@ replays them and itself, or adds the cached residual to the middle's input. Defe
 block's output goes straight to the next block; the first call of a context (which computes everything) checks
 that, and a model that changes the streams between blocks (a ControlNet adding residuals) keeps one cond per
 block instead. Calls a method plans on the host (DBCache's warm-up, TeaCache's last step) compute with no cond.
+
+Run eagerly, the decision is read on the host once, right after it is made, and the middle blocks then run or
+pass their input through as plain calls (nothing deferred). Under regional compilation (each block compiled on its
+own, `compile_repeated_blocks`) the wrappers run that way, eagerly around the blocks' compiled forwards
+(`Session.intercept_compiled_blocks`): the graphs hold the blocks alone, with no torch.cond.
 """
 
 from __future__ import annotations
@@ -365,7 +370,10 @@ def _decide(session: Session, rule: Any, measure: Tensor) -> None:
         skip = decided.skip
         computed = state["num_computed"] + (1 if skip is False else (~skip).long())
         nonfinite = state["nonfinite"] + (0 if decided.refused is None else decided.refused.long())
-    scratch.skip, scratch.operands = decided.skip, decided.operands
+    # run eagerly (no compile, or around blocks compiled on their own), the decision is read on the host here, once:
+    # the middle blocks then run or pass their input through as plain calls, with nothing deferred
+    eager = isinstance(decided.skip, Tensor) and not torch.compiler.is_compiling()
+    scratch.skip, scratch.operands = bool(decided.skip) if eager else decided.skip, decided.operands
     skipped = torch.zeros((), dtype=torch.bool, device=device) if decided.skip is False else decided.skip
     scratch.new.update(decided.fields, skipped=skipped, num_computed=computed, nonfinite=nonfinite)
 
@@ -389,7 +397,28 @@ class Deferred:
 
 
 def block_wrapper(session: Session, block: nn.Module, role: BlockRole, rule: Any) -> Wrapper:
-    """One block's forward under a block-range cache (see the module's docstring)."""
+    """One block's forward under a block-range cache (see the module's docstring). Where the block is compiled on
+    its own (regional compilation), the same rule runs eagerly around its compiled forward instead
+    (`Session.intercept_compiled_blocks`): the traced forward is then the block alone."""
+    ruled = ruled_forward(session, block, role, rule)
+    session.host_sides.append((block, ruled))
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        run = ruled(original)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if session.passthrough:  # traced inside the block's own compiled forward, entered from its rule
+                return original(*args, **kwargs)
+            return run(*args, **kwargs)
+
+        return forward
+
+    return make
+
+
+def ruled_forward(session: Session, block: nn.Module, role: BlockRole, rule: Any) -> Wrapper:
+    """The block's call under the rule, running the block through `original` (its forward, or its compiled
+    forward under regional compilation, where a tensor decision is read on the host by `_cond`)."""
     io = block_io(block)
     positions = _positions(block)
     method = type(session.config).__name__.removesuffix("Config")
@@ -426,7 +455,7 @@ def block_wrapper(session: Session, block: nn.Module, role: BlockRole, rule: Any
                                        "between two blocks after the first call (a ControlNet?); call "
                                        "fastcache.reset_cache before a generation that does")
                 session.chained = False  # seen on a first call: keep one cond per block
-            defer = state is not None and session.chained
+            defer = state is not None and session.chained and isinstance(scratch.skip, Tensor)
             tensors, rebuild = _split_tensors(args, kwargs)
             if not role.middle_last:
                 if defer:

@@ -110,10 +110,11 @@ def plan(config: DBCacheConfig, timesteps: Tensor | Sequence[float], device: tor
 
 
 def check_blocks(config: DBCacheConfig, num_blocks: int, model_name: str) -> None:
-    """Fn + Bn must fit the model's blocks (shared by the engine and the drop-in)."""
-    if config.Fn_compute_blocks + config.Bn_compute_blocks > num_blocks:
+    """Fn + Bn must leave at least one of the model's blocks to cache (shared by the engine and the drop-in)."""
+    if config.Fn_compute_blocks + config.Bn_compute_blocks >= num_blocks:
         raise ValueError(f"Fn_compute_blocks + Bn_compute_blocks: {config.Fn_compute_blocks} + "
-                         f"{config.Bn_compute_blocks} exceeds {model_name}'s num_blocks={num_blocks}")
+                         f"{config.Bn_compute_blocks} leaves none of {model_name}'s num_blocks={num_blocks} blocks "
+                         "to cache; it must be less than num_blocks")
 
 
 def init(config: DBCacheConfig, model: CacheableModel, inputs: Inputs) -> DBCacheState:
