@@ -11,6 +11,11 @@ A. Drop-in (`fastcache.enable_cache`) vs diffusers' hooks (`model.enable_cache`)
        fastcache-compiled          fastcache's drop-in, fullgraph=True
        fastcache-reduce-overhead   the drop-in, fullgraph=True, mode="reduce-overhead" (small sizes only):
                                    whether inductor really records CUDA graphs is reported, not assumed
+       <kind>-regional[-reduce-overhead]   the same, compiled with diffusers' regional compilation
+                                   (`compile_repeated_blocks`; unit `flux-small-fbc@...`): fastcache's
+                                   FirstBlockCache then reads its decision on the host once per call around
+                                   blocks compiled alone (no torch.cond: CUDA graphs possible), against
+                                   diffusers' hooks compiled the same way
    The loop runs 20 steps, timesteps 1000 -> 0 as host floats (diffusers' PAB callback returns a host float, so
    it never syncs), one `cache_context` per CFG pass. Per provider: median ms per step (one step = every CFG
    pass), over `--repeats` round-robin rounds after `--warmup` warm-up generations; syncs per step (host syncs
@@ -89,11 +94,12 @@ SMOKE_DIT = dict(in_channels=4, sample_size=8, patch_size=2, hidden_size=32, num
 ENGINE_SETTINGS = ("uncached", "PAB spatial N=2", "FasterCache uncond N=2, wide ranges", "FBC threshold 0.2",
                    "FBC threshold 0.2, split step")
 SPLIT = bench_engine.SPLIT  # as fastcache.compile_step runs FBC: compiled head, one host read, compiled tail
-DEFAULT_UNITS = ("flux-small-fbc,flux-small-pab,flux-small-mag,engine,engine-ro,flux-large-fbc,flux-large-pab,"
-                 "flux-large-mag,wan-large-fbc,wan-large-pab,wan-small-fbc,wan-small-pab,flux-small-taylorseer,"
-                 "cogvideox-small-fastercache")
-SMOKE_UNITS = ("flux-small-fbc,wan-small-pab,cogvideox-small-fastercache,flux-small-mag,flux-small-taylorseer,"
-               "engine,engine-ro")
+REGIONAL = "uncached-regional+diffusers-regional+fastcache-regional+fastcache-regional-reduce-overhead"
+DEFAULT_UNITS = (f"flux-small-fbc,flux-small-fbc@{REGIONAL},flux-small-pab,flux-small-mag,engine,engine-ro,"
+                 "flux-large-fbc,flux-large-pab,flux-large-mag,wan-large-fbc,wan-large-pab,wan-small-fbc,"
+                 "wan-small-pab,flux-small-taylorseer,cogvideox-small-fastercache")
+SMOKE_UNITS = ("flux-small-fbc,flux-small-fbc@uncached-regional+fastcache-regional,wan-small-pab,"
+               "cogvideox-small-fastercache,flux-small-mag,flux-small-taylorseer,engine,engine-ro")
 DEFAULT_ESTIMATE_S = {"small": 150.0, "large": 130.0, "engine": 65.0}  # measured on an H100 (run 2)
 
 
@@ -268,7 +274,11 @@ class DropIn:
         options: dict[str, Any] = dict(fullgraph=self.kind != "diffusers", backend=backend)
         if name.endswith("reduce-overhead"):
             options["mode"] = "reduce-overhead"
-        self.runner = torch.compile(own_frame(self.model, name), **options)
+        if "-regional" in name:  # diffusers' regional compilation: each repeated block compiled on its own
+            self.model.compile_repeated_blocks(**options)
+            self.runner = self.model
+        else:
+            self.runner = torch.compile(own_frame(self.model, name), **options)
         self.device = tc.latent.device
         self.times: list[float] = []
         self.graphs = self.breaks = 0
@@ -386,7 +396,7 @@ def dropin_unit(model: str, size: str, method: str, args: argparse.Namespace, lo
         except Exception as error:  # e.g. a cache that refuses this model: a result of this row
             rows[name]["error"] = f"setup: {short_error(error)}"
     providers = run_phases(providers, rows, args, log, skips)
-    reference = next((p.latent for p in providers if p.name == "diffusers-compiled"), None)
+    reference = next((p.latent for p in providers if p.name in ("diffusers-compiled", "diffusers-regional")), None)
     medians = {p.name: statistics.median(p.times) for p in providers if p.times}
     for p in providers:
         row = rows[p.name]
@@ -394,10 +404,11 @@ def dropin_unit(model: str, size: str, method: str, args: argparse.Namespace, lo
         row.update(ms_per_step=None if ms is None else ms * 1e3 / len(timesteps), times_s=p.times,
                    warmup_s=round(p.warmup_s, 1), graphs=p.graphs, graph_breaks=p.breaks, cudagraphs=p.cudagraphs,
                    cudagraph_skip_reasons=sorted(set(p.skip_reasons)), computed=p.computed_share())
-        if ms is not None and "uncached-compiled" in medians:
-            row["speedup_vs_uncached"] = medians["uncached-compiled"] / ms
-        if ms is not None and "diffusers-compiled" in medians:
-            row["speedup_vs_diffusers"] = medians["diffusers-compiled"] / ms
+        compiled = "regional" if "-regional" in p.name else "compiled"  # against the same compilation
+        if ms is not None and f"uncached-{compiled}" in medians:
+            row["speedup_vs_uncached"] = medians[f"uncached-{compiled}"] / ms
+        if ms is not None and f"diffusers-{compiled}" in medians:
+            row["speedup_vs_diffusers"] = medians[f"diffusers-{compiled}"] / ms
         if reference is not None and p.latent is not None:
             row["max_diff_vs_diffusers"] = float((p.latent.float() - reference.float()).abs().max())
         if p.kind == "fastcache":
@@ -704,6 +715,9 @@ def run_unit(unit: str, args: argparse.Namespace, result: dict[str, Any], log: C
     if unit in ("engine", "engine-ro"):
         result["engine"] += engine_unit("reduce-overhead" if unit == "engine-ro" else "default", args, log, skips)
         return
+    unit, _, chosen = unit.partition("@")  # <unit>@<provider>+<provider>: those providers only
+    if chosen:
+        args = dict_args(args, providers=chosen.replace("+", ","))
     model, size, method = unit.split("-")
     if model not in SIZES or size not in ("small", "large"):
         raise ValueError(f"unit: unknown {unit!r}; expected engine, engine-ro or <model>-<small|large>-<method> "
@@ -734,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     estimates = dict(DEFAULT_ESTIMATE_S)
     measured: set[str] = set()
     for unit in args.units.split(","):
-        kind = "engine" if unit.startswith("engine") else unit.split("-")[1] if unit.count("-") == 2 else "small"
+        base = unit.partition("@")[0]
+        kind = "engine" if base.startswith("engine") else base.split("-")[1] if base.count("-") == 2 else "small"
         if kind != "engine" and args.providers and kind not in measured:  # first guess: by provider count
             estimates[kind] = 15.0 + 30.0 * len(args.providers.split(","))
         left = args.budget_s - (time.perf_counter() - start)

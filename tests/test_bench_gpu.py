@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_smoke_writes_both_sections(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
-    units = "flux-small-fbc,flux-small-mag,engine,engine-ro"
+    units = "flux-small-fbc,flux-small-fbc@uncached-regional+fastcache-regional,flux-small-mag,engine,engine-ro"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--smoke", "--device", "cpu",
                            "--units", units, "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -23,7 +23,7 @@ def test_smoke_writes_both_sections(tmp_path: Path) -> None:
     assert all(u["status"] == "done" for u in result["units"]), result["units"]
     rows = {r["provider"]: r for r in result["dropin"] if r["method"] == "fbc"}
     assert set(rows) == {"uncached-compiled", "uncached-reduce-overhead", "diffusers-compiled",
-                         "fastcache-compiled", "fastcache-reduce-overhead"}
+                         "fastcache-compiled", "fastcache-reduce-overhead", "uncached-regional", "fastcache-regional"}
     for name in ("uncached-compiled", "diffusers-compiled", "fastcache-compiled"):
         assert rows[name]["ms_per_step"] > 0 and "error" not in rows[name], rows[name]
     assert rows["fastcache-reduce-overhead"]["error"] == "n/a on cpu"
@@ -31,6 +31,10 @@ def test_smoke_writes_both_sections(tmp_path: Path) -> None:
     assert fastcache["conds_per_call"] >= 1  # FBC decides on the device
     assert 0 < fastcache["computed"] <= 1
     assert fastcache["graph_breaks"] == 0 and rows["uncached-compiled"]["graphs"] == 1
+    # regional compilation: the same decisions, read on the host around blocks compiled alone
+    regional = rows["fastcache-regional"]
+    assert "error" not in regional and regional["ms_per_step"] > 0 and regional["graph_breaks"] == 0, regional
+    assert regional["computed"] == fastcache["computed"] and regional["speedup_vs_uncached"] > 0
 
     mag = {r["provider"]: r for r in result["dropin"] if r["method"] == "mag"}
     assert mag["fastcache-compiled"]["conds_per_call"] == 0  # planned on the host

@@ -153,9 +153,10 @@ def _regional_config(method: str, clock: dict, tc, contexts: tuple[str, ...]):
     return _config(method, clock, threshold=_fbc_threshold(tc, contexts) if method == "fbc" else 0.0)
 
 
-def _regional_run(name: str, method: str, backend, monkeypatch=None) -> tuple[list, list, torch.nn.Module, list[int]]:
+def _regional_run(name: str, method: str, backend, monkeypatch=None,
+                  compile_first: bool = False) -> tuple[list, list, torch.nn.Module, list[int]]:
     """Eager fastcache, then the same config under diffusers' regional compilation (and its host reads, counted
-    with `monkeypatch`)."""
+    with `monkeypatch`); `compile_first`: the blocks compiled before fastcache is enabled."""
     tc = case(name)
     tc.model.eval()
     contexts = ("cond", "uncond") if name == "wan" else ("cond",)
@@ -166,8 +167,11 @@ def _regional_run(name: str, method: str, backend, monkeypatch=None) -> tuple[li
     eager = denoise(eager_model, tc, TIMESTEPS, contexts, clock=clock)
     if method == "fbc":
         _assert_skips_and_computes(eager_model, contexts)
+    if compile_first:
+        model.compile_repeated_blocks(fullgraph=True, backend=backend)
     fd.enable_cache(model, config)
-    model.compile_repeated_blocks(fullgraph=True, backend=backend)
+    if not compile_first:
+        model.compile_repeated_blocks(fullgraph=True, backend=backend)
     reads = [0] if monkeypatch is None else _count_host_reads(monkeypatch)
     return eager, denoise(model, tc, TIMESTEPS, contexts, clock=clock), model, reads
 
@@ -198,6 +202,22 @@ def test_regional_compilation(name: str, method: str, dynamo, monkeypatch) -> No
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
     fd.disable_cache(model)
     assert not any(isinstance(m.__dict__.get("_compiled_call_impl"), HostSide) for m in model.modules())
+
+
+def test_regional_compilation_before_enable_cache(dynamo, monkeypatch) -> None:
+    """The blocks compiled first, fastcache enabled after (the order a user with a compiled pipeline takes): the
+    same outputs as eager, no torch.cond, one host read per call but each context's first; disable_cache leaves
+    the blocks compiled."""
+    counter = CompileCounter("aot_eager")
+    eager, outs, model, reads = _regional_run("wan", "fbc", counter, monkeypatch, compile_first=True)
+    monkeypatch.undo()
+    assert dynamo.graph_breaks == 0 and counter.max_conds_per_call == 0
+    assert reads[0] == 2 * (len(TIMESTEPS) - 1)
+    for a, b in zip(eager, outs, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+    fd.disable_cache(model)
+    assert all(block._compiled_call_impl is not None and not isinstance(block._compiled_call_impl, HostSide)
+               for block in model.blocks)
 
 
 def _regional_graphs_uncached(name: str) -> int:
