@@ -69,14 +69,19 @@ def _summed_with_finiteness(values: Tensor, finite: Tensor, reduce: Reduce) -> t
     return packed[:-1], packed[-1] == 0
 
 
-def agreed_change(a: Tensor, b: Tensor, finite: Tensor, reduce: Reduce | None) -> tuple[Tensor, Tensor]:
-    """`(mean|a - b| / mean|b|, all cached values finite)` over the whole group, as 0-dim device tensors: the
-    local partial sums and the local finiteness go through one all-reduce."""
+def agreed_sums(a: Tensor, b: Tensor, finite: Tensor, reduce: Reduce | None) -> tuple[Tensor, Tensor]:
+    """`([sum|a - b|, sum|b|], all cached values finite)` over the whole group, on the device: the local partial
+    sums and the local finiteness go through one all-reduce."""
     sums = kernels.absmean_sums(a, b)
     if reduce is None:
-        return kernels.rel_diff_from_sums(sums), finite
-    sums, finite = _summed_with_finiteness(sums, finite, reduce)
-    return ratio_or_inf(sums[0], sums[1]), finite
+        return sums, finite
+    return _summed_with_finiteness(sums, finite, reduce)
+
+
+def agreed_change(a: Tensor, b: Tensor, finite: Tensor, reduce: Reduce | None) -> tuple[Tensor, Tensor]:
+    """`(mean|a - b| / mean|b|, all cached values finite)` over the whole group, as 0-dim device tensors."""
+    sums, finite = agreed_sums(a, b, finite, reduce)
+    return kernels.rel_diff_from_sums(sums), finite
 
 
 def per_sample_means(current: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,9 @@ from .absmean import (
     absmean_rel_diff_reference,
     absmean_sums,
     absmean_sums_reference,
+    ratio_or_inf_on_host,
     rel_diff_from_sums,
+    to_fp32,
 )
 from .extrapolate import extrapolate, extrapolate_reference
 from .fastercache_uncond import fastercache_uncond, fastercache_uncond_reference
@@ -47,6 +49,8 @@ __all__ = [
     "lowpass",
     "lowpass_radius",
     "lowpass_reference",
+    "ratio_or_inf_on_host",
     "rel_diff_from_sums",
     "set_frequency_split_impl",
+    "to_fp32",
 ]

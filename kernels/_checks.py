@@ -51,5 +51,5 @@ def inline_in_compiled_cpu_graph(t: torch.Tensor) -> bool:
     """Whether to trace an op's torch composite instead of calling the custom op: inside a compiled CPU graph the
     op would be an opaque eager call (tens of microseconds of Python dispatch per call, and inductor cannot fuse
     through it); the composite fuses into the surrounding kernels. Eager CPU calls and every CUDA call keep
-    the op (its chunked CPU loop, or the Triton kernel)."""
+    the op (its chunked CPU loop, or the Triton kernel), but for `absmean_sums` on a small CPU tensor."""
     return t.device.type == "cpu" and torch.compiler.is_compiling()

@@ -17,6 +17,8 @@ Defined edge cases:
 from __future__ import annotations
 
 import functools
+import math
+import struct
 from collections.abc import Callable
 
 import torch
@@ -49,6 +51,7 @@ _PROGRAMS_INTERPRETER = 2
 # ~25 ms vs ~170 ms for the eager composite (fp32 and bf16); inductor's fused composite is faster still (~8 ms
 # fp32), but it cannot see inside this op.
 _CPU_CHUNK = 1 << 18
+_CPU_PLAIN_MAX = 1 << 15  # eagerly up to here, plain ops without the op (temporaries of 128 KB at most)
 
 
 @triton.jit
@@ -231,6 +234,9 @@ def absmean_sums(a: Tensor, b: Tensor) -> Tensor:
     _check_pair(a, b, "absmean_sums")
     if inline_in_compiled_cpu_graph(a):  # one fused loop (bench/results/kernels_cpu.md: 8.6 ms vs 23.6 ms)
         return _absmean_sums_composite(a, b)
+    if a.device.type == "cpu" and a.numel() <= _CPU_PLAIN_MAX:
+        # small, eagerly: the op's dispatch and chunk loop cost more than the passes (1 x 64 x 32: 8 vs 22 us)
+        return _absmean_sums_composite(a, b)
     return torch.ops.fastcache.absmean_sums(a, b)
 
 
@@ -263,6 +269,22 @@ def ratio_or_inf(num: Tensor, den: Tensor) -> Tensor:
     # overflowed sum (inf) would make any ratio look small (x / inf = 0): +inf there too.
     unusable = (den == 0) | torch.isinf(den) | torch.isinf(num)
     return torch.where(unusable, torch.full_like(den, float("inf")), num / den)
+
+
+def to_fp32(x: float) -> float:
+    """`x` rounded to the nearest float32 (+-inf past its range), as a Python float."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def ratio_or_inf_on_host(num: float, den: float) -> float:
+    """`ratio_or_inf` of two float32 sums read on the host: the same float32 value (a float64 quotient of two
+    float32 numbers rounds to the correctly rounded float32 quotient, as float32 division gives)."""
+    if den == 0 or math.isinf(den) or math.isinf(num):
+        return math.inf
+    return to_fp32(num / den)  # NaN stays NaN
 
 
 def absmean_rel_diff(a: Tensor, b: Tensor) -> Tensor:

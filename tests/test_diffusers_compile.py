@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -238,14 +239,19 @@ def _regional_graphs_uncached(name: str) -> int:
 
 
 def _count_host_reads(monkeypatch) -> list[int]:
-    """Counts `bool(tensor)` calls (the drop-in's one host read of a device decision) while the test runs."""
-    reads, read = [0], torch.Tensor.__bool__
+    """Counts the device-to-host reads of tensors (`bool`, `item`, `tolist`: each a sync on a GPU) while the test
+    runs: the drop-in's one read of its decision per call."""
+    reads = [0]
 
-    def counted(self: torch.Tensor) -> bool:
-        reads[0] += 1
-        return read(self)
+    def counting(read: Any) -> Any:
+        def counted(self: torch.Tensor, *args: Any) -> Any:
+            reads[0] += 1
+            return read(self, *args)
 
-    monkeypatch.setattr(torch.Tensor, "__bool__", counted)
+        return counted
+
+    for name in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
     return reads
 
 

@@ -236,6 +236,24 @@ def reference_fastercache(model: DiT, config: fastcache.FasterCacheConfig, x: to
     return _reference_loop(model, x, steps, call)
 
 
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.1, 0.25, 1e9])
+@pytest.mark.parametrize("cached_finite", [True, False])
+def test_fbc_rule_on_host_is_the_device_rule(threshold, cached_finite):
+    """The drop-in, run eagerly, reads FBC's two sums on the host and decides there: the same ratio, skip and
+    refusal as the device rule, at the float32 boundaries (0.1 / 1 against 0.1, 1 / 4 against 0.25) too."""
+    from fastcache.methods.first_block_cache import skip_from_ratio, skip_from_sums_on_host
+
+    config = fastcache.FirstBlockCacheConfig(threshold=threshold)
+    for num, den in [(1.0, 4.0), (0.1, 1.0), (0.0, 0.0), (3.0, 0.0), (0.0, 2.0), (float("inf"), 1.0),
+                     (1.0, float("inf")), (float("nan"), 2.0), (1e30, 1e-30), (0.049, 1.0), (0.051, 1.0)]:
+        sums = torch.tensor([num, den])
+        ratio, skip, refused = skip_from_ratio(config, fastcache.kernels.rel_diff_from_sums(sums), True,
+                                               torch.tensor(cached_finite))
+        host = skip_from_sums_on_host(config, *sums.tolist(), cached_finite)
+        assert (host[1], host[2]) == (bool(skip), bool(refused)), (num, den)
+        assert host[0] == ratio.item() or (host[0] != host[0] and ratio.isnan()), (num, den)
+
+
 def reference_fbc(model: DiT, threshold: float, x: torch.Tensor, steps: int) -> tuple[list[torch.Tensor], list[bool]]:
     """FirstBlockCache with a host decision (`.item()`), as diffusers takes it."""
     ref: dict[str, Any] = {}

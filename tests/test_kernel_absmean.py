@@ -13,7 +13,9 @@ from fastcache.kernels import (
     absmean_rel_diff_reference,
     absmean_sums,
     absmean_sums_reference,
+    ratio_or_inf_on_host,
     rel_diff_from_sums,
+    to_fp32,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -125,6 +127,32 @@ def test_rel_diff_from_sums():
         rel_diff_from_sums(torch.ones(3))
     with pytest.raises(TypeError):
         rel_diff_from_sums([1.0, 2.0])
+
+
+# float32 sums: ordinary, tiny and huge quotients (past float32's range), zero, infinite and NaN sums
+EDGE_SUMS = [(1.0, 4.0), (0.0, 0.0), (3.0, 0.0), (0.0, 2.0), (math.inf, 1.0), (1.0, math.inf), (math.nan, 2.0),
+             (2.0, math.nan), (1e30, 1e-30), (1e-30, 1e30), (3.4e38, 0.5), (0.1, 1.0), (1.0, 3.0), (7.0, 70.0)]
+
+
+@pytest.mark.parametrize("num, den", EDGE_SUMS)
+def test_ratio_on_host_is_the_device_ratio(num, den):
+    """What the drop-in reads on the host when it runs eagerly is the device rule's float32 value."""
+    sums = torch.tensor([num, den], dtype=torch.float32)
+    expected = rel_diff_from_sums(sums).item()
+    got = ratio_or_inf_on_host(*sums.tolist())
+    assert (math.isnan(got) and math.isnan(expected)) or got == expected, (num, den, got, expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(*[st.floats(min_value=0, width=32, allow_infinity=False)] * 2)
+def test_ratio_on_host_matches_float32_division(num, den):
+    expected = rel_diff_from_sums(torch.tensor([num, den], dtype=torch.float32)).item()
+    assert ratio_or_inf_on_host(num, den) == expected
+
+
+def test_to_fp32():
+    assert to_fp32(0.1) == torch.tensor(0.1, dtype=torch.float32).item() != 0.1
+    assert to_fp32(1e39) == math.inf and to_fp32(-1e39) == -math.inf and math.isnan(to_fp32(math.nan))
 
 
 @pytest.mark.parametrize(

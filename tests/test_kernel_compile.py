@@ -83,10 +83,12 @@ def test_elementwise_ops_are_traced_inline_in_a_compiled_cpu_graph():
     (gm,) = graphs
     ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "fastcache" in str(n.target)}
     assert ops == {"fastcache.frequency_split", "fastcache.lowpass"}, ops
-    # eager CPU calls keep the op (its chunked loop)
-    with torch.profiler.profile() as prof:
-        absmean_sums(*inputs()[2:4])
-    assert any(e.name == "fastcache::absmean_sums" for e in prof.events())
+    # eager CPU calls keep the op (its chunked loop), but on a small tensor, where the op's dispatch costs more
+    big = torch.randn(2, absmean_module._CPU_PLAIN_MAX)
+    for a, keeps_op in ((big, True), (inputs()[2], False)):
+        with torch.profiler.profile() as prof:
+            absmean_sums(a, a.flip(0))
+        assert any(e.name == "fastcache::absmean_sums" for e in prof.events()) == keeps_op
 
 
 def test_triton_kernels_inside_compiled_graph_via_interpreter(dynamo):

@@ -766,7 +766,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             timestep = _arg(positions, family.timestep_arg, args, kwargs)
             if not isinstance(timestep, Tensor):
                 timestep = torch.as_tensor(timestep if timestep is not None else 0.0)
-            t = family.timestep(timestep)
+            device = timestep.device  # of the counters (the denoising timestep itself: only where a rule reads it)
             _prewarm(session.processors)
             scratch = session.begin_call(state)
             implicit = session.plan_outside_context()
@@ -778,7 +778,8 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                 flags = {key: state[key] for key in FINITE_FLAGS if key in state}
                 state = scratch.state = {**state, **agreed_flags(flags, session.reduce)}
             if isinstance(config, FasterCacheConfig):
-                out, new = _faster_cache_forward(session, original, positions, state, t, planned, args, kwargs)
+                out, new = _faster_cache_forward(session, original, positions, state, family.timestep(timestep),
+                                                 planned, args, kwargs)
             elif session.step_indexed:
                 if planned is None:
                     raise RuntimeError(f"{type(config).__name__}: fastcache plans each call at its cache_context "
@@ -791,7 +792,8 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             else:
                 if isinstance(config, PyramidAttentionBroadcastConfig):
                     scratch.decision = (None if state is None else planned if planned is not None
-                                        else pyramid_attention_broadcast.decide(config, state["count"], t))
+                                        else pyramid_attention_broadcast.decide(config, state["count"],
+                                                                                family.timestep(timestep)))
                 else:
                     scratch.decision = planned
                     # a planned call (DBCache's warm-up, TeaCache's last step) computes with no cond
@@ -800,10 +802,10 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
                 new = dict(scratch.new)
                 if session.block_rule is not None:
                     session.block_rule.after_call(state, new, _output_tensor(out))
-            count = (torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["count"])
+            count = (torch.zeros((), dtype=torch.int64, device=device) if state is None else state["count"])
             new["count"], new["spec"] = count + 1, spec
             if session.block_rule is None:  # the block-range methods count their refused skips themselves
-                before = torch.zeros((), dtype=torch.int64, device=t.device) if state is None else state["nonfinite"]
+                before = torch.zeros((), dtype=torch.int64, device=device) if state is None else state["nonfinite"]
                 new["nonfinite"] = count_misses(before, scratch.misses)
             # canonical strides for every state tensor: the next call guards on them (a size-1 batch dim
             # keeps arbitrary strides, which recompiled FasterCache twice), and inductor asserts them

@@ -115,6 +115,16 @@ def skip_from_ratio(config: FirstBlockCacheConfig, ratio: Tensor, has_reference:
     return ratio, small & cached_finite, small & ~cached_finite
 
 
+def skip_from_sums_on_host(config: FirstBlockCacheConfig, num: float, den: float,
+                           cached_finite: bool) -> tuple[float, bool, bool]:
+    """`skip_from_ratio(config, rel_diff_from_sums([num, den]), True, cached_finite)` on values read on the host,
+    for a caller that reads the decision there anyway (the drop-in run eagerly): `(ratio, skip, refused)` as
+    Python values, the same as the device rule's (a float32 ratio against the float32 threshold)."""
+    ratio = kernels.ratio_or_inf_on_host(num, den)
+    small = ratio <= kernels.to_fp32(config.threshold)  # False for NaN
+    return ratio, small and cached_finite, small and not cached_finite
+
+
 def check_decision(decision: Any) -> None:
     if decision is not None:
         raise TypeError(f"decision: FirstBlockCache decides on the device; pass None, got {decision!r}")
