@@ -174,6 +174,31 @@ def test_parity_with_diffusers(name: str, method: str) -> None:
         assert not skipped[0]
 
 
+def test_host_decisions_are_made_once_per_call_and_timestep(monkeypatch) -> None:
+    """PAB's host decisions are remembered by (call count, timestep): a second generation over the same schedule
+    makes none and decides as the first did (the same outputs, bit for bit)."""
+    from fastcache.diffusers import _runtime
+
+    made, make = [0], _runtime.host_decision
+
+    def counted(*args):
+        made[0] += 1
+        return make(*args)
+
+    monkeypatch.setattr(_runtime, "host_decision", counted)
+    tc, clock = case("flux"), {}
+    model = tc.model.eval()
+    fd.enable_cache(model, _pab_config("flux", clock))
+    first = _loop(model, tc, "cond", clock, model.cache_context)
+    made_first = made[0]
+    fd.reset_cache(model)
+    second = _loop(model, tc, "cond", clock, model.cache_context)
+    fd.disable_cache(model)
+    assert made_first == len(TIMESTEPS) and made[0] == made_first
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+
+
 def test_pab_decisions_follow_diffusers_rule() -> None:
     """The per-step decisions PAB takes on the device are diffusers' rule (as planned by the engine)."""
     cfg = fd.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2)

@@ -41,7 +41,7 @@ from fastcache.cuda_graphs import out_of_cuda_graph_pool
 from fastcache.diffusers._families import BlockIO, Family
 from fastcache.methods import faster_cache, pyramid_attention_broadcast
 from fastcache.methods.db_cache import DBCacheConfig
-from fastcache.methods.faster_cache import FasterCacheConfig
+from fastcache.methods.faster_cache import FasterCacheConfig, FasterCacheDecision
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.mag_cache import MagCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PABDecision, PyramidAttentionBroadcastConfig
@@ -270,6 +270,8 @@ class Session:
         # FasterCache with CFG off (a pipeline called with guidance_scale <= 1): the batch holds separate
         # prompts, not [uncond; cond]; run as for a guidance-distilled model (attention approximation only)
         self.cfg_off = False
+        # PAB's and FasterCache's host decisions by (cfg_off, call count, timestep), made once (`host_decision`)
+        self.host_decisions: dict[tuple[bool, int, float], tuple] = {}
         # diffusers' module callbacks (FasterCache weights) run on the host at each context entry: the rules on
         # the device see the config without them, and the forward takes their values (`host_weights`)
         self.module_callbacks = {name: value.fn for name in faster_cache.MODULE_CALLBACK_FIELDS
@@ -484,7 +486,7 @@ class Session:
         if not self.plannable:
             return
         t = self.host_timestep()
-        self.pending = DEVICE if t is None else host_decision(self.method_config(), self.calls, t)
+        self.pending = DEVICE if t is None else self._host_decision(self.calls, t)
         if self.calls == 0:
             self.cached_kinds = None if t is None else self._kinds_reused_over_the_schedule()
 
@@ -493,11 +495,22 @@ class Session:
         if not isinstance(timesteps, Tensor) or timesteps.dim() != 1:
             return None
         config, host = self.method_config(), self._host_copy(timesteps)
-        decisions = [host_decision(config, i, t) for i, t in enumerate(host)]
+        decisions = [self._host_decision(i, t) for i, t in enumerate(host)]
         if isinstance(config, PyramidAttentionBroadcastConfig):
             return frozenset(pyramid_attention_broadcast.reused_kinds(decisions))
         return frozenset(kind for kind in faster_cache.CACHED_KINDS
                          if any(getattr(d, f"approx_{kind}") for d in decisions))
+
+    def _host_decision(self, calls: int, t: float) -> tuple:
+        """`host_decision` of the method's config, remembered: each is some thirty small CPU tensor ops (~100 us),
+        and a generation meets the same (call, timestep) pairs as the one before it."""
+        key = (self.cfg_off, calls, t)
+        decision = self.host_decisions.get(key)
+        if decision is None:
+            if len(self.host_decisions) >= 4096:  # many schedules: start over rather than grow
+                self.host_decisions.clear()
+            decision = self.host_decisions[key] = host_decision(self.method_config(), calls, t)
+        return decision
 
     def caches(self, kind: str) -> bool:
         """Whether sites of this kind keep their output: every hooked kind, unless the whole schedule is known
@@ -1033,14 +1046,11 @@ def _faster_cache_forward(session: Session, original: Callable[..., Any], positi
     if return_dict is not None:
         kwargs["return_dict"] = False
     if state is None:  # planned-as-Python first call: compute both halves, seed every window
-        count = torch.zeros((), dtype=torch.int64, device=t.device)
-    else:
-        count = state["count"]
-    decision = faster_cache.decide(config, count, t)
-    if state is None:
-        decision = decision._replace(first=True, skip_uncond=False, approx_spatial=False, approx_temporal=False)
+        decision = FasterCacheDecision(True, False, False, False, *faster_cache.weights(config, t))
     elif planned is not None:  # the host's flags (Python bools: no torch.cond); the weights stay tensors
-        decision = decision._replace(first=False, **planned._asdict())
+        decision = FasterCacheDecision(False, *planned, *faster_cache.weights(config, t))
+    else:
+        decision = faster_cache.decide(config, state["count"], t)
     if session.module_callbacks:  # diffusers' callbacks of a module: their floats, evaluated at the entry
         weights = session.host_weights
         if weights is None:  # called outside any cache_context: evaluate them here (traced)

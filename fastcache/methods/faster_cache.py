@@ -169,21 +169,20 @@ def decide(config: FasterCacheConfig, count: Tensor, t: Tensor) -> FasterCacheDe
             continue
         rule = in_open_range(t, config.timestep_range(kind)) & (count > 0) & (count % n != 0)
         approx.append(rule if distilled else rule & skip_uncond)
+    return FasterCacheDecision(count == 0, skip_uncond, approx[0], approx[1], *weights(config, t))
 
+
+def weights(config: FasterCacheConfig, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`(w_low, w_high, w_attention)` at t (one step or a whole schedule): the config's callbacks, or diffusers'
+    defaults (alpha inside the update range, else 1; attention 0.5)."""
     def alpha(bounds: tuple[float, float], value: float) -> Callable[[Tensor], Tensor]:
         return lambda t: torch.where(in_open_range(t, bounds), value, 1.0)
 
-    return FasterCacheDecision(
-        first=count == 0,
-        skip_uncond=skip_uncond,
-        approx_spatial=approx[0],
-        approx_temporal=approx[1],
-        w_low=_weight(config.low_frequency_weight_callback,
-                      alpha(config.low_frequency_weight_update_timestep_range, config.alpha_low_frequency), t),
-        w_high=_weight(config.high_frequency_weight_callback,
-                       alpha(config.high_frequency_weight_update_timestep_range, config.alpha_high_frequency), t),
-        w_attention=_weight(config.attention_weight_callback, lambda t: torch.full_like(t, 0.5), t),
-    )
+    return (_weight(config.low_frequency_weight_callback,
+                    alpha(config.low_frequency_weight_update_timestep_range, config.alpha_low_frequency), t),
+            _weight(config.high_frequency_weight_callback,
+                    alpha(config.high_frequency_weight_update_timestep_range, config.alpha_high_frequency), t),
+            _weight(config.attention_weight_callback, lambda t: torch.full_like(t, 0.5), t))
 
 
 def plan(config: FasterCacheConfig, timesteps: Tensor | Sequence[float], device: torch.device | str | None = None
