@@ -44,6 +44,8 @@ def canonical(x: Tensor) -> Tensor:
         expected.append(step)
         step *= size
     expected.reverse()
+    if not torch.compiler.is_compiling():  # eagerly the strides are ints (aten.sym_stride: a 4 us dispatch)
+        return x if x.stride() == tuple(expected) else x.clone(memory_format=torch.contiguous_format)
     # a data-dependent size (compiled Framepack slices its text stream by its mask's sum) has no value to guard
     # on while tracing: a stride not known to match is copied (guard_or_false); aten.sym_stride, as dynamo fails
     # reading x.stride() where such a size was refined to a constant (torch 2.13)
