@@ -7,6 +7,7 @@ op. Importing this package needs neither triton nor a GPU and changes no global 
 setting.
 
 - `absmean_rel_diff`, `absmean_sums`, `rel_diff_from_sums`: the First-Block-Cache skip predicate.
+  `ratio_or_inf_on_host` and `to_fp32`: its ratio from sums read on the host, in the same float32 arithmetic.
 - `frequency_split`, `lowpass`: FasterCache's low/high frequency split, in real space (no complex tensors);
   on CUDA the split runs four matmuls or one fused Triton kernel (`impl=`, `set_frequency_split_impl`).
 - `fastercache_uncond`: FasterCache's skip-step reconstruction of the unconditional branch.
