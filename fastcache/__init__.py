@@ -28,6 +28,7 @@ from fastcache.methods.pyramid_attention_broadcast import (
     PABState,
     PyramidAttentionBroadcastConfig,
 )
+from fastcache.methods.sea_cache import SeaCacheConfig
 from fastcache.methods.taylorseer import TaylorSeerCacheConfig, TaylorSeerDecision, TaylorSeerState
 from fastcache.methods.teacache import TeaCacheConfig, TeaCacheDecision, TeaCacheState
 from fastcache.protocol import AttentionSite, CacheableModel
@@ -54,6 +55,7 @@ __all__ = [
     "PABState",
     "Plan",
     "PyramidAttentionBroadcastConfig",
+    "SeaCacheConfig",
     "TaylorSeerCacheConfig",
     "TaylorSeerDecision",
     "TaylorSeerState",

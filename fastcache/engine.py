@@ -118,6 +118,11 @@ def _methods() -> dict[type, tuple[Any, type]]:
 def make(config: Any) -> CacheMethod:
     """Build the cache method described by `config` (one of fastcache's config classes)."""
     methods = _methods()
+    from fastcache.methods.sea_cache import SeaCacheConfig
+
+    if isinstance(config, SeaCacheConfig):
+        raise TypeError("config: SeaCache runs in the diffusers drop-in only (fastcache.enable_cache(pipe, config)): "
+                        "its indicator reads a pipeline's latents and sigma, which the engine's models do not expose")
     if type(config) not in methods:
         names = ", ".join(cls.__name__ for cls in methods)
         raise TypeError(f"config: expected one of {names}, got {type(config).__name__}")

@@ -29,6 +29,7 @@ from fastcache.methods.faster_cache import FasterCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.mag_cache import MagCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
+from fastcache.methods.sea_cache import SeaCacheConfig
 from fastcache.methods.taylorseer import TaylorSeerCacheConfig
 from fastcache.methods.teacache import TeaCacheConfig
 
@@ -41,6 +42,7 @@ __all__ = [
     "MagCacheConfig",
     "PyramidAttentionBroadcastConfig",
     "SUPPORTED_MODELS",
+    "SeaCacheConfig",
     "TaylorSeerCacheConfig",
     "TeaCacheConfig",
     "apply_faster_cache",

@@ -23,12 +23,13 @@ from fastcache.methods.faster_cache import MODULE_CALLBACK_FIELDS, TENSOR_FORMAT
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.mag_cache import MagCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PyramidAttentionBroadcastConfig
+from fastcache.methods.sea_cache import SeaCacheConfig
 from fastcache.methods.taylorseer import TaylorSeerCacheConfig
 from fastcache.methods.teacache import TeaCacheConfig
 
 # the configs that mirror diffusers' own (translated by name), then the methods diffusers lacks
 DIFFUSERS_CONFIGS = (PyramidAttentionBroadcastConfig, FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
-                     TaylorSeerCacheConfig)
+                     TaylorSeerCacheConfig, SeaCacheConfig)
 FASTCACHE_CONFIGS = (*DIFFUSERS_CONFIGS, DBCacheConfig, TeaCacheConfig)
 _BY_DIFFUSERS_NAME = {cls.__name__: cls for cls in DIFFUSERS_CONFIGS}
 
@@ -99,7 +100,7 @@ def _check_not_cached_by_diffusers(model: nn.Module) -> None:
 
 _METHOD_OF = {FirstBlockCacheConfig: "FirstBlockCache", PyramidAttentionBroadcastConfig: "PAB",
               FasterCacheConfig: "FasterCache", MagCacheConfig: "MagCache", TaylorSeerCacheConfig: "TaylorSeer",
-              DBCacheConfig: "DBCache", TeaCacheConfig: "TeaCache"}
+              DBCacheConfig: "DBCache", TeaCacheConfig: "TeaCache", SeaCacheConfig: "SeaCache"}
 
 
 def _check_applicable(model: nn.Module, config: Any) -> None:
@@ -141,7 +142,8 @@ def enable_cache(model_or_pipeline: Any, config: Any) -> None:
             from fresh cache states (and restores the previous ones at its end), and its scheduler gives the
             timesteps that PAB and FasterCache plan with.
         config: fastcache's or diffusers' `PyramidAttentionBroadcastConfig`, `FasterCacheConfig`,
-            `FirstBlockCacheConfig`, `MagCacheConfig` or `TaylorSeerCacheConfig`; or fastcache's `DBCacheConfig`
+            `FirstBlockCacheConfig`, `MagCacheConfig`, `TaylorSeerCacheConfig` or `SeaCacheConfig`; or fastcache's
+            `DBCacheConfig`
             (cache-dit's DBCache, optionally with TaylorSeer) or `TeaCacheConfig`.
 
     Raises:
@@ -192,7 +194,7 @@ def enable_cache(model_or_pipeline: Any, config: Any) -> None:
     # Instance attributes (not class patches): the pipelines' `transformer.cache_context(name)` and their
     # end-of-call `_reset_stateful_cache()` reach fastcache's session.
     model.__dict__[SESSION_ATTR] = session
-    model.__dict__["cache_context"] = lambda name, **kwargs: session.context(name)
+    model.__dict__["cache_context"] = lambda name, **kwargs: session.context(name, **kwargs)
     model.__dict__["_reset_stateful_cache"] = lambda recurse=True: session.end_generation()
     model.__dict__["enable_cache"] = lambda *args, **kwargs: _refuse_diffusers_cache(model)
 
@@ -229,13 +231,14 @@ def disable_cache(model_or_pipeline: Any) -> None:
         model.__dict__.pop(attr, None)
 
 
-def cache_context(model: Any, name: str | None) -> Any:
+def cache_context(model: Any, name: str | None, **info: Any) -> Any:
     """`with fastcache.cache_context(transformer, "cond"):` selects the named state (same as
-    `transformer.cache_context("cond")` once fastcache is enabled)."""
+    `transformer.cache_context("cond")` once fastcache is enabled); `info` as diffusers' cache_context keywords
+    (`step_index`, `sigma`, `num_inference_steps`, which SeaCache needs)."""
     session = _session(model)
     if session is None:
         raise ValueError(f"model: fastcache is not enabled on this {type(_unwrap(model)).__name__}")
-    return session.context(name)
+    return session.context(name, **info)
 
 
 def reset_cache(model_or_pipeline: Any) -> None:

@@ -45,12 +45,14 @@ from fastcache.methods.faster_cache import FasterCacheConfig, FasterCacheDecisio
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
 from fastcache.methods.mag_cache import MagCacheConfig
 from fastcache.methods.pyramid_attention_broadcast import PABDecision, PyramidAttentionBroadcastConfig
+from fastcache.methods.sea_cache import SeaCacheConfig
 from fastcache.methods.taylorseer import TaylorSeerCacheConfig
 from fastcache.methods.teacache import TeaCacheConfig
 
 SESSION_ATTR = "_fastcache_session"
 FINITE_FLAGS = ("finite", "windows_finite", "deltas_finite")  # the state's flags of cached values reused if finite
-BLOCK_CONFIGS = (FirstBlockCacheConfig, DBCacheConfig, TeaCacheConfig)  # the block-range methods (`_segments`)
+# the block-range methods (`_segments`)
+BLOCK_CONFIGS = (FirstBlockCacheConfig, DBCacheConfig, TeaCacheConfig, SeaCacheConfig)
 # diffusers' names for the batched [uncond; cond] inputs of the denoiser (FasterCache cuts them in half)
 BATCHED_KWARGS = ("hidden_states", "encoder_hidden_states", "timestep", "attention_mask", "encoder_attention_mask")
 
@@ -181,6 +183,7 @@ class Scratch:
     passed: dict = field(default_factory=dict)  # the streams the last block returned
     deferred: dict = field(default_factory=dict)  # middle block calls waiting for the segment's last
     misses: list = field(default_factory=list)  # PAB, FasterCache: reuses asked for on non-finite cached values
+    model_call: tuple = ((), {})  # the transformer's own (args, kwargs): SeaCache reads its input latents
 
 
 # The hand-off of a planned decision from the eager context entry to the compiled forward (`Session.pending`).
@@ -250,6 +253,8 @@ class Session:
         # per pipeline call: context name -> (state, calls made with it, counted on the host)
         self.scopes: list[dict[str | None, tuple[Any, int]]] = [{}]
         self.active: str | None = None
+        # what the active context's entry said of the loop (`cache_context(name, step_index=, sigma=, ...)`)
+        self.context_info: dict[str, Any] = {}
         # the context states of the last pipeline call, once it returned (a calibration run's results)
         self.last_scope: dict[str | None, tuple[Any, int]] = {}
         self.calls = 0  # the active context's host call count
@@ -261,7 +266,7 @@ class Session:
         # when the timestep is known on the host at a context's entry the decision is made there, eagerly.
         # DBCache's warm-up and TeaCache's last step are planned too (at every context entry, from the call count)
         self.plannable = isinstance(config, (PyramidAttentionBroadcastConfig, FasterCacheConfig, DBCacheConfig,
-                                             TeaCacheConfig))
+                                             TeaCacheConfig, SeaCacheConfig))
         # FirstBlockCache, DBCache, TeaCache: the rule of `_segments` (set by `install`)
         self.block_rule: Any = None
         # MagCache and TaylorSeer read only the call count: always planned, at every context entry
@@ -399,12 +404,22 @@ class Session:
         return " and ".join(names) or None
 
     @contextmanager
-    def context(self, name: str | None) -> Iterator[None]:
+    def context(self, name: str | None, **info: Any) -> Iterator[None]:
+        """A named context; `info` is what diffusers' `cache_context(name, **kwargs)` says of the denoising loop
+        (`step_index`, `sigma`, `num_inference_steps`: SeaCache plans each call from them)."""
         self.follow_parallelism()
-        previous = self.active
+        previous, previous_info = self.active, self.context_info
         self._store()
         self._load(name)
-        self._plan_next_call()
+        self.context_info = info
+        try:
+            self._plan_next_call()
+        except BaseException:  # refused before any compute: the previous context stays active
+            self.pending = None
+            self._store()
+            self._load(previous)
+            self.context_info = previous_info
+            raise
         entry = self.slot.state
         try:
             yield
@@ -413,6 +428,7 @@ class Session:
             self.slot.state = out_of_cuda_graph_pool(self.slot.state, entry)
             self._store()
             self._load(previous)
+            self.context_info = previous_info
 
     @contextmanager
     def scope(self) -> Iterator[None]:
@@ -477,7 +493,8 @@ class Session:
             self.pending = self.schedule.decision(self.calls)
             return
         if self.block_rule is not None:
-            self.pending = self.block_rule.plan(self.calls, self.pipeline) if self.plannable else None
+            self.pending = (self.block_rule.plan(self.calls, self.pipeline, self.context_info) if self.plannable
+                            else None)
             return
         if self.distilled_config is not None:
             self.cfg_off = self.pipeline is not None and not _runs_cfg(self.pipeline)
@@ -587,8 +604,8 @@ class Session:
             self.calls, self.restarted = 0, False
         if self.pending == CONSUMED:
             self.calls += 1
-        elif self.pending == SEVERAL and self.step_indexed:
-            pass  # refused in the forward already
+        elif self.pending == SEVERAL and (self.step_indexed or isinstance(self.config, SeaCacheConfig)):
+            pass  # refused in the forward already (their calls need a plan: they never move to the device)
         elif self.pending == SEVERAL:
             # the host no longer knows this context's call count: decide on the device from now on
             self.plannable = False
@@ -782,6 +799,7 @@ def denoiser_wrapper(session: Session) -> Callable[[Callable[..., Any]], Callabl
             device = timestep.device  # of the counters (the denoising timestep itself: only where a rule reads it)
             _prewarm(session.processors)
             scratch = session.begin_call(state)
+            scratch.model_call = (args, kwargs)
             implicit = session.plan_outside_context()
             planned = session.take_planned()
             if planned is None and session.reduce is not None and state is not None and session.block_rule is None:

@@ -26,6 +26,8 @@ own, `compile_repeated_blocks`) the wrappers run that way, eagerly around the bl
 from __future__ import annotations
 
 import inspect
+import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -52,9 +54,10 @@ from fastcache.diffusers._runtime import (
 )
 from fastcache.distributed import Reduce, agreed_change, agreed_change_per_sample, agreed_flags, agreed_sums
 from fastcache.engine import forced_compute
-from fastcache.methods import db_cache, first_block_cache, taylorseer, teacache
+from fastcache.methods import db_cache, first_block_cache, sea_cache, taylorseer, teacache
 from fastcache.methods.db_cache import DBCacheConfig
 from fastcache.methods.first_block_cache import FirstBlockCacheConfig
+from fastcache.methods.sea_cache import SeaCacheConfig
 from fastcache.methods.teacache import TeaCacheConfig
 
 Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -148,11 +151,16 @@ class ResidualRule:
     def reuse(self, kept: tuple, streams: tuple, operands: tuple) -> tuple:
         return tuple(None if k is None else k[0] for k in kept)
 
-    def plan(self, calls: int, pipeline: Any) -> Any:
+    def plan(self, calls: int, pipeline: Any, info: dict[str, Any]) -> Any:
         return None  # nothing planned on the host: every call decides on the device
 
     def fits(self, state: dict, measure: Tensor) -> bool:
         return state["ref"].shape == measure.shape
+
+    def measure(self, block: nn.Module, io: BlockIO, positions: dict[str, int], args: tuple, kwargs: dict,
+                session: Session) -> Tensor:
+        """What a rule deciding before block 0 (`front = 0`) reads, from its call or the model's."""
+        raise NotImplementedError
 
     def after_call(self, state: dict | None, new: dict, output: Tensor) -> None:
         """Once the model returned (TeaCache's calibration records its output here)."""
@@ -200,7 +208,7 @@ class DBCacheRule(ResidualRule):
         self.front, self.back = config.Fn_compute_blocks, config.Bn_compute_blocks
         self.warmup = set(config.warmup_steps())
 
-    def plan(self, calls: int, pipeline: Any) -> db_cache.DBCacheDecision:
+    def plan(self, calls: int, pipeline: Any, info: dict[str, Any]) -> db_cache.DBCacheDecision:
         return db_cache.DBCacheDecision(calls in self.warmup)
 
     def _operands(self, counters: db_cache.Counters) -> tuple:
@@ -309,7 +317,7 @@ class TeaCacheRule(ResidualRule):
         # every context and pipeline call since enable_cache or reset_cache (`calibrated_coefficients`)
         self.pairs: list[tuple[Tensor, Tensor]] = []
 
-    def plan(self, calls: int, pipeline: Any) -> teacache.TeaCacheDecision:
+    def plan(self, calls: int, pipeline: Any, info: dict[str, Any]) -> teacache.TeaCacheDecision:
         """The pipeline's last step computes (TeaCache's rule; the first call of a context always does)."""
         if self.config.calibrate:
             return teacache.TeaCacheDecision(True)
@@ -324,6 +332,10 @@ class TeaCacheRule(ResidualRule):
 
     def fits(self, state: dict, measure: Tensor) -> bool:
         return state["previous"].shape == measure.shape
+
+    def measure(self, block: nn.Module, io: BlockIO, positions: dict[str, int], args: tuple, kwargs: dict,
+                session: Session) -> Tensor:
+        return teacache_input(block, self.kind, io, positions, args, kwargs)
 
     def first(self, measure: Tensor, count: Tensor, planned: Any) -> Decided:
         # `rel`: each sample's relative change of the modulated input (inf with no reference), for inspection and
@@ -359,7 +371,105 @@ class TeaCacheRule(ResidualRule):
         self.pairs.clear()
 
 
-RULES = {FirstBlockCacheConfig: FirstBlockCacheRule, DBCacheConfig: DBCacheRule, TeaCacheConfig: TeaCacheRule}
+def wan_t2v_latents(model: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    """Wan text-to-video's input latents `(B, C, T, H, W)` as SeaCache's `(B, T, H, W, C)` (diffusers' built-in
+    adapter: every sample's latents form the output)."""
+    return _arg(_positions(model), "hidden_states", args, kwargs).movedim(1, -1)
+
+
+def callback_latents(callback: Callable[..., Any]) -> Callable[[nn.Module, tuple, dict], Tensor]:
+    """A diffusers `raw_vision_callback` (one `(C, T, H, W)` tensor per sample) as `(B, T, H, W, C)`."""
+    def latents(model: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+        found = callback(model, args, kwargs)
+        if (not isinstance(found, (list, tuple)) or not found or any(not isinstance(x, Tensor) or x.dim() != 4
+                                                                      for x in found)):
+            raise ValueError("SeaCacheConfig.raw_vision_callback: must return a non-empty list of (C, T, H, W) "
+                             f"tensors, got {type(found).__name__}")
+        if len({tuple(x.shape) for x in found}) > 1:
+            raise ValueError("SeaCacheConfig.raw_vision_callback: fastcache needs latents of one shape, got "
+                             f"{sorted({tuple(x.shape) for x in found})}")
+        return torch.stack([x.movedim(0, -1) for x in found])
+
+    return latents
+
+
+class SeaCacheRule(ResidualRule):
+    """SeaCache (`sea_cache`): decided before block 0 from the model's input latents, skipping every block."""
+
+    front = 0
+
+    def __init__(self, config: SeaCacheConfig, model: nn.Module, family: Family) -> None:
+        name = type(model).__name__
+        if name == "Cosmos3OmniTransformer":
+            raise ValueError("config: diffusers' SeaCache on Cosmos 3 caches its decoder stack up to the final "
+                             "norms, which fastcache does not reproduce; use FirstBlockCacheConfig or DBCacheConfig")
+        if config.raw_vision_callback is not None:
+            self.latents = callback_latents(config.raw_vision_callback)
+        elif name == "WanTransformer3DModel" and model.config.in_channels == model.config.out_channels:
+            self.latents = wan_t2v_latents
+        else:
+            raise ValueError(f"config.raw_vision_callback: SeaCache reads the latents of the generated output, and "
+                             f"fastcache knows them for Wan text-to-video only (as diffusers); pass "
+                             f"raw_vision_callback(model, args, kwargs) for {name}")
+        self.config = config
+        self.model = weakref.ref(model)
+
+    def plan(self, calls: int, pipeline: Any, info: dict[str, Any]) -> sea_cache.SeaCachePlan:
+        model = self.model()
+        device = next(model.parameters(), torch.empty(0)).device
+        return sea_cache.plan(self.config, info, device)
+
+    def measure(self, block: nn.Module, io: BlockIO, positions: dict[str, int], args: tuple, kwargs: dict,
+                session: Session) -> Tensor:
+        scratch = session.scratch
+        planned = scratch.decision
+        if not isinstance(planned, sea_cache.SeaCachePlan):
+            raise RuntimeError("SeaCache: call the transformer once per `with transformer.cache_context(name, "
+                               "step_index=..., sigma=..., num_inference_steps=...)` (a call outside one, or a second "
+                               "call inside one, has no step of its own)")
+        return sea_cache.sea_filter(self.latents(session.model, *scratch.model_call), planned.sigma,
+                                    self.config.power_exp)
+
+    def fits(self, state: dict, measure: Tensor) -> bool:
+        return state["indicator"].shape == measure.shape
+
+    def first(self, measure: Tensor, count: Tensor, planned: Any) -> Decided:
+        zero = torch.zeros(1, dtype=torch.float64, device=measure.device)
+        return Decided(False, None, dict(indicator=measure, accumulated=zero, consecutive=torch.zeros_like(count),
+                                         last_step=planned.step, distance=zero + math.inf),
+                       (planned.step, torch.zeros((), dtype=torch.bool, device=measure.device)))
+
+    def decide(self, state: dict, measure: Tensor, finite: Tensor, planned: Any) -> Decided:
+        step = planned.step
+        if forced_compute(planned):  # a retained or a last step, known on the host: no cond
+            continues = step == state["last_step"] + 1
+            return Decided(False, None, dict(indicator=measure, accumulated=torch.zeros_like(state["accumulated"]),
+                                             consecutive=torch.zeros_like(state["consecutive"]), last_step=step,
+                                             distance=torch.full_like(state["distance"], math.inf)),
+                           (step, continues))
+        change = sea_cache.relative_change(measure, state["indicator"])
+        gate = sea_cache.gate(self.config, state["accumulated"], state["consecutive"], state["last_step"], step,
+                              change, finite)
+        return Decided(gate.skip, gate.refused, dict(indicator=measure, accumulated=gate.accumulated,
+                                                     consecutive=gate.consecutive, last_step=step,
+                                                     distance=gate.distance), (step, gate.adjacent))
+
+    def keep(self, mids: tuple, old: tuple | None, operands: tuple) -> tuple:
+        # the hidden stream's residual (extrapolated at order 1); another stream's output is reused as diffusers
+        # reuses it (its residual over an input that does not change between steps)
+        step, continues = operands
+        return tuple(None if m is None else sea_cache.keep(self.config, m, None if old is None else old[i], step,
+                                                           continues) if i == 0 else (m,)
+                     for i, m in enumerate(mids))
+
+    def reuse(self, kept: tuple, streams: tuple, operands: tuple) -> tuple:
+        step, _ = operands
+        return tuple(None if k is None else sea_cache.reuse(self.config, k, step) if i == 0 else k[0]
+                     for i, k in enumerate(kept))
+
+
+RULES = {FirstBlockCacheConfig: FirstBlockCacheRule, DBCacheConfig: DBCacheRule, TeaCacheConfig: TeaCacheRule,
+         SeaCacheConfig: SeaCacheRule}
 
 
 def make_rule(config: Any, model: nn.Module, family: Family) -> ResidualRule:
@@ -444,7 +554,6 @@ def ruled_forward(session: Session, block: nn.Module, role: BlockRole, rule: Any
     io = block_io(block)
     positions = _positions(block)
     method = type(session.config).__name__.removesuffix("Config")
-    teacache_kind = getattr(rule, "kind", None)
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -456,7 +565,7 @@ def ruled_forward(session: Session, block: nn.Module, role: BlockRole, rule: Any
             if role.first:
                 scratch.segment_inputs[segment] = inputs
             if role.decides_before:
-                _decide(session, rule, teacache_input(block, teacache_kind, io, positions, args, kwargs))
+                _decide(session, rule, rule.measure(block, io, positions, args, kwargs, session))
             if not role.middle:
                 out = original(*args, **kwargs)
                 streams = _streams(io, out)
