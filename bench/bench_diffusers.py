@@ -24,7 +24,7 @@ timed generations go round-robin over the providers (`--repeats` rounds, rotatin
 machine load hits all alike; fastcache-compiled's time over diffusers-compiled's is also taken per round
 (paired) and its median reported. Per provider: the median seconds per generation, the warm-up time, graph
 breaks and graphs compiled over all its generations (in brackets: during the timed rounds), and the share
-computed (FBC: steps that ran every block; PAB: hooked attention calls; FasterCache: steps that ran the
+computed (FBC, SeaCache: steps that ran every block; PAB: hooked attention calls; FasterCache: steps that ran the
 unconditional batch; MagCache: steps that ran the blocks; TaylorSeer: steps that ran the forecast modules).
 diffusers-fullgraph runs last, untimed: it records how diffusers' hooks fail under fullgraph=True.
 
@@ -97,6 +97,8 @@ def _config(method: str, threshold: float, clock: dict, steps: int = 20) -> Any:
 
     if method == "fbc":
         return diffusers.FirstBlockCacheConfig(threshold=threshold)
+    if method == "sea":  # Wan text-to-video: diffusers' built-in latents adapter; the loop passes step and sigma
+        return diffusers.SeaCacheConfig(threshold=0.25 if threshold == 0.0 else threshold)
     if method == "pab":
         return diffusers.PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=2, cross_attention_block_skip_range=3,
@@ -104,7 +106,7 @@ def _config(method: str, threshold: float, clock: dict, steps: int = 20) -> Any:
     if method == "fastercache":
         return diffusers.FasterCacheConfig(spatial_attention_block_skip_range=2, unconditional_batch_skip_range=3,
                                            tensor_format="BFCHW", current_timestep_callback=lambda: clock["t"])
-    raise ValueError(f"method: unknown {method!r}; known: fbc, pab, fastercache, mag, taylorseer")
+    raise ValueError(f"method: unknown {method!r}; known: fbc, pab, fastercache, mag, taylorseer, sea")
 
 
 def own_frame(model: torch.nn.Module, tag: str) -> Any:
@@ -152,31 +154,36 @@ class Provider:
             self.model._reset_stateful_cache()
         breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
         x = self.tc.latent.clone()
-        for t in self.timesteps:
+        for i, t in enumerate(self.timesteps):
             self.clock["t"] = t
             outs = []
             for name in self.setup.contexts:
-                with torch.no_grad(), self._context(name):
+                with torch.no_grad(), self._context(name, i):
                     outs.append(self.runner(**self.tc.kwargs(x, t), return_dict=False)[0])
             x = x - 0.05 * outs[-1]  # any update works: the loop only has to feed the output back
         if self.name.startswith("fastcache"):  # the counters, read once after the loop
             states = [fd.cache_state(self.model, n) for n in self.setup.contexts]
             self.nonfinite = sum(int(s["nonfinite"]) for s in states)
-            if self.method == "fbc":
+            if self.method in ("fbc", "sea"):
                 self.fbc_computed = [int(s["num_computed"]) for s in states]
         self.breaks += sum(counters["graph_break"].values()) - breaks
         self.graphs += counters["stats"]["unique_graphs"] - graphs
         return x
 
-    def _context(self, name: str) -> Any:
-        return contextlib.nullcontext() if self.config is None else self.model.cache_context(name)
+    def _context(self, name: str, step: int) -> Any:
+        if self.config is None:
+            return contextlib.nullcontext()
+        if self.method == "sea":  # where the loop is, as diffusers' WanPipeline passes it
+            return self.model.cache_context(name, step_index=step, sigma=float(self.timesteps[step]) / 1000,
+                                            num_inference_steps=len(self.timesteps))
+        return self.model.cache_context(name)
 
     def computed_share(self) -> float | None:
-        """FBC: steps that ran every block (fastcache's count); PAB: hooked attention calls computed;
+        """FBC, SeaCache: steps that ran every block (fastcache's count); PAB: hooked attention calls computed;
         FasterCache: steps that ran the unconditional batch (both from the plan)."""
         if not self.name.startswith("fastcache"):
             return None
-        if self.method == "fbc":
+        if self.method in ("fbc", "sea"):
             return sum(self.fbc_computed) / (len(self.setup.contexts) * len(self.timesteps))
         ours = fd.to_fastcache_config(self.config)
         if self.method == "mag":

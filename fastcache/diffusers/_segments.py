@@ -1,21 +1,26 @@
-"""The drop-in's block-range caches: FirstBlockCache, DBCache (Fn/Bn, optionally with TaylorSeer) and TeaCache.
+"""The drop-in's block-range caches: FirstBlockCache, DBCache (Fn/Bn, optionally with TaylorSeer), TeaCache and
+SeaCache.
 
-All three cut the model's blocks (in the family's order) the same way: the `front` first blocks always run, the
+All four cut the model's blocks (in the family's order) the same way: the `front` first blocks always run, the
 `back` last blocks always run, and the middle ones either run or are replaced by the residual they produced at the
 last computed call (DBCache + TaylorSeer: its Taylor forecast). One decision per call, on the device:
 - FirstBlockCache (front 1, back 0): block 0's residual against the last computed call's
   (`first_block_cache.skip_decision`);
 - DBCache (front Fn, back Bn): the residual of the front blocks, cache-dit's rule (`db_cache.cache_rule`);
 - TeaCache (front 0, back 0): block 0's timestep-modulated input, read from its arguments before it runs
-  (`teacache.skip_rule`).
-The rules live in the method files, shared with the engine; here they are attached to diffusers' blocks.
+  (`teacache.skip_rule`);
+- SeaCache (front 0, back 0): the model's input latents through SEA's spectral filter, read before block 0 runs
+  (`sea_cache.gate`; the residual reused or extrapolated, `sea_cache.reuse`).
+The rules live in the method files (shared with the engine, but SeaCache's); here they are attached to diffusers'
+blocks.
 
 One torch.cond per segment (one per call on Flux, Wan and CogVideoX): every middle block but a segment's last
 returns its input streams and records its call, and the segment's last middle block takes one torch.cond that
 replays them and itself, or adds the cached residual to the middle's input. Deferring is only right where each
 block's output goes straight to the next block; the first call of a context (which computes everything) checks
 that, and a model that changes the streams between blocks (a ControlNet adding residuals) keeps one cond per
-block instead. Calls a method plans on the host (DBCache's warm-up, TeaCache's last step) compute with no cond.
+block instead. Calls a method plans on the host (DBCache's warm-up, TeaCache's last step, SeaCache's retained and
+last steps) compute with no cond.
 
 Run eagerly, the decision is read on the host once, right after it is made, and the middle blocks then run or
 pass their input through as plain calls (nothing deferred). Under regional compilation (each block compiled on its
