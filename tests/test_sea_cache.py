@@ -125,6 +125,20 @@ def test_fullgraph_one_cond_on_each_data_decided_call(wan, dynamo) -> None:
     torch.testing.assert_close(again, eager, atol=1e-5, rtol=0)
 
 
+def test_regional_compilation_equals_diffusers(wan) -> None:
+    """diffusers' regional compilation (each block compiled on its own, fullgraph): the rule runs eagerly around
+    the compiled blocks, with the same decisions and latents as diffusers' hooks."""
+    config = diffusers.SeaCacheConfig(threshold=0.5)
+    expected, expected_computed = _run(_pipeline(_diffusers(wan, config)))
+    pipe = _pipeline(copy.deepcopy(wan))
+    fastcache.enable_cache(pipe, config)
+    pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    skipped: list[bool] = []
+    got, _ = _run(pipe, skipped=skipped)
+    assert skipped == [c == 0 for c in expected_computed] and any(skipped), (skipped, expected_computed)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
 def _flux_latents(module, args, kwargs):
     """Flux's packed tokens of a square latent as one (C, 1, H, W) tensor per sample."""
     hidden = kwargs["hidden_states"]
