@@ -89,6 +89,20 @@ def test_a_wan_pipeline_equals_diffusers_sea_cache_step_by_step(wan, order, guid
     assert not torch.allclose(got, uncached, atol=1e-4)
 
 
+def test_a_bf16_transformer_equals_diffusers(wan) -> None:
+    """Half precision: the indicator is filtered in fp32 and cast back to bf16, the residual history is kept in
+    bf16 and extrapolated with fp64 scalars, as diffusers does: the same skips and latents."""
+    half = copy.deepcopy(wan).to(torch.bfloat16)
+    config = diffusers.SeaCacheConfig(threshold=0.5, residual_order=1)
+    expected, expected_computed = _run(_pipeline(_diffusers(half, config)))
+    pipe = _pipeline(copy.deepcopy(half))
+    fastcache.enable_cache(pipe, config)
+    got, computed = _run(pipe)
+    assert computed == expected_computed and 0 in computed
+    assert fastcache.diffusers.cache_state(pipe.transformer, "cond") is None  # the pipeline ended its states
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
 def test_wan22_two_transformers_each_equal_diffusers(wan) -> None:
     """Wan 2.2's second transformer starts at the boundary step: its first call computes (no history), and every
     call of both equals diffusers' hooks on the two transformers."""
