@@ -141,7 +141,7 @@ class Provider:
                 self.model.compile_repeated_blocks(fullgraph=fullgraph)
             else:
                 self.runner = torch.compile(own_frame(self.model, name), fullgraph=fullgraph)
-        self.fbc_computed: list[int] = []
+        self.blocks_computed: list[int] = []  # FBC, SeaCache: per context, the calls that ran every block
         self.nonfinite: int | None = None  # reuses that met a non-finite cached value (fastcache providers)
         self.times: list[float] = []
         self.breaks = self.graphs = 0
@@ -165,7 +165,7 @@ class Provider:
             states = [fd.cache_state(self.model, n) for n in self.setup.contexts]
             self.nonfinite = sum(int(s["nonfinite"]) for s in states)
             if self.method in ("fbc", "sea"):
-                self.fbc_computed = [int(s["num_computed"]) for s in states]
+                self.blocks_computed = [int(s["num_computed"]) for s in states]
         self.breaks += sum(counters["graph_break"].values()) - breaks
         self.graphs += counters["stats"]["unique_graphs"] - graphs
         return x
@@ -184,7 +184,7 @@ class Provider:
         if not self.name.startswith("fastcache"):
             return None
         if self.method in ("fbc", "sea"):
-            return sum(self.fbc_computed) / (len(self.setup.contexts) * len(self.timesteps))
+            return sum(self.blocks_computed) / (len(self.setup.contexts) * len(self.timesteps))
         ours = fd.to_fastcache_config(self.config)
         if self.method == "mag":
             return mag.plan(ours, self.timesteps.tolist()).rows["blocks"].count("C") / len(self.timesteps)

@@ -271,6 +271,9 @@ class Session:
         self.block_rule: Any = None
         # MagCache and TaylorSeer read only the call count: always planned, at every context entry
         self.step_indexed = isinstance(config, (MagCacheConfig, TaylorSeerCacheConfig))
+        # every call needs its entry's plan (these and SeaCache, planned from the loop's step): a second call in
+        # one context is refused, never moved to the device
+        self.needs_plan = self.step_indexed or isinstance(config, SeaCacheConfig)
         self.schedule: Any = None  # their decisions by call count (`_planned.HostSchedule`), made on first use
         # FasterCache with CFG off (a pipeline called with guidance_scale <= 1): the batch holds separate
         # prompts, not [uncond; cond]; run as for a guidance-distilled model (attention approximation only)
@@ -413,19 +416,14 @@ class Session:
         self._load(name)
         self.context_info = info
         try:
-            self._plan_next_call()
-        except BaseException:  # refused before any compute: the previous context stays active
-            self.pending = None
-            self._store()
-            self._load(previous)
-            self.context_info = previous_info
-            raise
-        entry = self.slot.state
-        try:
-            yield
+            self._plan_next_call()  # may refuse the entry: the previous context is active again all the same
+            entry = self.slot.state
+            try:
+                yield
+            finally:
+                self._count_calls()
+                self.slot.state = out_of_cuda_graph_pool(self.slot.state, entry)
         finally:
-            self._count_calls()
-            self.slot.state = out_of_cuda_graph_pool(self.slot.state, entry)
             self._store()
             self._load(previous)
             self.context_info = previous_info
@@ -604,8 +602,8 @@ class Session:
             self.calls, self.restarted = 0, False
         if self.pending == CONSUMED:
             self.calls += 1
-        elif self.pending == SEVERAL and (self.step_indexed or isinstance(self.config, SeaCacheConfig)):
-            pass  # refused in the forward already (their calls need a plan: they never move to the device)
+        elif self.pending == SEVERAL and self.needs_plan:
+            pass  # refused in the forward already
         elif self.pending == SEVERAL:
             # the host no longer knows this context's call count: decide on the device from now on
             self.plannable = False

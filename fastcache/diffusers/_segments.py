@@ -390,9 +390,10 @@ def callback_latents(callback: Callable[..., Any]) -> Callable[[nn.Module, tuple
                                                                       for x in found)):
             raise ValueError("SeaCacheConfig.raw_vision_callback: must return a non-empty list of (C, T, H, W) "
                              f"tensors, got {type(found).__name__}")
-        if len({tuple(x.shape) for x in found}) > 1:
-            raise ValueError("SeaCacheConfig.raw_vision_callback: fastcache needs latents of one shape, got "
-                             f"{sorted({tuple(x.shape) for x in found})}")
+        shapes = {tuple(x.shape) for x in found}
+        if len(shapes) > 1:
+            raise ValueError(f"SeaCacheConfig.raw_vision_callback: fastcache needs latents of one shape, got "
+                             f"{sorted(shapes)}")
         return torch.stack([x.movedim(0, -1) for x in found])
 
     return latents
@@ -438,20 +439,22 @@ class SeaCacheRule(ResidualRule):
     def fits(self, state: dict, measure: Tensor) -> bool:
         return state["indicator"].shape == measure.shape
 
-    def first(self, measure: Tensor, count: Tensor, planned: Any) -> Decided:
+    @staticmethod
+    def _computes(measure: Tensor, step: Tensor, continues: Tensor) -> Decided:
+        """A call that computes with no choice to make (a context's first, a retained or a last step): the
+        change's sum and the skips in a row start over; `continues`: the residual history goes on."""
         zero = torch.zeros(1, dtype=torch.float64, device=measure.device)
-        return Decided(False, None, dict(indicator=measure, accumulated=zero, consecutive=torch.zeros_like(count),
-                                         last_step=planned.step, distance=zero + math.inf),
-                       (planned.step, torch.zeros((), dtype=torch.bool, device=measure.device)))
+        return Decided(False, None, dict(indicator=measure, accumulated=zero, last_step=step, distance=zero + math.inf,
+                                         consecutive=torch.zeros((), dtype=torch.int64, device=measure.device)),
+                       (step, continues))
+
+    def first(self, measure: Tensor, count: Tensor, planned: Any) -> Decided:
+        return self._computes(measure, planned.step, torch.zeros((), dtype=torch.bool, device=measure.device))
 
     def decide(self, state: dict, measure: Tensor, finite: Tensor, planned: Any) -> Decided:
         step = planned.step
         if forced_compute(planned):  # a retained or a last step, known on the host: no cond
-            continues = step == state["last_step"] + 1
-            return Decided(False, None, dict(indicator=measure, accumulated=torch.zeros_like(state["accumulated"]),
-                                             consecutive=torch.zeros_like(state["consecutive"]), last_step=step,
-                                             distance=torch.full_like(state["distance"], math.inf)),
-                           (step, continues))
+            return self._computes(measure, step, step == state["last_step"] + 1)
         change = sea_cache.relative_change(measure, state["indicator"])
         gate = sea_cache.gate(self.config, state["accumulated"], state["consecutive"], state["last_step"], step,
                               change, finite)
