@@ -3,8 +3,9 @@
 A. Drop-in (`fastcache.enable_cache`) vs diffusers' hooks (`model.enable_cache`) on random-weight diffusers
    transformers (`fastcache.diffusers._tiny.case`: Flux, Wan with separate cond/uncond passes, CogVideoX with
    batched CFG), at a launch-bound small size and a compute-bound large size (`SIZES`), for FirstBlockCache
-   (threshold probed so that both skips and computes happen), PAB, FasterCache, MagCache (synthetic ratios) and
-   TaylorSeer. Providers:
+   (threshold probed so that both skips and computes happen), PAB, FasterCache, MagCache (synthetic ratios),
+   TaylorSeer and SeaCache (Wan only: diffusers' built-in latents adapter; the loop passes step and sigma to
+   `cache_context`, as WanPipeline does). Providers:
        uncached-compiled           no cache, fullgraph=True (the baseline)
        uncached-reduce-overhead    no cache, fullgraph=True, mode="reduce-overhead" (small sizes only)
        diffusers-compiled          diffusers' hooks, fullgraph=False (its hooks cannot run under fullgraph=True)
@@ -97,9 +98,9 @@ SPLIT = bench_engine.SPLIT  # as fastcache.compile_step runs FBC: compiled head,
 REGIONAL = "uncached-regional+diffusers-regional+fastcache-regional+fastcache-regional-reduce-overhead"
 DEFAULT_UNITS = (f"flux-small-fbc,flux-small-fbc@{REGIONAL},flux-small-pab,flux-small-mag,engine,engine-ro,"
                  "flux-large-fbc,flux-large-pab,flux-large-mag,wan-large-fbc,wan-large-pab,wan-small-fbc,"
-                 "wan-small-pab,flux-small-taylorseer,cogvideox-small-fastercache")
+                 "wan-small-pab,flux-small-taylorseer,cogvideox-small-fastercache,wan-small-sea,wan-large-sea")
 SMOKE_UNITS = ("flux-small-fbc,flux-small-fbc@uncached-regional+fastcache-regional,wan-small-pab,"
-               "cogvideox-small-fastercache,flux-small-mag,flux-small-taylorseer,engine,engine-ro")
+               "cogvideox-small-fastercache,flux-small-mag,flux-small-taylorseer,wan-small-sea,engine,engine-ro")
 DEFAULT_ESTIMATE_S = {"small": 150.0, "large": 130.0, "engine": 65.0}  # measured on an H100 (run 2)
 
 
@@ -299,14 +300,14 @@ class DropIn:
         graphs, breaks = graphs_and_breaks()
         nodes = cudagraph_nodes(self.device)
         x = self.tc.latent.clone()
-        for t in self.timesteps:
+        for step, t in enumerate(self.timesteps):
             self.clock["t"] = t
             t_device = torch.full((), t, device=self.device)
             for name in self.contexts:
-                with torch.no_grad(), self._context(name):
+                with torch.no_grad(), self._context(name, step):
                     out = self.runner(**self.tc.kwargs(x, t_device), return_dict=False)[0]
             x = x - 0.05 * out  # any update works: the loop only has to feed the output back
-        if self.record_computed and self.kind == "fastcache" and self.method == "fbc":
+        if self.record_computed and self.kind == "fastcache" and self.method in ("fbc", "sea"):
             # read right away: with CUDA graphs, state tensors may be overwritten by another provider's replay
             self.computed = [fd.cache_state(self.model, n)["num_computed"].clone() for n in self.contexts]
         new_graphs, new_breaks = graphs_and_breaks()
@@ -317,16 +318,21 @@ class DropIn:
             self.cudagraphs += max(after - nodes, 0)
         return x
 
-    def _context(self, name: str) -> Any:
-        return self.model.cache_context(name) if self.config is not None else contextlib.nullcontext()
+    def _context(self, name: str, step: int) -> Any:
+        if self.config is None:
+            return contextlib.nullcontext()
+        if self.method == "sea":  # where the loop is, as diffusers' WanPipeline passes it
+            return self.model.cache_context(name, step_index=step, sigma=self.timesteps[step] / 1000,
+                                            num_inference_steps=len(self.timesteps))
+        return self.model.cache_context(name)
 
     def computed_share(self) -> float | None:
-        """fastcache only. FBC: calls that ran every block (the state's counter); PAB: hooked attention calls
-        computed; FasterCache: steps that ran the unconditional half (both from the plan)."""
+        """fastcache only. FBC, SeaCache: calls that ran every block (the state's counter); PAB: hooked attention
+        calls computed; FasterCache: steps that ran the unconditional half (both from the plan)."""
         if self.kind != "fastcache":
             return None
         steps = len(self.timesteps)
-        if self.method == "fbc":
+        if self.method in ("fbc", "sea"):
             return sum(int(c) for c in self.computed) / (len(self.contexts) * steps) if self.computed else None
         ours = fd.to_fastcache_config(self.config)
         if self.method == "fastercache":

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_smoke_writes_both_sections(tmp_path: Path) -> None:
     pytest.importorskip("diffusers")
-    units = "flux-small-fbc,flux-small-fbc@uncached-regional+fastcache-regional,flux-small-mag,engine,engine-ro"
+    units = ("flux-small-fbc,flux-small-fbc@uncached-regional+fastcache-regional,flux-small-mag,"
+             "wan-small-sea@uncached-compiled+diffusers-compiled+fastcache-compiled,engine,engine-ro")
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--smoke", "--device", "cpu",
                            "--units", units, "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -40,6 +41,13 @@ def test_smoke_writes_both_sections(tmp_path: Path) -> None:
     assert mag["fastcache-compiled"]["conds_per_call"] == 0  # planned on the host
     assert 0 < mag["fastcache-compiled"]["computed"] < 1 and mag["fastcache-compiled"]["graph_breaks"] == 0
     assert "error" not in mag["diffusers-compiled"], mag["diffusers-compiled"]
+
+    sea = {r["provider"]: r for r in result["dropin"] if r["method"] == "sea"}
+    assert set(sea) == {"uncached-compiled", "diffusers-compiled", "fastcache-compiled"}
+    assert all("error" not in r and r["ms_per_step"] > 0 for r in sea.values()), sea
+    assert sea["fastcache-compiled"]["conds_per_call"] == 1  # decided on the device, once per call
+    assert 0 < sea["fastcache-compiled"]["computed"] <= 1 and sea["fastcache-compiled"]["graph_breaks"] == 0
+    assert sea["fastcache-compiled"]["max_diff_vs_diffusers"] < 1e-4  # the same decisions as diffusers' hook
 
     engine = {(r["mode"], r["setting"]): r for r in result["engine"]}
     assert len(engine) == 10
