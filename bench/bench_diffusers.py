@@ -113,6 +113,15 @@ def _config(method: str, threshold: float, clock: dict, steps: int = 20) -> Any:
     raise ValueError(f"method: unknown {method!r}; known: fbc, pab, fastercache, mag, taylorseer, sea")
 
 
+def loop_context(model: torch.nn.Module, method: str, name: str, step: int, timesteps: Any) -> Any:
+    """The cache context of one CFG pass at `step`; SeaCache's also says where the loop is, as diffusers'
+    WanPipeline passes it (`timesteps`: 1000 -> 0, a tensor or a list)."""
+    if method == "sea":
+        return model.cache_context(name, step_index=step, sigma=float(timesteps[step]) / 1000,
+                                   num_inference_steps=len(timesteps))
+    return model.cache_context(name)
+
+
 def own_frame(model: torch.nn.Module, tag: str) -> Any:
     """`model(...)` behind a function with a code object of its own, compiled instead of the model: dynamo keeps
     its caches and skip marks per code object, and once diffusers' hooks under fullgraph=False fail to resume
@@ -177,10 +186,7 @@ class Provider:
     def _context(self, name: str, step: int) -> Any:
         if self.config is None:
             return contextlib.nullcontext()
-        if self.method == "sea":  # where the loop is, as diffusers' WanPipeline passes it
-            return self.model.cache_context(name, step_index=step, sigma=float(self.timesteps[step]) / 1000,
-                                            num_inference_steps=len(self.timesteps))
-        return self.model.cache_context(name)
+        return loop_context(self.model, self.method, name, step, self.timesteps)
 
     def computed_share(self) -> float | None:
         """FBC, SeaCache: steps that ran every block (fastcache's count); PAB: hooked attention calls computed;

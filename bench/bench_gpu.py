@@ -62,7 +62,7 @@ from typing import Any
 import bench_engine
 import torch
 from bench_diffusers import _config as diffusers_config
-from bench_diffusers import own_frame
+from bench_diffusers import loop_context, own_frame
 from torch import Tensor
 from torch._dynamo.utils import counters
 
@@ -323,10 +323,7 @@ class DropIn:
     def _context(self, name: str, step: int) -> Any:
         if self.config is None:
             return contextlib.nullcontext()
-        if self.method == "sea":  # where the loop is, as diffusers' WanPipeline passes it
-            return self.model.cache_context(name, step_index=step, sigma=self.timesteps[step] / 1000,
-                                            num_inference_steps=len(self.timesteps))
-        return self.model.cache_context(name)
+        return loop_context(self.model, self.method, name, step, self.timesteps)
 
     def computed_share(self) -> float | None:
         """fastcache only. FBC, SeaCache: calls that ran every block (the state's counter); PAB: hooked attention
